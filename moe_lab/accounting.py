@@ -1,0 +1,95 @@
+"""Parameters and FLOPs per token from a config alone, without building the model.
+
+What is counted (one multiply-add = 2 FLOPs):
+
+* ``total_params``: every parameter, a tied embedding once; ``sum(p.numel())`` of the built model.
+* ``active_params``: parameters a token touches; for a dense model all of them.
+* ``matmul_params``: parameters that take part in a matrix multiply per token: attention and FFN
+  projections plus the output head (also when tied). The input embedding is a lookup and RMSNorm is
+  elementwise, so neither costs matmul FLOPs.
+* ``forward_flops_per_token = 2 * matmul_params + 4 * n_layers * seq_len * n_heads * head_dim``:
+  the second term is ``Q K^T`` and ``softmax(.) V`` over the full ``seq_len x seq_len`` square, the
+  convention of PaLM (appendix B) and nanoGPT's ``estimate_mfu``. Causal masking is not subtracted:
+  it is what the math kernel computes, and what keeps the count independent of the kernel chosen.
+* ``train_flops_per_token = 3 * forward`` (backward costs twice the forward), i.e.
+  ``6 N + 12 L T d_attn`` (Kaplan et al. 2020).
+* ``inference_flops_per_token``: one forward pass per token at context ``seq_len``.
+
+Elementwise work (norms, activations, softmax, RoPE) is left out; it is below 1% of the total at
+every preset shape and is what FlopCounterMode leaves out too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from moe_lab.config import ModelConfig
+
+__all__ = ["ComputeEstimate", "estimate"]
+
+
+@dataclass(frozen=True)
+class ComputeEstimate:
+    total_params: int
+    active_params: int
+    embedding_params: int
+    matmul_params: int
+    seq_len: int
+    forward_flops_per_token: float
+    train_flops_per_token: float
+    inference_flops_per_token: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _attention_params(cfg: ModelConfig) -> int:
+    q_and_o = 2 * cfg.dim * cfg.n_heads * cfg.head_dim
+    k_and_v = 2 * cfg.dim * cfg.kv_heads * cfg.head_dim
+    return q_and_o + k_and_v
+
+
+def _ffn_params(cfg: ModelConfig, layer_id: int) -> tuple[int, int]:
+    """(total, active per token) parameters of layer ``layer_id``'s FFN."""
+    del layer_id
+    n = 3 * cfg.dim * cfg.ffn_hidden  # SwiGLU: w1, w3 [F, D] and w2 [D, F]
+    return n, n
+
+
+def estimate(cfg: ModelConfig, seq_len: int | None = None) -> ComputeEstimate:
+    """Parameter and FLOP counts of ``cfg`` at context length ``seq_len`` (default: max_seq_len).
+
+    Args:
+        cfg: model shape; validated first.
+        seq_len: tokens of context each token attends over (the training sequence length).
+
+    Returns:
+        A :class:`ComputeEstimate`; see the module docstring for exactly what each field counts.
+    """
+    cfg.validate()
+    seq_len = cfg.max_seq_len if seq_len is None else seq_len
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    embedding = cfg.vocab_size * cfg.dim
+    head = cfg.vocab_size * cfg.dim
+    norms = (2 * cfg.n_layers + 1) * cfg.dim
+    ffn = [_ffn_params(cfg, i) for i in range(cfg.n_layers)]
+    attention = cfg.n_layers * _attention_params(cfg)
+    ffn_total, ffn_active = sum(t for t, _ in ffn), sum(a for _, a in ffn)
+
+    untied_head = 0 if cfg.tie_embeddings else head
+    total = embedding + attention + ffn_total + norms + untied_head
+    active = embedding + attention + ffn_active + norms + untied_head
+    matmul = attention + ffn_active + head
+    attention_scores = 4 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+    forward = 2 * matmul + attention_scores
+    return ComputeEstimate(
+        total_params=total,
+        active_params=active,
+        embedding_params=embedding,
+        matmul_params=matmul,
+        seq_len=seq_len,
+        forward_flops_per_token=float(forward),
+        train_flops_per_token=float(3 * forward),
+        inference_flops_per_token=float(forward),
+    )

@@ -1,0 +1,34 @@
+import json
+import subprocess
+import sys
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "moe_lab", *args], capture_output=True, text=True)
+
+
+def test_info_prints_resolved_config_and_accounting(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: llama2-7b\n")
+    out = _run("info", "--config", str(cfg), "model.n_layers=2", "--seq-len", "16")
+    assert out.returncode == 0, out.stderr
+    assert "n_layers: 2" in out.stdout and "dim: 4096" in out.stdout
+    counts = json.loads(out.stdout.split("# accounting (moe_lab.accounting.estimate)\n")[1])
+    assert counts["seq_len"] == 16
+    assert (
+        counts["total_params"]
+        == 2 * 32000 * 4096 + 2 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) + 4096
+    )
+
+
+def test_config_error_is_one_clear_line_and_exit_code_2():
+    out = _run("info", "model.n_kv_heads=3")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "model.n_heads (4) must be divisible by model.n_kv_heads (3)" in out.stderr
+
+
+def test_presets_lists_every_preset():
+    out = _run("presets")
+    assert out.returncode == 0
+    assert "llama3-405b" in out.stdout and "405,853,388,800" in out.stdout

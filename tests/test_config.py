@@ -1,0 +1,102 @@
+import pytest
+
+from moe_lab.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    RopeScalingConfig,
+    load_config,
+    load_model_preset,
+    model_presets,
+    save_config,
+)
+
+
+def test_defaults_are_valid_and_equal_the_cpu_tiny_preset():
+    cfg = load_config()
+    assert cfg == Config()
+    assert load_model_preset("cpu-tiny") == ModelConfig(n_kv_heads=2)
+
+
+def test_overrides_are_typed_and_applied_last(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  n_layers: 3\n  rope_theta: 5.0e5\n")
+    cfg = load_config(path, ["model.n_layers=5", "model.tie_embeddings=true"])
+    assert cfg.model.n_layers == 5
+    assert cfg.model.rope_theta == 500000.0
+    assert cfg.model.tie_embeddings is True
+    assert isinstance(cfg.model, ModelConfig)
+
+
+def test_round_trip_through_yaml_is_identical(tmp_path):
+    cfg = load_config(overrides=["model=llama3-405b", "model.n_layers=2"])
+    assert cfg.model.rope_scaling == RopeScalingConfig()
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_preset_in_file_is_refined_by_file_keys_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: llama2-70b\n")
+    cfg = load_config(path, ["model.n_layers=2"])
+    assert (cfg.model.dim, cfg.model.n_kv_heads, cfg.model.n_layers) == (8192, 8, 2)
+    preset_file = tmp_path / "mine.yaml"
+    preset_file.write_text("dim: 32\nn_heads: 2\n")
+    assert load_config(overrides=[f"model={preset_file}"]).model.dim == 32
+
+
+def test_every_listed_preset_loads():
+    names = model_presets()
+    for required in [
+        "llama1-7b",
+        "llama1-13b",
+        "llama1-33b",
+        "llama1-65b",
+        "llama2-7b",
+        "llama2-13b",
+        "llama2-70b",
+        "llama3-8b",
+        "llama3-70b",
+        "llama3-405b",
+        "cpu-tiny",
+    ]:
+        assert required in names
+    for name in names:
+        load_model_preset(name).validate()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.dim=120", "model.n_heads=12", "model.n_kv_heads=5"],
+            r"model\.n_heads \(12\) must be divisible by model\.n_kv_heads \(5\)",
+        ),
+        (["model.n_heads=5"], r"model\.dim \(64\) must be divisible by model\.n_heads \(5\)"),
+        (["model.dim=24", "model.n_heads=8"], r"head_dim 3"),
+        (["model.n_layers=0"], r"model\.n_layers must be a positive integer, got 0"),
+        (["model.rope_theta=-1"], r"model\.rope_theta must be a positive number, got -1"),
+        (["model.norm_eps=0"], r"model\.norm_eps"),
+        (["model.dim=abc"], r"model\.dim: Value 'abc'.*Integer"),
+        (["model.tie_embeddings=maybe"], r"model\.tie_embeddings"),
+        (
+            ["model.n_head=3"],
+            r"unknown config key 'model\.n_head'\. Did you mean 'model\.n_heads'\?",
+        ),
+        (["model.rope_scaling.fctor=2"], r"Did you mean 'model\.rope_scaling\.factor'\?"),
+        (["model.rope_scaling.low_freq_factor=4"], r"high_freq_factor \(4\.0\) must exceed"),
+        (["training=1"], r"unknown config key 'training'"),
+        (["model=llama3-8"], r"unknown preset 'llama3-8'\. Did you mean llama3-8b"),
+        (["model.dim"], r"not of the form key=value"),
+    ],
+)
+def test_invalid_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_missing_file_and_bad_python_values_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"model\.dim must be a positive integer, got '64'"):
+        ModelConfig(dim="64").validate()

@@ -1,0 +1,138 @@
+"""Logits parity with transformers' LlamaForCausalLM, both directions, in memory and on disk."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moe_lab import ModelConfig, build_model
+from moe_lab.config import RopeScalingConfig
+from moe_lab.hf import config_to_hf, from_hf, to_hf
+from moe_lab.weights import WeightsMismatchError
+
+transformers = pytest.importorskip("transformers")
+
+BASE = dict(
+    dim=64, n_layers=2, n_heads=4, vocab_size=101, ffn_hidden=96, max_seq_len=128, init_std=0.1
+)
+CASES = {
+    "mha": ModelConfig(**BASE),
+    "gqa_theta": ModelConfig(**BASE | {"n_kv_heads": 2, "rope_theta": 500000.0}),
+    "mqa_tied": ModelConfig(**BASE | {"n_kv_heads": 1, "tie_embeddings": True}),
+    "llama31_scaling": ModelConfig(
+        **BASE
+        | {
+            "n_kv_heads": 2,
+            "rope_theta": 500000.0,
+            "rope_scaling": RopeScalingConfig(factor=8.0, original_max_seq_len=32),
+        }
+    ),
+}
+TOL = 1e-5
+
+
+def _hf_model(cfg):
+    return transformers.LlamaForCausalLM(config_to_hf(cfg)).eval()
+
+
+def _max_diff(ours, theirs, x):
+    with torch.no_grad():
+        return (ours(x).logits - theirs(x).logits).abs().max().item()
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(0, 101, (2, 100))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_from_hf_in_memory(name, tokens):
+    theirs = _hf_model(CASES[name])
+    ours = from_hf(theirs)
+    assert ours.cfg == CASES[name]
+    assert _max_diff(ours, theirs, tokens) <= TOL
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_from_hf_saved_directory(name, tokens, tmp_path):
+    theirs = _hf_model(CASES[name])
+    theirs.save_pretrained(tmp_path)
+    ours = from_hf(tmp_path)
+    assert ours.cfg == CASES[name]
+    assert _max_diff(ours, theirs, tokens) <= TOL
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_to_hf_and_back_through_disk(name, tokens, tmp_path):
+    ours = build_model(CASES[name])
+    theirs = to_hf(ours)
+    assert isinstance(theirs, transformers.LlamaForCausalLM)
+    assert _max_diff(ours, theirs, tokens) <= TOL
+    theirs.save_pretrained(tmp_path)
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert _max_diff(ours, reloaded, tokens) <= TOL
+    again = from_hf(tmp_path)
+    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_parity_test_is_sensitive_to_rope_scaling(tokens):
+    """Guard: dropping the Llama 3.1 scaling must break parity, so the case above tests it."""
+    cfg = CASES["llama31_scaling"]
+    theirs = _hf_model(cfg)
+    ours = from_hf(theirs)
+    ours.cfg.rope_scaling, ours._inv_freq = None, None
+    assert _max_diff(ours, theirs, tokens) > 1e-3
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10, n_positions=16)
+    )
+    with pytest.raises(
+        ValueError, match=r"unsupported architecture 'GPT2LMHeadModel'.*LlamaForCausalLM"
+    ):
+        from_hf(gpt2)
+    gpt2.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"supported: LlamaForCausalLM"):
+        from_hf(tmp_path)
+
+
+def test_unsupported_llama_options_are_refused(tmp_path):
+    hf_cfg = config_to_hf(CASES["mha"])
+    hf_cfg.attention_bias = True
+    with pytest.raises(ValueError, match="attention_bias"):
+        from_hf(transformers.LlamaForCausalLM(hf_cfg))
+
+
+def test_shape_mismatch_names_the_tensor_and_loads_nothing(tmp_path):
+    _hf_model(CASES["mha"]).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.1.mlp.up_proj.weight"
+    weights[key] = weights[key][:50].contiguous()
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        WeightsMismatchError, match=r"layers\.1\.feed_forward\.w3\.weight \(got \(50, 64\)"
+    ):
+        from_hf(tmp_path)
+
+
+def test_missing_and_unexpected_tensors_are_named(tmp_path):
+    _hf_model(CASES["mha"]).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.0.self_attn.k_proj.weight"]
+    weights["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        WeightsMismatchError, match=r"missing: layers\.0\.attention\.wk\.weight.*unexpected"
+    ):
+        from_hf(tmp_path)
+
+
+def test_directory_without_safetensors_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(CASES["mha"]).to_dict()))
+    with pytest.raises(FileNotFoundError, match="never unpickles"):
+        from_hf(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        from_hf(tmp_path / "missing")
