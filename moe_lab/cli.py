@@ -1,67 +1,164 @@
-"""``moe-lab <subcommand> [--config FILE] [key=value ...]``: a table of thin entry points."""
+"""``moe-lab <subcommand> ...``: a table of thin entry points.
+
+Each subcommand takes ``key=value`` overrides of the config; ``train`` and ``info`` also take
+``--config FILE``; ``eval`` and ``generate`` read the config saved in a run directory.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from moe_lab.accounting import estimate
-from moe_lab.config import Config, ConfigError, load_config, model_presets
+from moe_lab.config import Config, ConfigError, load_config, load_model_preset, model_presets
+from moe_lab.data import DataError
 
 __all__ = ["main"]
 
 
-def _resolved(args: argparse.Namespace) -> Config:
-    cfg = load_config(args.config, args.overrides)
-    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
-    return cfg
+def _print_config(cfg: Config) -> None:
+    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="", flush=True)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
     """Print the resolved config and its parameter and FLOP counts."""
-    cfg = _resolved(args)
-    counts = estimate(cfg.model, args.seq_len)
+    cfg = load_config(args.config, args.overrides)
+    _print_config(cfg)
     print("# accounting (moe_lab.accounting.estimate)")
-    print(json.dumps(counts.as_dict(), indent=2))
+    print(json.dumps(estimate(cfg.model, args.seq_len).as_dict(), indent=2))
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
     """List the model presets with their parameter counts."""
-    from moe_lab.config import load_model_preset
-
     for name in model_presets():
-        n = estimate(load_model_preset(name)).total_params
-        print(f"{name:14s} {n:>16,d} params")
+        print(f"{name:14s} {estimate(load_model_preset(name)).total_params:>16,d} params")
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "info": cmd_info,
-    "presets": cmd_presets,
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train a model; without --config, a small model on the corpus shipped with moe_lab."""
+    from moe_lab.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    _print_config(cfg)
+    result = train(cfg)
+    print(
+        f"trained {result.steps} steps, {result.tokens:,d} tokens, {result.flops:.3g} FLOPs; "
+        f"valid loss {result.valid_loss:.4f}; run directory {result.run_dir}"
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Evaluate a run's latest checkpoint per group; writes RUN_DIR/eval.json."""
+    import torch
+
+    from moe_lab.checkpoint import load_run
+    from moe_lab.data import load_splits
+    from moe_lab.evaluate import evaluate
+    from moe_lab.packing import build_store, cache_root
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg, model, tokenizer = load_run(args.run_dir, args.overrides, device=device)
+    _, valid_docs, groups = load_splits(cfg)
+    store = build_store(
+        valid_docs, tokenizer, cfg.data.text_field, groups, cache_root(cfg.data.cache_dir)
+    )
+    result = evaluate(model, store, cfg.train.seq_len, cfg.train.batch_size, device, progress=True)
+    out = Path(args.run_dir) / "eval.json"
+    out.write_text(json.dumps({"valid": result}, indent=2))
+    overall = result["overall"]
+    print(f"{'group':24s} {'loss':>8s} {'ppl':>9s} {'bpb':>7s} {'tokens':>10s}")
+    rows = [("overall", overall)] + [
+        (f"{field}={value}", m)
+        for field, values in result["groups"].items()
+        for value, m in values.items()
+    ]
+    for name, m in rows:
+        print(
+            f"{name:24s} {m['loss']:8.4f} {m['perplexity']:9.2f} {m['bits_per_byte']:7.4f} "
+            f"{m['tokens']:10,d}"
+        )
+    print(f"wrote {out}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Continue a prompt with a run's latest checkpoint."""
+    import torch
+
+    from moe_lab.checkpoint import load_run
+    from moe_lab.generation import generate
+
+    cfg, model, tokenizer = load_run(args.run_dir, args.overrides)
+    prompt = [tokenizer.bos_id, *tokenizer.encode(args.prompt)]
+    room = cfg.model.max_seq_len - len(prompt)
+    if room <= 0:
+        raise ConfigError(f"the prompt ({len(prompt)} tokens) fills model.max_seq_len")
+    generator = torch.Generator().manual_seed(args.seed)
+    out = generate(
+        model,
+        torch.tensor([prompt]),
+        min(args.max_new_tokens, room),
+        args.temperature,
+        args.top_p,
+        tokenizer.eos_id,
+        generator,
+    )
+    print(args.prompt + tokenizer.decode(out[0, len(prompt) :].tolist()))
+
+
+def _with_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file")
+
+
+def _with_run_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a directory written by moe-lab train")
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    _with_run_dir(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _info_args(p: argparse.ArgumentParser) -> None:
+    _with_config(p)
+    p.add_argument("--seq-len", type=int, default=None, help="context (default: max)")
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable]] = {
+    "train": (cmd_train, _with_config),
+    "eval": (cmd_eval, _with_run_dir),
+    "generate": (cmd_generate, _generate_args),
+    "info": (cmd_info, _info_args),
+    "presets": (cmd_presets, lambda p: None),
 }
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-lab", description=__doc__)
+    parser = argparse.ArgumentParser(prog="moe-lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn in COMMANDS.items():
+    for name, (fn, add_args) in COMMANDS.items():
         p = sub.add_parser(name, help=fn.__doc__.splitlines()[0])
-        p.add_argument("--config", help="YAML config file")
+        add_args(p)
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=llama3-8b")
-        if name == "info":
-            p.add_argument("--seq-len", type=int, default=None, help="context (default: max)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        COMMANDS[args.command](args)
-    except ConfigError as e:
-        print(f"moe-lab {args.command}: config error: {e}", file=sys.stderr)
+        COMMANDS[args.command][0](args)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"moe-lab {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

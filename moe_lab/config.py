@@ -11,14 +11,18 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import TypeVar, get_args, get_type_hints
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 __all__ = [
     "Config",
     "ConfigError",
+    "DataConfig",
     "ModelConfig",
     "RopeScalingConfig",
+    "RunConfig",
+    "TrainConfig",
     "load_config",
     "load_model_preset",
     "model_presets",
@@ -136,14 +140,150 @@ class ModelConfig:
             self.rope_scaling.validate(f"{p}.rope_scaling")
 
 
+def _choice(value: object, allowed: tuple[str, ...], key: str) -> None:
+    _require(value in allowed, f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes token blocks (see :mod:`moe_lab.data`)."""
+
+    # jsonl / parquet / txt files (or hub dataset names); empty = the corpus shipped with moe_lab
+    train_files: list[str] = field(default_factory=list)
+    # empty: the shipped corpus' valid split, or `valid_fraction` of the training documents
+    valid_files: list[str] = field(default_factory=list)
+    valid_fraction: float = 0.05
+    text_field: str = "text"
+    # fields reported separately by evaluation; None = [domain, lang] for the shipped corpus
+    group_fields: list[str] | None = None
+    # keep only records whose field has one of the listed values, e.g. {lang: [en, de]}
+    include: dict[str, list[str]] = field(default_factory=dict)
+    # temperature sampling over the values of this field: p_g ~ n_g^alpha (XGLM: alpha = 0.3)
+    sample_by: str | None = None
+    sampling_alpha: float = 1.0
+    tokenizer: str = "byte"  # byte | bpe | path to tokenizer.json or sentencepiece .model
+    bpe_vocab_size: int | None = None  # BPE training target; None = model.vocab_size
+    cache_dir: str | None = None  # tokenized arrays; None = $MOE_LAB_CACHE or ~/.cache/moe_lab
+
+    def validate(self, prefix: str = "data") -> None:
+        _require(
+            isinstance(self.valid_fraction, float) and 0 <= self.valid_fraction < 1,
+            f"{prefix}.valid_fraction must be in [0, 1), got {self.valid_fraction!r}",
+        )
+        _require(
+            self.sampling_alpha >= 0,
+            f"{prefix}.sampling_alpha must be >= 0, got {self.sampling_alpha!r}",
+        )
+        if self.bpe_vocab_size is not None:
+            _positive_int(self.bpe_vocab_size, f"{prefix}.bpe_vocab_size")
+        groups = self.group_fields or []
+        if self.sample_by is not None and self.group_fields is not None:
+            _require(
+                self.sample_by in groups,
+                f"{prefix}.sample_by ({self.sample_by!r}) must be one of {prefix}.group_fields "
+                f"({groups})",
+            )
+
+
+@dataclass
+class TrainConfig:
+    """The training loop (see :mod:`moe_lab.train`). The budget is the first set of
+    ``max_flops``, ``max_tokens``, ``max_steps``."""
+
+    max_steps: int | None = 200
+    max_tokens: int | None = None
+    max_flops: float | None = None  # training FLOPs, charged by moe_lab.accounting
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 128
+    doc_masking: bool = False  # attention stays inside each packed document (Llama 3)
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak (Llama)
+    weight_decay: float = 0.1  # on matrices (embeddings included), not on norm weights
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model
+    log_every: int = 10
+    eval_every: int = 0  # validation loss every N steps; 0 = only at the end
+    eval_max_batches: int = 50  # cap on validation batches during training (the final eval is full)
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    on_nonfinite: str = "raise"  # raise: stop before the optimizer step | skip: skip and count
+    spike_window: int = 64  # loss-spike detector: losses above mean + sigma * std of the window
+    spike_sigma: float = 6.0
+    spike_action: str = "log"  # none | log | skip
+    tensorboard: bool = False
+    progress: bool = True  # tqdm bar (only on a terminal)
+
+    def validate(self, prefix: str = "train") -> None:
+        budgets = ("max_steps", "max_tokens", "max_flops")
+        _require(
+            any(getattr(self, b) is not None for b in budgets),
+            f"set one of {', '.join(f'{prefix}.{b}' for b in budgets)}",
+        )
+        for name in ("max_steps", "max_tokens"):
+            if getattr(self, name) is not None:
+                _positive_int(getattr(self, name), f"{prefix}.{name}")
+        if self.max_flops is not None:
+            _positive_float(self.max_flops, f"{prefix}.max_flops")
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "seq_len",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "spike_window",
+            "eval_max_batches",
+        ):
+            _positive_int(getattr(self, name), f"{prefix}.{name}")
+        for name in ("lr", "eps", "spike_sigma"):
+            _positive_float(getattr(self, name), f"{prefix}.{name}")
+        _require(self.warmup_steps >= 0, f"{prefix}.warmup_steps must be >= 0")
+        _require(self.eval_every >= 0, f"{prefix}.eval_every must be >= 0")
+        _require(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio must be in [0, 1]")
+        _require(self.weight_decay >= 0, f"{prefix}.weight_decay must be >= 0")
+        _require(self.grad_clip >= 0, f"{prefix}.grad_clip must be >= 0")
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(self, name) < 1, f"{prefix}.{name} must be in [0, 1)")
+        _choice(self.precision, ("auto", "fp32", "bf16"), f"{prefix}.precision")
+        _choice(self.on_nonfinite, ("raise", "skip"), f"{prefix}.on_nonfinite")
+        _choice(self.spike_action, ("none", "log", "skip"), f"{prefix}.spike_action")
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes and how it starts."""
+
+    dir: str = "runs/default"
+    seed: int = 0
+    resume: bool = False  # continue from the latest complete checkpoint in dir
+    restore_rng: bool = True  # false only to show that resuming without RNG state diverges
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+
+
 @dataclass
 class Config:
-    """Top-level configuration of a run; each subsystem adds the section it reads."""
+    """Top-level configuration of a run; each subsystem reads its own section."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
         self.model.validate("model")
+        self.data.validate("data")
+        self.train.validate("train")
+        _require(
+            self.train.seq_len <= self.model.max_seq_len,
+            f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "
+            f"({self.model.max_seq_len})",
+        )
 
 
 def model_presets() -> list[str]:
@@ -209,6 +349,16 @@ def _suggest(schema: type, dotted: str) -> str:
     return f" Did you mean {'.'.join([*parents, close[0]])!r}?" if close else ""
 
 
+def _parse_dotlist(dotlist: list[str]):
+    for item in dotlist:  # one at a time, so a malformed value is reported with its override
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as e:
+            reason = str(getattr(e, "problem", None) or e).splitlines()[0]
+            raise ConfigError(f"override {item!r} has an invalid value ({reason})") from None
+    return OmegaConf.from_dotlist(dotlist)
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -241,7 +391,7 @@ def load_config(
             layers.append(OmegaConf.create({"model": OmegaConf.load(_preset_path(preset_in_file))}))
         if preset is not None:
             layers.append(OmegaConf.create({"model": OmegaConf.load(_preset_path(preset))}))
-        layers += [raw, OmegaConf.from_dotlist(dotlist)]
+        layers += [raw, _parse_dotlist(dotlist)]
         merged = OmegaConf.merge(*layers)
         cfg = OmegaConf.to_object(merged)
     except ConfigKeyError as e:

@@ -19,12 +19,16 @@ def _listing(names: list[str], limit: int = 8) -> str:
 
 
 def load_weights(
-    model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "state dict"
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    source: str = "state dict",
+    assign: bool = True,
 ) -> None:
-    """Load ``state_dict`` into ``model`` all or nothing; tensors are assigned, not copied.
+    """Load ``state_dict`` into ``model`` all or nothing.
 
-    Assignment keeps the loaded tensors' dtype and lets a model built on the meta device receive
-    real weights without ever allocating its own.
+    With ``assign`` (the default) the tensors become the parameters: their dtype is kept, and a
+    model built on the meta device receives real weights without allocating its own. Pass
+    ``assign=False`` to copy into the existing parameters, e.g. when an optimizer holds them.
 
     Raises:
         WeightsMismatchError: naming every missing, unexpected or mis-shaped tensor; the model is
@@ -47,4 +51,4 @@ def load_weights(
         problems.append(f"unexpected: {_listing(unexpected)}")
     if problems:
         raise WeightsMismatchError(f"{source} does not fit the model; " + "; ".join(problems))
-    model.load_state_dict(dict(state_dict), strict=True, assign=True)
+    model.load_state_dict(dict(state_dict), strict=True, assign=assign)

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -14,3 +16,35 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Token caches go to a per-session directory, never to the user's ~/.cache."""
+    monkeypatch.setenv("MOE_LAB_CACHE", str(tmp_path_factory.getbasetemp() / "moe_lab_cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def lang_files(tmp_path):
+    """Small two-language train/valid jsonl files with a `lang` group field."""
+    words = {
+        "en": "the cat sat on the mat and looked at a dog".split(),
+        "de": "der hund lief über die straße und sah eine katze".split(),
+    }
+    gen = torch.Generator().manual_seed(0)
+
+    def doc(lang, n):
+        idx = torch.randint(0, len(words[lang]), (n,), generator=gen).tolist()
+        return {"text": " ".join(words[lang][i] for i in idx), "lang": lang}
+
+    train = [doc("en" if i % 3 else "de", 40 + i % 17) for i in range(120)]
+    valid = [doc("en" if i % 2 else "de", 30 + i) for i in range(12)]
+    return write_jsonl(tmp_path / "train.jsonl", train), write_jsonl(
+        tmp_path / "valid.jsonl", valid
+    )

@@ -1,0 +1,197 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else, never pickle; written atomically.
+
+A checkpoint is a directory ``checkpoints/step-00000100/`` holding ``model.safetensors``,
+``optimizer.safetensors`` + ``optimizer.json``, ``state.json`` (step, tokens, data position, RNG
+states, detector windows) and, written last, ``COMPLETE``. Everything is first written into a hidden
+temporary directory that is renamed into place, so a crash mid-write leaves the previous checkpoints
+intact and no partial one is ever listed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from moe_lab.weights import load_weights
+
+__all__ = [
+    "capture_rng",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_run",
+    "restore_rng",
+    "save_checkpoint",
+]
+
+_STEP_DIR = re.compile(r"step-(\d{8})")
+MARKER = "COMPLETE"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints in ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [
+        p for p in directory.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / MARKER).is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def capture_rng() -> tuple[dict, dict[str, torch.Tensor]]:
+    """Python, numpy and torch (CPU and every CUDA device) RNG states as JSON + tensors."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+    }
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    return meta, tensors
+
+
+def restore_rng(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Split an optimizer state dict into JSON (groups, scalars) and tensors."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{name}"] = value.detach().contiguous()
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return {"param_groups": sd["param_groups"], "scalars": scalars}, tensors
+
+
+def _optimizer_state(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict,
+    keep: int,
+) -> Path:
+    """Write checkpoint ``step`` atomically; keep only the newest ``keep`` complete checkpoints.
+
+    ``state`` must be JSON-serialisable; RNG states are added here.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step-{step:08d}"
+    tmp = directory / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, tmp / "model.safetensors")
+        rng_meta, rng_tensors = capture_rng()
+        if optimizer is not None:
+            opt_meta, opt_tensors = _optimizer_parts(optimizer)
+            save_file(opt_tensors, tmp / "optimizer.safetensors")
+            (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_meta}))
+        (tmp / MARKER).write_text(str(step))
+        _fsync_dir(tmp)
+        if final.exists():  # a re-run of the same step replaces its older copy
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _fsync_dir(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    restore_rng_state: bool = True,
+) -> dict:
+    """Load weights (and optimizer and RNG state) from checkpoint ``path``; return its state dict.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a complete checkpoint.
+        WeightsMismatchError: the weights do not fit ``model``.
+    """
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+    device = next(model.parameters()).device
+    weights = load_file(path / "model.safetensors", device=str(device))
+    load_weights(model, weights, source=str(path / "model.safetensors"), assign=False)
+    if optimizer is not None:  # loaded on CPU: the optimizer moves moments to their parameters
+        opt_tensors = load_file(path / "optimizer.safetensors")
+        opt_meta = json.loads((path / "optimizer.json").read_text())
+        optimizer.load_state_dict(_optimizer_state(opt_meta, opt_tensors))
+    state = json.loads((path / "state.json").read_text())
+    if restore_rng_state:
+        restore_rng(state["rng"], load_file(path / "rng.safetensors"))
+    return state
+
+
+def load_run(run_dir: Path | str, overrides: list[str] | tuple[str, ...] = (), device="cpu"):
+    """The config, model (latest checkpoint, eval mode) and tokenizer of a training run.
+
+    Args:
+        run_dir: a directory written by ``moe-lab train``.
+        overrides: ``key=value`` changes to the saved config (e.g. other ``data.valid_files``).
+    """
+    from moe_lab.config import load_config
+    from moe_lab.model import build_model
+    from moe_lab.tokenizer import load_tokenizer
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: no config.yaml")
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint yet")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    model = build_model(cfg.model, device=device)
+    load_checkpoint(ckpt, model, restore_rng_state=False)
+    return cfg, model.eval(), load_tokenizer(run_dir / "tokenizer")

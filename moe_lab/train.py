@@ -1,0 +1,384 @@
+"""The training loop: one function, :func:`train`, that reads top to bottom.
+
+AdamW (decay on matrices only), linear warmup then cosine to ``min_lr_ratio`` of the peak, gradient
+clipping and accumulation, bf16 autocast on CUDA (fp32 on CPU), a budget in steps, tokens or
+training FLOPs, ``metrics.jsonl`` every step, atomic checkpoints, and exact resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from moe_lab.accounting import estimate
+from moe_lab.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moe_lab.config import Config, ConfigError, load_config, save_config
+from moe_lab.data import build_tokenizer, load_splits
+from moe_lab.evaluate import evaluate
+from moe_lab.model import build_model
+from moe_lab.packing import IGNORE, TrainBatches, build_store, cache_root
+from moe_lab.tokenizer import load_tokenizer
+
+__all__ = ["NonFiniteError", "SpikeDetector", "TrainResult", "lr_at", "planned_steps", "train"]
+
+log = logging.getLogger(__name__)
+
+# Keys that may differ between a run and its resumption; any other change is refused, because a
+# checkpoint's optimizer state would silently override it (the OPT-175B logbook's betas lesson).
+RESUMABLE_KEYS = {
+    "train.max_steps",
+    "train.max_tokens",
+    "train.max_flops",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_max_batches",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.progress",
+    "train.tensorboard",
+    "train.on_nonfinite",
+    "train.spike_action",
+    "train.compile",
+    "run.dir",
+    "run.resume",
+    "run.restore_rng",
+    "run.device",
+    "data.cache_dir",
+}
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm is NaN or infinite; raised before the optimizer step."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    tokens: int
+    flops: float
+    train_loss: float
+    valid_loss: float
+    skipped_steps: int
+
+
+class SpikeDetector:
+    """Flags a loss above ``mean + sigma * std`` of the last ``window`` accepted losses.
+
+    Inactive until half the window is filled (OLMo-core's SkipStepOptimizer rule); flagged losses
+    are not added to the window, so one spike does not mask the next.
+    """
+
+    def __init__(self, window: int, sigma: float) -> None:
+        self.sigma = sigma
+        self.history: deque[float] = deque(maxlen=window)
+
+    def is_spike(self, loss: float) -> bool:
+        if len(self.history) >= max(2, self.history.maxlen // 2):
+            values = np.array(self.history)
+            if loss > values.mean() + self.sigma * values.std():
+                return True
+        self.history.append(loss)
+        return False
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.clear()
+        self.history.extend(state["history"])
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning rate of optimizer step ``step`` (1-based): linear warmup, then cosine decay."""
+    if warmup > 0 and step <= warmup:
+        return peak * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def planned_steps(cfg: Config) -> int:
+    """Optimizer steps of a run: its budget in FLOPs, tokens or steps (first set wins)."""
+    t = cfg.train
+    tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
+    if t.max_flops is not None:
+        per_step = tokens_per_step * estimate(cfg.model, t.seq_len).train_flops_per_token
+        steps = int(t.max_flops // per_step)
+        if steps == 0:
+            raise ConfigError(
+                f"train.max_flops ({t.max_flops:.3g}) is less than one step ({per_step:.3g} FLOPs)"
+            )
+        return steps
+    if t.max_tokens is not None:
+        if t.max_tokens < tokens_per_step:
+            raise ConfigError(
+                f"train.max_tokens ({t.max_tokens}) is less than one step ({tokens_per_step})"
+            )
+        return t.max_tokens // tokens_per_step
+    return t.max_steps
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device is {spec!r} but CUDA is not available")
+    return device
+
+
+def _autocast(device: torch.device, precision: str):
+    bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # norms
+    ]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+
+
+def _flat(cfg: Config) -> dict[str, object]:
+    container = OmegaConf.to_container(OmegaConf.structured(cfg))
+    flat: dict[str, object] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else k)
+        else:
+            flat[prefix] = node
+
+    walk(container, "")
+    return flat
+
+
+def _prepare_run_dir(cfg: Config) -> Path | None:
+    """Check the run directory; return the checkpoint to resume from, if any."""
+    run_dir = Path(cfg.run.dir)
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if not cfg.run.resume:
+        if (run_dir / "metrics.jsonl").exists() or ckpt is not None:
+            raise ConfigError(
+                f"run.dir {run_dir} already holds a run; set run.resume=true to continue it "
+                "or choose another run.dir"
+            )
+        return None
+    if ckpt is None:
+        return None
+    old = _flat(load_config(run_dir / "config.yaml"))
+    changed = sorted(
+        k for k, v in _flat(cfg).items() if old.get(k) != v and k not in RESUMABLE_KEYS
+    )
+    if changed:
+        raise ConfigError(
+            f"cannot resume {run_dir} with a different {', '.join(changed)}; only "
+            f"{', '.join(sorted(RESUMABLE_KEYS))} may change"
+        )
+    return ckpt
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after the checkpoint we resume from."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+        path.write_text("".join(f"{ln}\n" for ln in lines))
+
+
+def train(cfg: Config) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data`` for the configured budget; see the module docstring."""
+    cfg.validate()
+    t = cfg.train
+    device = _device(cfg.run.device)
+    random.seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    run_dir = Path(cfg.run.dir)
+    resume_from = _prepare_run_dir(cfg)
+    total_steps = planned_steps(cfg)
+
+    # Data first: any problem with it is reported before the run directory is touched.
+    train_docs, valid_docs, groups = load_splits(cfg)
+    if resume_from is not None:
+        tokenizer = load_tokenizer(run_dir / "tokenizer")
+    else:
+        tokenizer = build_tokenizer(cfg, train_docs)
+    cache = cache_root(cfg.data.cache_dir)
+    text = cfg.data.text_field
+    train_store = build_store(train_docs, tokenizer, text, groups, cache, cfg.data.sample_by)
+    valid_store = build_store(valid_docs, tokenizer, text, groups, cache)
+    batches = TrainBatches(
+        train_store,
+        t.seq_len,
+        t.batch_size,
+        cfg.run.seed,
+        cfg.data.sample_by,
+        cfg.data.sampling_alpha,
+    )
+    if t.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ConfigError("train.tensorboard needs tensorboard: pip install tensorboard") from e
+
+    model = build_model(cfg.model, device=device)
+    optimizer = _optimizer(model, cfg)
+    detector = SpikeDetector(t.spike_window, t.spike_sigma)
+    state = {"step": 0, "tokens": 0, "flops": 0.0, "skipped_nonfinite": 0, "skipped_spikes": 0}
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from, model, optimizer, cfg.run.restore_rng)
+        state = {k: saved[k] for k in state}
+        batches.load_state_dict(saved["data"], restore_rng=cfg.run.restore_rng)
+        detector.load_state_dict(saved["spike"])
+        _truncate_metrics(run_dir / "metrics.jsonl", state["step"])
+        log.info("resumed %s at step %d", resume_from, state["step"])
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        tokenizer.save(run_dir / "tokenizer")
+    writer = SummaryWriter(str(run_dir / "tensorboard")) if t.tensorboard else None
+
+    flops_per_token = estimate(cfg.model, t.seq_len).train_flops_per_token
+    step_model = torch.compile(model) if t.compile else model
+    autocast = _autocast(device, t.precision)
+    params = [p for p in model.parameters() if p.requires_grad]
+    clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+
+    def checkpoint():
+        extra = {"data": batches.state_dict(), "spike": detector.state_dict()}
+        save_checkpoint(
+            run_dir / "checkpoints",
+            state["step"],
+            model,
+            optimizer,
+            {**state, **extra},
+            t.keep_checkpoints,
+        )
+
+    metrics = open(run_dir / "metrics.jsonl", "a")
+    bar = tqdm(
+        total=total_steps,
+        initial=state["step"],
+        desc="training",
+        unit="step",
+        disable=None if t.progress else True,
+    )
+    loss_value = float("nan")
+    model.train()
+    while state["step"] < total_steps:
+        started = time.perf_counter()
+        step = state["step"] + 1
+        lr = lr_at(step, t.lr, t.warmup_steps, total_steps, t.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, aux_sum = 0.0, 0.0
+        for _ in range(t.grad_accum):
+            batch = {k: v.to(device) for k, v in batches.next_batch(t.doc_masking).items()}
+            with autocast:
+                out = step_model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
+                logits = out.logits.float().flatten(0, 1)
+                loss = F.cross_entropy(logits, batch["targets"].flatten(), ignore_index=IGNORE)
+            ((loss + out.aux_loss) / t.grad_accum).backward()
+            loss_sum += loss.item() / t.grad_accum
+            aux_sum += out.aux_loss.item() / t.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+        loss_value = loss_sum
+        skipped = spike = False
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            if t.on_nonfinite == "raise":
+                metrics.close()
+                raise NonFiniteError(
+                    f"step {step}: loss {loss_value} or grad norm {grad_norm} is not finite; "
+                    "stopped before the optimizer step, parameters unchanged "
+                    "(train.on_nonfinite=skip skips such steps)"
+                )
+            skipped, state["skipped_nonfinite"] = True, state["skipped_nonfinite"] + 1
+        elif t.spike_action != "none" and detector.is_spike(loss_value):
+            spike = True
+            log.warning("step %d: loss spike %.4f", step, loss_value)
+            if t.spike_action == "skip":
+                skipped, state["skipped_spikes"] = True, state["skipped_spikes"] + 1
+        if not skipped:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        tokens = t.batch_size * t.grad_accum * t.seq_len
+        state.update(
+            step=step,
+            tokens=state["tokens"] + tokens,
+            flops=state["flops"] + tokens * flops_per_token,
+        )
+        elapsed = time.perf_counter() - started
+        record = {
+            "step": step,
+            "loss": loss_value,
+            "aux_loss": aux_sum,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": state["tokens"],
+            "flops": state["flops"],
+            "tokens_per_s": tokens / elapsed,
+            "skipped": skipped,
+            "spike": spike,
+        }
+        if t.eval_every and step % t.eval_every == 0 and step < total_steps:
+            record["valid_loss"] = evaluate(
+                model, valid_store, t.seq_len, t.batch_size, device, t.eval_max_batches
+            )["overall"]["loss"]
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        if writer is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "valid_loss"):
+                if key in record:
+                    writer.add_scalar(key, record[key], step)
+        bar.update()
+        if step % t.log_every == 0:
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if step % t.checkpoint_every == 0 or step == total_steps:
+            checkpoint()
+    bar.close()
+
+    result = evaluate(model, valid_store, t.seq_len, t.batch_size, device, progress=t.progress)
+    summary = {
+        "step": state["step"],
+        "tokens": state["tokens"],
+        "flops": state["flops"],
+        "valid": result,
+    }
+    (run_dir / "eval.json").write_text(json.dumps(summary, indent=2))
+    final = {"step": state["step"], "valid_loss": result["overall"]["loss"], "final": True}
+    metrics.write(json.dumps(final) + "\n")
+    metrics.close()
+    if writer is not None:
+        writer.close()
+    from moe_lab.plots import plot_loss_curve
+
+    plot_loss_curve(run_dir)
+    return TrainResult(
+        run_dir,
+        state["step"],
+        state["tokens"],
+        state["flops"],
+        loss_value,
+        result["overall"]["loss"],
+        state["skipped_nonfinite"] + state["skipped_spikes"],
+    )

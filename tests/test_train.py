@@ -1,0 +1,306 @@
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import moe_lab.checkpoint as checkpoint_module
+import moe_lab.train as train_module
+from moe_lab import build_model
+from moe_lab.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from moe_lab.config import ConfigError, ModelConfig, load_config
+from moe_lab.data import DataError
+from moe_lab.train import NonFiniteError, SpikeDetector, lr_at, planned_steps, train
+
+TINY = [
+    "model.dim=32",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.ffn_hidden=64",
+    "model.vocab_size=260",
+    "train.seq_len=32",
+    "train.batch_size=4",
+    "train.warmup_steps=2",
+    "train.progress=false",
+]
+
+
+def _cfg(tmp_path, lang_files, *extra, name="run"):
+    train_file, valid_file = lang_files
+    return load_config(
+        overrides=[
+            *TINY,
+            f"data.train_files=[{train_file}]",
+            f"data.valid_files=[{valid_file}]",
+            "data.group_fields=[lang]",
+            f"run.dir={tmp_path / name}",
+            *extra,
+        ]
+    )
+
+
+def _losses(run_dir):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def _weights(run_dir):
+    return load_file(latest_checkpoint(Path(run_dir) / "checkpoints") / "model.safetensors")
+
+
+def test_loss_falls_on_the_shipped_corpus(tmp_path):
+    cfg = load_config(
+        overrides=[
+            "train.max_steps=40",
+            "train.lr=3e-3",
+            "train.progress=false",
+            "train.seq_len=64",
+            f"run.dir={tmp_path / 'run'}",
+        ]
+    )
+    result = train(cfg)
+    losses = _losses(result.run_dir)
+    assert losses[1] == pytest.approx(math.log(512), abs=0.1)  # uniform over the vocabulary
+    assert sum(losses[s] for s in range(36, 41)) / 5 < 0.6 * losses[1]
+    assert result.valid_loss < 0.65 * losses[1]
+    for name in ("config.yaml", "metrics.jsonl", "eval.json", "loss.png", "tokenizer"):
+        assert (result.run_dir / name).exists(), name
+    report = json.loads((result.run_dir / "eval.json").read_text())["valid"]
+    assert len(report["groups"]["lang"]) >= 8 and len(report["groups"]["domain"]) >= 5
+
+
+def _resume_in_fresh_process(run_dir, *overrides):
+    cmd = [
+        sys.executable,
+        "-m",
+        "moe_lab",
+        "train",
+        "--config",
+        str(run_dir / "config.yaml"),
+        f"run.dir={run_dir}",
+        "run.resume=true",
+        *overrides,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def _half_run(straight, copy):
+    """A copy of a finished run as it stood at its middle checkpoint."""
+    shutil.copytree(straight, copy)
+    for ckpt in list_checkpoints(copy / "checkpoints")[1:]:
+        shutil.rmtree(ckpt)
+    step = int(latest_checkpoint(copy / "checkpoints").name[5:])
+    lines = (copy / "metrics.jsonl").read_text().splitlines()
+    (copy / "metrics.jsonl").write_text(
+        "".join(
+            ln + "\n" for ln in lines if json.loads(ln)["step"] <= step and "loss" in json.loads(ln)
+        )
+    )
+    return step
+
+
+def test_resume_in_a_fresh_process_is_bit_exact(tmp_path, lang_files):
+    # Temperature sampling over languages draws from the data RNG every batch, so resuming
+    # without the RNG state must diverge: that guards the test itself.
+    cfg = _cfg(
+        tmp_path,
+        lang_files,
+        "train.max_steps=8",
+        "train.checkpoint_every=4",
+        "train.keep_checkpoints=5",
+        "data.sample_by=lang",
+        "data.sampling_alpha=0.3",
+    )
+    straight = train(cfg).run_dir
+    expected, final = _losses(straight), _weights(straight)
+
+    resumed = tmp_path / "resumed"
+    assert _half_run(straight, resumed) == 4
+    _resume_in_fresh_process(resumed)
+    assert _losses(resumed) == expected  # floats compared exactly
+    got = _weights(resumed)
+    assert all(torch.equal(got[k], final[k]) for k in final)
+
+    no_rng = tmp_path / "no_rng"
+    _half_run(straight, no_rng)
+    _resume_in_fresh_process(no_rng, "run.restore_rng=false")
+    diverged = _losses(no_rng)
+    assert all(diverged[s] == expected[s] for s in range(1, 5))
+    assert any(diverged[s] != expected[s] for s in range(5, 9))
+
+
+def test_resume_refuses_a_changed_config_and_fresh_runs_refuse_a_used_dir(tmp_path, lang_files):
+    cfg = _cfg(tmp_path, lang_files, "train.max_steps=2")
+    train(cfg)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg)
+    changed = _cfg(tmp_path, lang_files, "train.max_steps=2", "run.resume=true", "train.lr=1e-2")
+    with pytest.raises(ConfigError, match=r"different train\.lr"):
+        train(changed)
+    longer = train(_cfg(tmp_path, lang_files, "train.max_steps=3", "run.resume=true"))
+    assert longer.steps == 3 and sorted(_losses(longer.run_dir)) == [1, 2, 3]
+
+
+def test_bad_data_leaves_no_run_directory(tmp_path, lang_files):
+    cfg = _cfg(tmp_path, lang_files)
+    cfg.data.train_files = [str(tmp_path / "missing.jsonl")]
+    with pytest.raises(DataError, match="missing.jsonl does not exist"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"train.seq_len \(512\) exceeds model.max_seq_len"):
+        _cfg(tmp_path, lang_files, "train.seq_len=512")
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+
+def _tiny_model_and_optimizer():
+    model = build_model(ModelConfig(dim=16, n_layers=1, n_heads=2, vocab_size=32, ffn_hidden=32))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randint(0, 32, (2, 8))).logits.sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_checkpoint_round_trip_restores_weights_optimizer_and_rng(tmp_path):
+    model, optimizer = _tiny_model_and_optimizer()
+    save_checkpoint(tmp_path, 1, model, optimizer, {"step": 1, "note": "x"}, keep=2)
+    expected_draw = torch.rand(3)
+    other, other_opt = _tiny_model_and_optimizer()
+    state = load_checkpoint(latest_checkpoint(tmp_path), other, other_opt)
+    assert state["note"] == "x"
+    assert torch.equal(torch.rand(3), expected_draw)  # RNG restored to the save point
+    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    a, b = optimizer.state_dict()["state"], other_opt.state_dict()["state"]
+    assert all(torch.equal(a[p]["exp_avg_sq"], b[p]["exp_avg_sq"]) for p in a)
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_and_lists_no_partial(tmp_path, monkeypatch):
+    model, optimizer = _tiny_model_and_optimizer()
+    save_checkpoint(tmp_path, 1, model, optimizer, {"step": 1}, keep=3)
+    real_save = checkpoint_module.save_file
+
+    def dies_on_optimizer(tensors, path):
+        if Path(path).name == "optimizer.safetensors":
+            Path(path).write_bytes(b"half")
+            raise OSError("disk full")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", dies_on_optimizer)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 2, model, optimizer, {"step": 2}, keep=3)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]  # no temp left
+    (tmp_path / "step-00000003").mkdir()  # a crash after mkdir, before the marker
+    assert latest_checkpoint(tmp_path).name == "step-00000001"
+    assert load_checkpoint(latest_checkpoint(tmp_path), model, optimizer)["step"] == 1
+
+
+def test_keep_last_k(tmp_path):
+    model, optimizer = _tiny_model_and_optimizer()
+    for step in range(1, 6):
+        save_checkpoint(tmp_path, step, model, optimizer, {"step": step}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004", "step-00000005"]
+
+
+# ---- non-finite losses and spikes ----------------------------------------------------------------
+
+
+def _nan_at_step(monkeypatch, bad_step, seen_models):
+    calls = {"n": 0}
+
+    def cross_entropy(*args, **kwargs):
+        calls["n"] += 1
+        loss = F.cross_entropy(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == bad_step else loss
+
+    def recording_build(*args, **kwargs):
+        seen_models.append(build_model(*args, **kwargs))
+        return seen_models[-1]
+
+    monkeypatch.setattr(train_module, "F", SimpleNamespace(cross_entropy=cross_entropy))
+    monkeypatch.setattr(train_module, "build_model", recording_build)
+
+
+def test_nan_loss_stops_before_the_optimizer_step(tmp_path, lang_files, monkeypatch):
+    models = []
+    _nan_at_step(monkeypatch, 3, models)
+    cfg = _cfg(
+        tmp_path,
+        lang_files,
+        "train.max_steps=5",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=5",
+    )
+    with pytest.raises(NonFiniteError, match=r"step 3: loss nan .* parameters unchanged"):
+        train(cfg)
+    after_step_2 = _weights(tmp_path / "run")
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-00000002"
+    assert all(torch.equal(v, after_step_2[k]) for k, v in models[0].state_dict().items())
+
+
+def test_nan_loss_with_skip_skips_and_counts(tmp_path, lang_files, monkeypatch):
+    _nan_at_step(monkeypatch, 3, [])
+    cfg = _cfg(
+        tmp_path,
+        lang_files,
+        "train.max_steps=4",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=5",
+        "train.on_nonfinite=skip",
+    )
+    result = train(cfg)
+    assert result.steps == 4 and result.skipped_steps == 1
+    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records if "loss" in r] == [False, False, True, False]
+    ckpts = list_checkpoints(result.run_dir / "checkpoints")
+    w2, w3 = (load_file(c / "model.safetensors") for c in ckpts[1:3])
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
+    assert json.loads((ckpts[-1] / "state.json").read_text())["skipped_nonfinite"] == 1
+
+
+def test_spike_detector_flags_outliers_after_half_a_window():
+    det = SpikeDetector(window=4, sigma=1.0)
+    assert not det.is_spike(1e9)  # too little history to judge
+    det = SpikeDetector(window=4, sigma=1.0)
+    for loss in (2.0, 2.1):
+        assert not det.is_spike(loss)
+    assert det.is_spike(1e9)
+    assert not det.is_spike(2.05)
+    restored = SpikeDetector(window=4, sigma=1.0)
+    restored.load_state_dict(json.loads(json.dumps(det.state_dict())))
+    assert list(restored.history) == [2.0, 2.1, 2.05]
+
+
+# ---- schedule and budget -------------------------------------------------------------------------
+
+
+def test_lr_schedule_closed_form():
+    assert lr_at(1, 1.0, 10, 110, 0.1) == pytest.approx(0.1)
+    assert lr_at(10, 1.0, 10, 110, 0.1) == pytest.approx(1.0)
+    assert lr_at(60, 1.0, 10, 110, 0.1) == pytest.approx(0.55)  # half-way: 0.1 + 0.9 * 0.5
+    assert lr_at(110, 1.0, 10, 110, 0.1) == pytest.approx(0.1)
+    assert lr_at(5, 2.0, 0, 5, 0.0) == pytest.approx(0.0)
+
+
+def test_budget_in_tokens_and_flops():
+    base = ["train.batch_size=4", "train.grad_accum=2", "train.seq_len=64"]
+    assert planned_steps(load_config(overrides=[*base, "train.max_tokens=5120"])) == 10
+    cfg = load_config(overrides=base)
+    from moe_lab.accounting import estimate
+
+    per_step = 512 * estimate(cfg.model, 64).train_flops_per_token
+    cfg.train.max_flops = 7.5 * per_step
+    assert planned_steps(cfg) == 7
+    cfg.train.max_flops = 0.5 * per_step
+    with pytest.raises(ConfigError, match="less than one step"):
+        planned_steps(cfg)
