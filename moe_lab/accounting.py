@@ -3,7 +3,8 @@
 What is counted (one multiply-add = 2 FLOPs):
 
 * ``total_params``: every parameter, a tied embedding once; ``sum(p.numel())`` of the built model.
-* ``active_params``: parameters a token touches; for a dense model all of them.
+* ``active_params``: parameters a token touches: for a dense model all of them; an MoE layer
+  counts its router, its shared expert and k of its E experts (capacity drops are not subtracted).
 * ``matmul_params``: parameters that take part in a matrix multiply per token: attention and FFN
   projections plus the output head (also when tied). The input embedding is a lookup and RMSNorm is
   elementwise, so neither costs matmul FLOPs.
@@ -21,11 +22,11 @@ every preset shape and is what FlopCounterMode leaves out too.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
-from moe_lab.config import ModelConfig
+from moe_lab.config import ModelConfig, MoEConfig
 
-__all__ = ["ComputeEstimate", "estimate"]
+__all__ = ["ComputeEstimate", "estimate", "matched_moe"]
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,31 @@ def _attention_params(cfg: ModelConfig) -> int:
 
 def _ffn_params(cfg: ModelConfig, layer_id: int) -> tuple[int, int]:
     """(total, active per token) parameters of layer ``layer_id``'s FFN."""
-    del layer_id
-    n = 3 * cfg.dim * cfg.ffn_hidden  # SwiGLU: w1, w3 [F, D] and w2 [D, F]
-    return n, n
+    moe = cfg.moe
+    if moe is None or not moe.is_moe_layer(layer_id):
+        n = 3 * cfg.dim * cfg.ffn_hidden  # SwiGLU: w1, w3 [F, D] and w2 [D, F]
+        return n, n
+    expert = 3 * cfg.dim * moe.expert_hidden  # w1, v1, w2: [F, D] per expert
+    always = cfg.dim * moe.num_experts + 3 * cfg.dim * moe.shared_expert_hidden  # router, shared
+    return moe.num_experts * expert + always, moe.top_k * expert + always
+
+
+def matched_moe(dense: ModelConfig, num_experts: int, top_k: int, **moe_fields) -> ModelConfig:
+    """An MoE variant of ``dense`` with the same active FFN FLOPs per token.
+
+    Each expert is ``ffn_hidden / top_k`` wide, so k experts cost what the dense FFN costs (plus
+    the router, ``2 * dim * E`` FLOPs per token and layer). ``top_k=1`` gives Switch-style experts
+    as wide as the dense FFN: equal FLOPs, ``E`` times the FFN parameters; larger ``top_k`` gives
+    finer-grained experts (OLMoE, DeepSeek-MoE) at the same FLOPs.
+    """
+    if dense.ffn_hidden % top_k:
+        raise ValueError(f"ffn_hidden ({dense.ffn_hidden}) is not divisible by top_k ({top_k})")
+    moe = MoEConfig(
+        num_experts=num_experts, top_k=top_k, expert_hidden=dense.ffn_hidden // top_k, **moe_fields
+    )
+    cfg = replace(dense, moe=moe)
+    cfg.validate()
+    return cfg
 
 
 def estimate(cfg: ModelConfig, seq_len: int | None = None) -> ComputeEstimate:

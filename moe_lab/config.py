@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "ModelConfig",
+    "MoEConfig",
     "RopeScalingConfig",
     "RunConfig",
     "TrainConfig",
@@ -79,6 +80,65 @@ class RopeScalingConfig:
         )
 
 
+LBL_FORMS = ("switch", "megablocks", "olmo", "mixtral", "none")  # moe_lab.routing.losses
+MOE_BACKENDS = ("reference", "megablocks", "auto")
+
+
+@dataclass
+class MoEConfig:
+    """Token-routed mixture of SwiGLU experts in place of the dense FFN (see moe_lab.experts.moe).
+
+    Load-balancing loss forms (``lbl``), per MoE layer with T tokens, f = fraction of tokens whose
+    top-1 is expert e, c = (token, slot) assignments to e, P = mean router probability of e:
+    ``switch`` E * sum f P, summed over layers (Fedus et al. 2021; fairseq); ``olmo``
+    E/(k T) * sum c P, summed over layers (OLMo-core); ``megablocks`` the same averaged over layers
+    (MegaBlocks); ``mixtral`` E * sum_{k,e} f_ke P_e over all layers' tokens concatenated
+    (transformers' Mixtral). Balanced routing gives 1 per layer (``mixtral``: k); every token on one
+    expert gives E. The default, ``switch`` with weight 0.01, is the Switch Transformer recipe.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 88  # SwiGLU width of each expert
+    every: int = 1  # layer i is an MoE layer iff (i + 1) % every == 0 (fairseq's --moe-freq)
+    capacity_factor: float | None = None  # None = dropless; else capacity = factor * k * T / E
+    score: str = "softmax"  # softmax | sigmoid, computed in fp32
+    renormalize: bool = True  # chosen k weights sum to 1 (Mixtral, fairseq); MegaBlocks: false
+    jitter: float = 0.0  # multiply router input by U(1 - jitter, 1 + jitter) while training
+    lbl: str = "switch"
+    lbl_weight: float = 0.01
+    z_loss_weight: float = 0.001  # w * mean(logsumexp(logits)^2), summed over layers (ST-MoE)
+    bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing bias (DeepSeek-V3), 1e-3 typical
+    shared_expert_hidden: int = 0  # > 0: a dense SwiGLU every token also goes through
+    backend: str = "reference"  # reference (PyTorch, CPU/GPU) | megablocks (CUDA) | auto
+
+    def validate(self, prefix: str = "model.moe") -> None:
+        p = prefix
+        for name in ("num_experts", "top_k", "expert_hidden", "every"):
+            _positive_int(getattr(self, name), f"{p}.{name}")
+        _require(
+            self.top_k <= self.num_experts,
+            f"{p}.top_k ({self.top_k}) must not exceed {p}.num_experts ({self.num_experts})",
+        )
+        if self.capacity_factor is not None:
+            _positive_float(self.capacity_factor, f"{p}.capacity_factor")
+        _choice(self.score, ("softmax", "sigmoid"), f"{p}.score")
+        _choice(self.lbl, LBL_FORMS, f"{p}.lbl")
+        _choice(self.backend, MOE_BACKENDS, f"{p}.backend")
+        for name in ("jitter", "lbl_weight", "z_loss_weight", "bias_update_rate"):
+            _require(
+                getattr(self, name) >= 0, f"{p}.{name} must be >= 0, got {getattr(self, name)}"
+            )
+        _require(self.jitter < 1, f"{p}.jitter must be < 1, got {self.jitter}")
+        _require(
+            self.shared_expert_hidden >= 0,
+            f"{p}.shared_expert_hidden must be >= 0, got {self.shared_expert_hidden}",
+        )
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return (layer_id + 1) % self.every == 0
+
+
 @dataclass
 class ModelConfig:
     """Shape of the Llama backbone. Every width is explicit: no module re-derives its own size.
@@ -100,6 +160,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # share the input embedding with the output head
     init_std: float = 0.02  # residual projections use init_std / sqrt(2 * n_layers) (GPT-2)
+    moe: MoEConfig | None = None  # None = dense; else token-routed experts (see MoEConfig)
 
     @property
     def head_dim(self) -> int:
@@ -138,6 +199,8 @@ class ModelConfig:
         )
         if self.rope_scaling is not None:
             self.rope_scaling.validate(f"{p}.rope_scaling")
+        if self.moe is not None:
+            self.moe.validate(f"{p}.moe")
 
 
 def _choice(value: object, allowed: tuple[str, ...], key: str) -> None:

@@ -8,7 +8,7 @@ rotate-half layout of transformers, so Hugging Face weights load without permuti
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from moe_lab.config import ModelConfig, RopeScalingConfig
 from moe_lab.experts import build_ffn
+from moe_lab.losses import fused_linear_cross_entropy
+from moe_lab.routing import RouterStats, moe_aux_loss
 
 __all__ = ["KVCache", "ModelOutput", "RMSNorm", "Transformer", "build_model", "rope_frequencies"]
 
@@ -23,7 +25,8 @@ __all__ = ["KVCache", "ModelOutput", "RMSNorm", "Transformer", "build_model", "r
 @dataclass
 class ModelOutput:
     logits: Tensor  # [B, T, V]
-    aux_loss: Tensor  # [] sum of the FFNs' auxiliary losses; exactly 0 for a dense model
+    aux_loss: Tensor  # [] weighted balancing + z-losses of the MoE layers; exactly 0 for dense
+    routing: list[RouterStats] = field(default_factory=list)  # one entry per MoE layer
 
 
 class RMSNorm(nn.Module):
@@ -129,10 +132,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # [B, Hkv, past + T, hd]
-        if self.n_kv_heads != self.n_heads:  # each group of query heads shares one kv head
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        # enable_gqa: each group of query heads reads its kv head without copying it
+        gqa = self.n_kv_heads != self.n_heads
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
+        )
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -152,12 +156,12 @@ class TransformerBlock(nn.Module):
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, RouterStats | None]:
         #  x ─┬─ norm ─ attention ─(+)─┬─ norm ─ ffn ─(+)─> out
         #     └────────────────────────┘└───────────────┘
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
-        y, aux = self.feed_forward(self.ffn_norm(x))
-        return x + y, aux
+        y, routing = self.feed_forward(self.ffn_norm(x))
+        return x + y, routing
 
 
 class Transformer(nn.Module):
@@ -192,6 +196,11 @@ class Transformer(nn.Module):
         freqs = positions[..., None].float() * self._inv_freq  # [B, T, hd/2], fp32 as transformers
         return freqs.cos().to(dtype)[:, None], freqs.sin().to(dtype)[:, None]  # [B, 1, T, hd/2]
 
+    @property
+    def head_weight(self) -> Tensor:
+        """``[V, D]`` output projection: the embedding matrix when tied."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
     def forward(
         self, input_ids: Tensor, doc_ids: Tensor | None = None, cache: KVCache | None = None
     ) -> ModelOutput:
@@ -203,6 +212,24 @@ class Transformer(nn.Module):
                 a document boundary and RoPE positions restart at each document.
             cache: optional :class:`KVCache`; the tokens continue the cached prefix.
         """
+        h, aux_loss, routing = self.hidden_states(input_ids, doc_ids, cache)
+        return ModelOutput(F.linear(h, self.head_weight), aux_loss, routing)
+
+    def loss(
+        self, input_ids: Tensor, targets: Tensor, doc_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, list[RouterStats]]:
+        """``(mean next-token cross-entropy, aux_loss, routing)`` without materialising logits.
+
+        ``targets`` is ``[B, T]`` with -100 where no loss is taken. Same value and gradients as
+        cross-entropy over ``forward(...).logits``; see :mod:`moe_lab.losses`.
+        """
+        h, aux_loss, routing = self.hidden_states(input_ids, doc_ids)
+        return fused_linear_cross_entropy(h, self.head_weight, targets), aux_loss, routing
+
+    def hidden_states(
+        self, input_ids: Tensor, doc_ids: Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[Tensor, Tensor, list[RouterStats]]:
+        """Final normalised hidden states ``[B, T, D]``, the auxiliary loss, the routing stats."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if past + T > self.cfg.max_seq_len:
@@ -225,15 +252,18 @@ class Transformer(nn.Module):
 
         h = self.tok_embeddings(input_ids)
         cos, sin = self._rope(positions, h.dtype)
-        aux_loss = torch.zeros((), device=h.device, dtype=torch.float32)
+        routing = []
         for layer in self.layers:
-            h, aux = layer(h, cos, sin, mask, cache)
-            aux_loss = aux_loss + aux
+            h, stats = layer(h, cos, sin, mask, cache)
+            if stats is not None:
+                routing.append(stats)
         if cache is not None:
             cache.length += T
-        h = self.norm(h)
-        head = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return ModelOutput(logits=F.linear(h, head), aux_loss=aux_loss)
+        if routing:
+            aux_loss = moe_aux_loss(routing, self.cfg.moe)
+        else:
+            aux_loss = torch.zeros((), device=h.device, dtype=torch.float32)
+        return self.norm(h), aux_loss, routing
 
 
 def build_model(

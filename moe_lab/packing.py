@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from moe_lab.losses import IGNORE_INDEX
 from moe_lab.tokenizer import Tokenizer
 
 __all__ = ["IGNORE", "TokenStore", "TrainBatches", "build_store", "cache_root", "eval_rows"]
 
-IGNORE = -100  # target id that the loss skips
+IGNORE = IGNORE_INDEX  # target id that the loss skips
 
 
 @dataclass

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
@@ -29,7 +28,8 @@ from moe_lab.config import Config, ConfigError, load_config, save_config
 from moe_lab.data import build_tokenizer, load_splits
 from moe_lab.evaluate import evaluate
 from moe_lab.model import build_model
-from moe_lab.packing import IGNORE, TrainBatches, build_store, cache_root
+from moe_lab.packing import TrainBatches, build_store, cache_root
+from moe_lab.routing import RouterStats, TopKRouter, load_balancing_loss
 from moe_lab.tokenizer import load_tokenizer
 
 __all__ = ["NonFiniteError", "SpikeDetector", "TrainResult", "lr_at", "planned_steps", "train"]
@@ -154,7 +154,31 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # norms
     ]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    # The fused kernel updates all parameters in one pass: 4x faster than the default on a 2-core
+    # CPU for a 7M-parameter model (bench/train_step.py), and available on CPU and CUDA.
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused)
+
+
+def _routing_record(stats: list[RouterStats], cfg: Config) -> list[dict[str, float]]:
+    """Per MoE layer: load (min, max, coefficient of variation), drops, entropy, losses."""
+    moe_layers = [i for i in range(cfg.model.n_layers) if cfg.model.moe.is_moe_layer(i)]
+    records = []
+    for layer, s in zip(moe_layers, stats, strict=True):
+        load = s.slot_counts_KE.sum(dim=0)
+        records.append(
+            {
+                "layer": layer,
+                "tokens_min": load.min().item(),
+                "tokens_max": load.max().item(),
+                "tokens_cv": (load.std(unbiased=False) / load.mean()).item(),
+                "dropped": s.dropped.item(),
+                "entropy": s.entropy.item(),
+                "lbl": load_balancing_loss([s], cfg.model.moe.lbl).item(),
+                "z_loss": s.lse_sq.item(),
+            }
+        )
+    return records
 
 
 def _flat(cfg: Config) -> dict[str, object]:
@@ -258,10 +282,13 @@ def train(cfg: Config) -> TrainResult:
     writer = SummaryWriter(str(run_dir / "tensorboard")) if t.tensorboard else None
 
     flops_per_token = estimate(cfg.model, t.seq_len).train_flops_per_token
-    step_model = torch.compile(model) if t.compile else model
+    step_loss = torch.compile(model.loss) if t.compile else model.loss
     autocast = _autocast(device, t.precision)
     params = [p for p in model.parameters() if p.requires_grad]
     clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+    biased_routers = [
+        m for m in model.modules() if isinstance(m, TopKRouter) and m.cfg.bias_update_rate > 0
+    ]
 
     def checkpoint():
         extra = {"data": batches.state_dict(), "spike": detector.state_dict()}
@@ -294,12 +321,12 @@ def train(cfg: Config) -> TrainResult:
         for _ in range(t.grad_accum):
             batch = {k: v.to(device) for k, v in batches.next_batch(t.doc_masking).items()}
             with autocast:
-                out = step_model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
-                logits = out.logits.float().flatten(0, 1)
-                loss = F.cross_entropy(logits, batch["targets"].flatten(), ignore_index=IGNORE)
-            ((loss + out.aux_loss) / t.grad_accum).backward()
+                loss, aux, routing = step_loss(
+                    batch["input_ids"], batch["targets"], batch.get("doc_ids")
+                )
+            ((loss + aux) / t.grad_accum).backward()
             loss_sum += loss.item() / t.grad_accum
-            aux_sum += out.aux_loss.item() / t.grad_accum
+            aux_sum += aux.item() / t.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
         loss_value = loss_sum
         skipped = spike = False
@@ -319,6 +346,8 @@ def train(cfg: Config) -> TrainResult:
                 skipped, state["skipped_spikes"] = True, state["skipped_spikes"] + 1
         if not skipped:
             optimizer.step()
+            for router in biased_routers:  # aux-loss-free balancing follows the observed load
+                router.update_bias()
         optimizer.zero_grad(set_to_none=True)
 
         tokens = t.batch_size * t.grad_accum * t.seq_len
@@ -340,6 +369,8 @@ def train(cfg: Config) -> TrainResult:
             "skipped": skipped,
             "spike": spike,
         }
+        if routing:
+            record["routing"] = _routing_record(routing, cfg)
         if t.eval_every and step % t.eval_every == 0 and step < total_steps:
             record["valid_loss"] = evaluate(
                 model, valid_store, t.seq_len, t.batch_size, device, t.eval_max_batches

@@ -4,11 +4,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import moe_lab.checkpoint as checkpoint_module
@@ -216,18 +214,21 @@ def test_keep_last_k(tmp_path):
 
 
 def _nan_at_step(monkeypatch, bad_step, seen_models):
-    calls = {"n": 0}
-
-    def cross_entropy(*args, **kwargs):
-        calls["n"] += 1
-        loss = F.cross_entropy(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == bad_step else loss
+    """Build models whose loss turns NaN on the ``bad_step``-th call."""
 
     def recording_build(*args, **kwargs):
-        seen_models.append(build_model(*args, **kwargs))
-        return seen_models[-1]
+        model = build_model(*args, **kwargs)
+        calls, real_loss = {"n": 0}, model.loss
 
-    monkeypatch.setattr(train_module, "F", SimpleNamespace(cross_entropy=cross_entropy))
+        def loss(*a, **k):
+            calls["n"] += 1
+            value, *rest = real_loss(*a, **k)
+            return (value * float("nan"), *rest) if calls["n"] == bad_step else (value, *rest)
+
+        model.loss = loss
+        seen_models.append(model)
+        return model
+
     monkeypatch.setattr(train_module, "build_model", recording_build)
 
 

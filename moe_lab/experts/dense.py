@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -14,8 +13,9 @@ __all__ = ["SwiGLU"]
 class SwiGLU(nn.Module):
     """Llama's gated FFN (Shazeer 2020): ``w1`` gate, ``w3`` up and ``w2`` down projection.
 
-    Returns ``(y, aux_loss)`` like every FFN built by :func:`moe_lab.experts.build_ffn`, so the
-    transformer block never branches on the kind of FFN; a dense FFN's auxiliary loss is zero.
+    Returns ``(y, None)``: every FFN built by :func:`moe_lab.experts.build_ffn` returns its output
+    and its routing statistics (None when there is no router), so the block never branches on the
+    kind of FFN.
     """
 
     def __init__(self, dim: int, hidden: int, n_layers: int, init_std: float = 0.02) -> None:
@@ -32,6 +32,5 @@ class SwiGLU(nn.Module):
         # Residual output projection scaled by 1/sqrt(2L) (GPT-2, Radford et al. 2019).
         nn.init.normal_(self.w2.weight, std=self.init_std / math.sqrt(2 * self.n_layers))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y = self.w2(F.silu(self.w1(x)) * self.w3(x))
-        return y, torch.zeros((), device=x.device, dtype=torch.float32)
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x)), None

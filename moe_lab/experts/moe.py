@@ -1,0 +1,110 @@
+"""The reference MoE layer: a top-k router, E SwiGLU experts, an optional shared expert.
+
+Pure PyTorch, CPU and GPU: the numerical oracle for the MegaBlocks backend. Token slots are sorted
+by expert so that each expert runs once, on one contiguous segment.
+
+Weights use MegaBlocks' GLU layout so checkpoints move between backends unchanged:
+``w1`` (gate), ``v1`` (up) and ``w2`` (down, transposed) are each ``[E * F, D]``; expert e owns rows
+``[e * F, (e + 1) * F)``, i.e. ``w1.view(E, F, D)[e]`` is Llama's ``w1`` of that expert.
+
+Capacity mode (``capacity_factor`` set) keeps at most ``ceil(factor * k * T / E)`` slots per expert.
+Priority (GShard, fairseq): every token's first choice before any second choice, and within the same
+choice rank, earlier tokens first. Dropped slots contribute nothing (the residual stream carries the
+token on); their fraction is reported in :class:`~moe_lab.routing.topk.RouterStats`.
+
+Shapes: T = tokens, D = model dim, E = experts, K = experts per token, F = expert hidden width,
+S = kept (token, slot) pairs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_lab.config import MoEConfig
+from moe_lab.experts.dense import SwiGLU
+from moe_lab.routing.topk import RouterStats, TopKRouter
+
+__all__ = ["MoE", "capacity", "expert_slots"]
+
+
+def capacity(cfg: MoEConfig, n_tokens: int) -> int | None:
+    """Slots per expert: ``ceil(factor * k * T / E)``, or None when dropless."""
+    if cfg.capacity_factor is None:
+        return None
+    return math.ceil(cfg.capacity_factor * cfg.top_k * n_tokens / cfg.num_experts)
+
+
+def expert_slots(indices_TK: Tensor, num_experts: int, cap: int | None) -> Tensor:
+    """Which (token, slot) assignments are kept under capacity ``cap``: a bool ``[T, K]``."""
+    if cap is None:
+        return torch.ones_like(indices_TK, dtype=torch.bool)
+    T, K = indices_TK.shape
+    by_priority = indices_TK.t().reshape(-1)  # [K * T]: all first choices, then all second...
+    onehot = F.one_hot(by_priority, num_experts)  # [K * T, E]
+    position = (onehot.cumsum(dim=0) * onehot).sum(dim=1) - 1  # place in its expert's queue
+    return (position < cap).view(K, T).t()
+
+
+class MoE(nn.Module):
+    """``x [..., D] -> (y [..., D], RouterStats)``; see the module docstring."""
+
+    def __init__(self, dim: int, cfg: MoEConfig, n_layers: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        E, Fh = cfg.num_experts, cfg.expert_hidden
+        self.cfg, self.dim, self.init_std, self.n_layers = cfg, dim, init_std, n_layers
+        self.router = TopKRouter(dim, cfg, init_std)
+        self.w1 = nn.Parameter(torch.empty(E * Fh, dim))
+        self.v1 = nn.Parameter(torch.empty(E * Fh, dim))
+        self.w2 = nn.Parameter(torch.empty(E * Fh, dim))
+        self.shared = None
+        if cfg.shared_expert_hidden > 0:
+            self.shared = SwiGLU(dim, cfg.shared_expert_hidden, n_layers, init_std)
+
+    def reset_parameters(self) -> None:
+        self.router.reset_parameters()
+        nn.init.normal_(self.w1, std=self.init_std)
+        nn.init.normal_(self.v1, std=self.init_std)
+        nn.init.normal_(self.w2, std=self.init_std / math.sqrt(2 * self.n_layers))
+        if self.shared is not None:
+            self.shared.reset_parameters()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, RouterStats]:
+        x_TD = x.reshape(-1, self.dim)
+        weights_TK, indices_TK, probs_TE, logits_TE = self.router(x_TD)
+        kept_TK = expert_slots(indices_TK, self.cfg.num_experts, capacity(self.cfg, len(x_TD)))
+        y_TD = self._experts(x_TD, weights_TK, indices_TK, kept_TK)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)[0]
+        dropped = 1.0 - kept_TK.float().mean()
+        return y_TD.view_as(x), self.router.stats(probs_TE, logits_TE, indices_TK, dropped)
+
+    def _experts(
+        self, x_TD: Tensor, weights_TK: Tensor, indices_TK: Tensor, kept_TK: Tensor
+    ) -> Tensor:
+        """Run each expert once on its contiguous segment of slots, then scatter back."""
+        E, Fh, K = self.cfg.num_experts, self.cfg.expert_hidden, self.cfg.top_k
+        slot_S = kept_TK.flatten().nonzero().squeeze(1)  # kept slots, s = t * K + k
+        expert_S = indices_TK.flatten()[slot_S]
+        order = expert_S.argsort(stable=True)
+        slot_S, expert_S = slot_S[order], expert_S[order]
+        token_S = slot_S // K
+        counts = torch.bincount(expert_S, minlength=E).tolist()  # one host sync per layer
+        x_SD = x_TD[token_S]
+        w1_EFD, v1_EFD = self.w1.view(E, Fh, -1), self.v1.view(E, Fh, -1)
+        w2_EFD = self.w2.view(E, Fh, -1)
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            seg_nD = x_SD[start : start + n]
+            h_nF = F.silu(seg_nD @ w1_EFD[e].t()) * (seg_nD @ v1_EFD[e].t())
+            outs.append(h_nF @ w2_EFD[e])  # w2 holds down.T: [F, D]
+            start += n
+        if not outs:
+            return torch.zeros_like(x_TD)
+        y_SD = torch.cat(outs) * weights_TK.flatten()[slot_S, None].to(x_TD.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token_S, y_SD)

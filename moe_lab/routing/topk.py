@@ -1,0 +1,94 @@
+"""Token-choice top-k router: each token picks its k experts from fp32 softmax or sigmoid scores.
+
+Shapes: T = tokens, D = model dim, E = experts, K = experts per token.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_lab.config import MoEConfig
+
+__all__ = ["RouterStats", "TopKRouter"]
+
+
+class RouterStats(NamedTuple):
+    """What one MoE layer's routing produced: inputs of the balancing losses, and telemetry.
+
+    ``probs_E`` and ``lse_sq`` carry gradients (they feed the losses); the rest are counts.
+    """
+
+    probs_E: Tensor  # [E] mean router probability over tokens
+    slot_counts_KE: Tensor  # [K, E] tokens whose k-th choice is e (before any dropping)
+    lse_sq: Tensor  # [] mean over tokens of logsumexp(logits)^2, the z-loss term
+    dropped: Tensor  # [] fraction of (token, slot) assignments dropped by capacity
+    entropy: Tensor  # [] mean entropy of the router distribution (nats)
+
+
+class TopKRouter(nn.Module):
+    """``x_TD -> (weights_TK, indices_TK, probs_TE, logits_TE)``.
+
+    Scores are computed in fp32 (torchtitan: "to avoid loss explosion"). With
+    ``bias_update_rate > 0`` a per-expert bias is added to the scores for *selection only*
+    (DeepSeek-V3's aux-loss-free balancing); :meth:`update_bias` moves it against the load.
+    ``tokens_per_expert`` counts assignments since the last bias update, in training only.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.cfg, self.init_std = cfg, init_std
+        self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts))
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.gate.weight, std=self.init_std)
+        self.expert_bias.zero_()
+        self.tokens_per_expert.zero_()
+
+    def forward(self, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        cfg = self.cfg
+        if self.training and cfg.jitter > 0:
+            noise = torch.empty_like(x_TD).uniform_(1 - cfg.jitter, 1 + cfg.jitter)
+            x_TD = x_TD * noise
+        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        if cfg.score == "softmax":
+            probs_TE = logits_TE.softmax(dim=-1)
+        else:
+            probs_TE = logits_TE.sigmoid()
+        select_TE = probs_TE + self.expert_bias if cfg.bias_update_rate > 0 else probs_TE
+        indices_TK = select_TE.topk(cfg.top_k, dim=-1).indices
+        weights_TK = probs_TE.gather(1, indices_TK)
+        if cfg.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+        if self.training:
+            counts = torch.bincount(indices_TK.flatten(), minlength=cfg.num_experts)
+            self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+        return weights_TK, indices_TK, probs_TE, logits_TE
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """b_e += rate * sign(mean load - load_e), centred; then reset the counts (DeepSeek-V3)."""
+        load = self.tokens_per_expert
+        step = self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+        self.expert_bias += step - step.mean()
+        self.tokens_per_expert.zero_()
+
+    def stats(
+        self, probs_TE: Tensor, logits_TE: Tensor, indices_TK: Tensor, dropped: Tensor
+    ) -> RouterStats:
+        onehot_TKE = F.one_hot(indices_TK, self.cfg.num_experts).float()
+        with torch.no_grad():
+            p = probs_TE / probs_TE.sum(-1, keepdim=True)
+            entropy = -(p * p.clamp(min=1e-20).log()).sum(-1).mean()
+        return RouterStats(
+            probs_E=probs_TE.mean(dim=0),
+            slot_counts_KE=onehot_TKE.sum(dim=0).detach(),
+            lse_sq=torch.logsumexp(logits_TE, dim=-1).square().mean(),
+            dropped=dropped.detach(),
+            entropy=entropy,
+        )
