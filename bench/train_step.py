@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import interleaved
 
 from moe_lab import ModelConfig, build_model
 from moe_lab.accounting import estimate
@@ -45,14 +44,6 @@ SHAPES = {
         max_seq_len=256,
     ),
 }
-
-
-PEAK_N = 2048  # the fp32 peak is the median speed of a 2048^3 torch.mm, timed in the same rounds
-
-
-def mm_probe():
-    a, b = torch.randn(PEAK_N, PEAK_N), torch.randn(PEAK_N, PEAK_N)
-    return lambda: a @ b
 
 
 def variants(cfg: ModelConfig, batch: int, seq: int, compile_: bool):
@@ -102,22 +93,12 @@ def variants(cfg: ModelConfig, batch: int, seq: int, compile_: bool):
 
 def run_shape(name: str, batch: int, seq: int, rounds: int, warmup: int, compile_: bool) -> dict:
     cfg = SHAPES[name]
-    steps = {**variants(cfg, batch, seq, compile_), "torch.mm peak probe": mm_probe()}
-    times = {k: [] for k in steps}
-    for r in range(rounds + warmup):
-        order = list(steps) if r % 2 == 0 else list(reversed(steps))
-        for key in order:
-            start = time.perf_counter()
-            steps[key]()
-            if r >= warmup:
-                times[key].append(time.perf_counter() - start)
+    medians, peak = interleaved(variants(cfg, batch, seq, compile_), rounds, warmup)
     flops = estimate(cfg, seq).train_flops_per_token * batch * seq
-    peak = 2 * PEAK_N**3 / statistics.median(times.pop("torch.mm peak probe"))
-    base = statistics.median(times["transformers, AdamW default"])
-    best_hf = min(statistics.median(times[k]) for k in times if k.startswith("transformers"))
+    base = medians["transformers, AdamW default"]
+    best_hf = min(v for k, v in medians.items() if k.startswith("transformers"))
     rows = {}
-    for key, ts in times.items():
-        med = statistics.median(ts)
+    for key, med in medians.items():
         rows[key] = {
             "ms_per_step": med * 1e3,
             "tokens_per_s": batch * seq / med,

@@ -1,29 +1,36 @@
-"""transformers interop: moe_lab <-> ``LlamaForCausalLM``, in memory or via ``save_pretrained``.
+"""transformers interop: moe_lab <-> ``LlamaForCausalLM`` / ``MixtralForCausalLM``, in memory or
+via ``save_pretrained`` directories.
 
 Conversion works on the *on-disk* safetensors key layout
 (``model.layers.{i}.self_attn.q_proj.weight``), which transformers has kept stable across v4 and v5.
 Both sides use the rotate-half RoPE layout, so ``wq``/``wk`` need no permutation. transformers is
-optional: only :func:`to_hf` imports it.
+optional: only :func:`to_hf` and in-memory Mixtral imports use it.
+
+Mixtral's on-disk experts ``block_sparse_moe.experts.{e}.w1/w3/w2`` are stacked into moe_lab's
+MegaBlocks layout (``w1``, ``v1``, ``w2.T`` as ``[E * F, D]``). transformers v5 fuses experts in
+memory (``mlp.experts.gate_up_proj``) but still saves the legacy keys, so Mixtral conversion always
+goes through a directory and leaves the in-memory layout to transformers' own loader.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from moe_lab.config import ModelConfig, RopeScalingConfig
+from moe_lab.config import ModelConfig, MoEConfig, RopeScalingConfig
 from moe_lab.model import Transformer, build_model
-from moe_lab.weights import load_weights
+from moe_lab.weights import WeightsMismatchError, load_weights
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "from_hf", "to_hf"]
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MixtralForCausalLM")
 
 _GLOBAL_KEYS = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -40,9 +47,13 @@ _LAYER_KEYS = {
     "mlp.down_proj": "feed_forward.w2",
     "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
+    "block_sparse_moe.gate": "feed_forward.router.gate",
 }
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 _OUR_LAYER = re.compile(r"layers\.(\d+)\.(.+)\.weight")
+_HF_EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
+_OUR_EXPERTS = re.compile(r"layers\.(\d+)\.feed_forward\.(w1|v1|w2)")
+_EXPERT_NAMES = {"w1": "w1", "w3": "v1", "w2": "w2"}  # Mixtral's per-expert name -> ours
 
 
 def _rename(
@@ -58,21 +69,42 @@ def _rename(
 
 
 def hf_to_moe_lab_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rename a transformers Llama state dict to moe_lab names."""
-    return {
-        _rename(k, _GLOBAL_KEYS, _LAYER_KEYS, _HF_LAYER, "layers.{}.{}.weight"): v
-        for k, v in state.items()
-    }
+    """Rename a transformers Llama/Mixtral (on-disk) state dict to moe_lab names and layout."""
+    out, experts = {}, {}
+    for key, value in state.items():
+        m = _HF_EXPERT.fullmatch(key)
+        if m:  # collect per-expert matrices, stacked below
+            experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = value
+            continue
+        out[_rename(key, _GLOBAL_KEYS, _LAYER_KEYS, _HF_LAYER, "layers.{}.{}.weight")] = value
+    for (layer, name), by_expert in experts.items():
+        if sorted(by_expert) != list(range(len(by_expert))):
+            raise ValueError(f"layer {layer}: experts {sorted(by_expert)} are not 0..E-1")
+        mats = [by_expert[e] for e in range(len(by_expert))]
+        if name == "w2":  # Mixtral's down projection is [D, F]; MegaBlocks stores it transposed
+            mats = [m.t() for m in mats]
+        out[f"layers.{layer}.feed_forward.{_EXPERT_NAMES[name]}"] = torch.cat(mats)
+    return out
 
 
-def moe_lab_to_hf_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rename a moe_lab dense state dict to transformers Llama names."""
+def moe_lab_to_hf_keys(state: dict[str, Tensor], num_experts: int = 0) -> dict[str, Tensor]:
+    """Rename a moe_lab state dict to transformers (on-disk) Llama/Mixtral names and layout."""
     inv_global = {v: k for k, v in _GLOBAL_KEYS.items()}
     inv_layer = {v: k for k, v in _LAYER_KEYS.items()}
-    return {
-        _rename(k, inv_global, inv_layer, _OUR_LAYER, "model.layers.{}.{}.weight"): v
-        for k, v in state.items()
-    }
+    inv_expert = {v: k for k, v in _EXPERT_NAMES.items()}
+    out = {}
+    for key, value in state.items():
+        m = _OUR_EXPERTS.fullmatch(key)
+        if m:
+            for e, mat in enumerate(value.chunk(num_experts)):  # [F, D] per expert
+                mat = mat.t() if m.group(2) == "w2" else mat
+                name = f"model.layers.{m.group(1)}.block_sparse_moe.experts.{e}"
+                out[f"{name}.{inv_expert[m.group(2)]}.weight"] = mat.contiguous()
+        elif not key.endswith("router.expert_bias"):  # Mixtral has no selection bias
+            out[_rename(key, inv_global, inv_layer, _OUR_LAYER, "model.layers.{}.{}.weight")] = (
+                value
+            )
+    return out
 
 
 def _unsupported(what: str) -> ValueError:
@@ -104,6 +136,20 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             original_max_seq_len=int(rope["original_max_position_embeddings"]),
         )
     kv_heads = hf.get("num_key_value_heads") or n_heads
+    moe = None
+    if hf.get("model_type") == "mixtral" or "num_local_experts" in hf:
+        if hf.get("sliding_window") is not None:
+            raise _unsupported(f"sliding_window={hf['sliding_window']} (moe_lab attends fully)")
+        moe = MoEConfig(
+            num_experts=hf["num_local_experts"],
+            top_k=hf["num_experts_per_tok"],
+            expert_hidden=hf["intermediate_size"],
+            renormalize=True,  # Mixtral: softmax over all experts, top-k, renormalise
+            jitter=float(hf.get("router_jitter_noise") or 0.0),
+            lbl="mixtral",
+            lbl_weight=float(hf.get("router_aux_loss_coef", 0.001)),
+            z_loss_weight=0.0,
+        )
     return ModelConfig(
         dim=dim,
         n_layers=hf["num_hidden_layers"],
@@ -117,12 +163,31 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         norm_eps=float(hf["rms_norm_eps"]),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
+        moe=moe,
     )
 
 
+def _mixtral_problems(cfg: ModelConfig) -> list[str]:
+    """Why an MoE config cannot be expressed as Mixtral (empty: it can)."""
+    moe = cfg.moe
+    checks = [
+        (moe.every == 1, f"model.moe.every={moe.every} (Mixtral: every layer is MoE)"),
+        (moe.score == "softmax", f"model.moe.score={moe.score!r} (Mixtral: softmax)"),
+        (moe.renormalize, "model.moe.renormalize=false (Mixtral renormalises the top-k)"),
+        (moe.capacity_factor is None, "model.moe.capacity_factor set (Mixtral is dropless)"),
+        (moe.shared_expert_hidden == 0, "model.moe.shared_expert_hidden > 0 (no shared expert)"),
+        (moe.bias_update_rate == 0, "model.moe.bias_update_rate > 0 (no selection bias)"),
+    ]
+    return [why for ok, why in checks if not ok]
+
+
 def config_to_hf(cfg: ModelConfig):
-    """A transformers ``LlamaConfig`` with the shape of ``cfg``."""
-    from transformers import LlamaConfig
+    """A transformers ``LlamaConfig`` (dense) or ``MixtralConfig`` (MoE) with the shape of ``cfg``.
+
+    Raises:
+        ValueError: the MoE settings have no Mixtral equivalent (each reason listed).
+    """
+    from transformers import LlamaConfig, MixtralConfig
 
     rope_scaling = None
     if cfg.rope_scaling is not None:
@@ -133,10 +198,9 @@ def config_to_hf(cfg: ModelConfig):
             "high_freq_factor": cfg.rope_scaling.high_freq_factor,
             "original_max_position_embeddings": cfg.rope_scaling.original_max_seq_len,
         }
-    return LlamaConfig(
+    shared = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.dim,
-        intermediate_size=cfg.ffn_hidden,
         num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.kv_heads,
@@ -148,8 +212,22 @@ def config_to_hf(cfg: ModelConfig):
         tie_word_embeddings=cfg.tie_embeddings,
         initializer_range=cfg.init_std,
         hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
+    )
+    if cfg.moe is None:
+        return LlamaConfig(
+            **shared, intermediate_size=cfg.ffn_hidden, attention_bias=False, mlp_bias=False
+        )
+    problems = _mixtral_problems(cfg)
+    if problems:
+        raise ValueError("this MoE cannot be expressed as Mixtral: " + "; ".join(problems))
+    return MixtralConfig(
+        **shared,
+        intermediate_size=cfg.moe.expert_hidden,
+        num_local_experts=cfg.moe.num_experts,
+        num_experts_per_tok=cfg.moe.top_k,
+        router_jitter_noise=cfg.moe.jitter,
+        router_aux_loss_coef=cfg.moe.lbl_weight,
+        sliding_window=None,
     )
 
 
@@ -162,18 +240,44 @@ def _import_transformers():
 
 
 def to_hf(model: Transformer):
-    """A ``LlamaForCausalLM`` holding copies of ``model``'s weights, on its dtype and device."""
+    """A ``LlamaForCausalLM`` (dense) or ``MixtralForCausalLM`` (MoE) holding copies of ``model``'s
+    weights, on its dtype and device.
+
+    Raises:
+        ValueError: an MoE that Mixtral cannot express (the reasons are listed).
+    """
     transformers = _import_transformers()
     param = next(model.parameters())
     hf_cfg = config_to_hf(model.cfg)
-    with torch.device(param.device):
-        hf_model = transformers.LlamaForCausalLM(hf_cfg).to(param.dtype)
-    state = moe_lab_to_hf_keys({k: v.detach().clone() for k, v in model.state_dict().items()})
-    if model.cfg.tie_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    load_weights(hf_model, state, source="moe_lab model")
-    hf_model.tie_weights()
-    return hf_model.eval()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if model.cfg.moe is None:
+        with torch.device(param.device):
+            hf_model = transformers.LlamaForCausalLM(hf_cfg).to(param.dtype)
+        state = moe_lab_to_hf_keys(state)
+        if model.cfg.tie_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        load_weights(hf_model, state, source="moe_lab model")
+        hf_model.tie_weights()
+        return hf_model.eval()
+    if any(v.any() for k, v in state.items() if k.endswith("router.expert_bias")):
+        raise ValueError(
+            "this MoE cannot be expressed as Mixtral: its routers carry a selection bias"
+        )
+    state = moe_lab_to_hf_keys(state, model.cfg.moe.num_experts)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_cfg.save_pretrained(tmp)
+        save_file(
+            {k: v.cpu() for k, v in state.items()},
+            f"{tmp}/model.safetensors",
+            metadata={"format": "pt"},
+        )
+        hf_model, info = transformers.MixtralForCausalLM.from_pretrained(
+            tmp, output_loading_info=True
+        )
+    problems = {k: v for k, v in info.items() if v}
+    if problems:
+        raise WeightsMismatchError(f"transformers did not load every tensor: {problems}")
+    return hf_model.to(device=param.device, dtype=param.dtype).eval()
 
 
 def _read_dir(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -207,20 +311,27 @@ def from_hf(source: Any) -> Transformer:
     """
     if isinstance(source, (str, Path)):
         hf_cfg, state = _read_dir(Path(source))
-        archs = hf_cfg.get("architectures") or [hf_cfg.get("model_type", "unknown")]
-        arch = archs[0]
+        arch = (hf_cfg.get("architectures") or [hf_cfg.get("model_type", "unknown")])[0]
     else:
-        hf_cfg, state = source.config.to_dict(), dict(source.state_dict())
         arch = type(source).__name__
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    if arch == "MixtralForCausalLM" and not isinstance(source, (str, Path)):
+        with tempfile.TemporaryDirectory() as tmp:  # the stable on-disk layout, see module doc
+            source.save_pretrained(tmp)
+            hf_cfg, state = _read_dir(Path(tmp))
+    elif not isinstance(source, (str, Path)):
+        hf_cfg, state = source.config.to_dict(), dict(source.state_dict())
     cfg = config_from_hf(hf_cfg)
     state = hf_to_moe_lab_keys(state)
     if cfg.tie_embeddings:  # tied heads are saved once (as the embedding) or aliased in memory
         state.pop("output.weight", None)
     state = {k: v.detach().clone() for k, v in state.items()}
     model = build_model(cfg, device="meta")
+    for name, buffer in model.state_dict().items():
+        if name.endswith("router.expert_bias"):  # Mixtral has none: selection is unbiased
+            state.setdefault(name, torch.zeros(buffer.shape))
     load_weights(model, state, source=f"{arch} weights")
     return model.eval()

@@ -136,3 +136,69 @@ def test_directory_without_safetensors_is_refused(tmp_path):
         from_hf(tmp_path)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         from_hf(tmp_path / "missing")
+
+
+# ---- Mixtral -------------------------------------------------------------------------------------
+
+from dataclasses import replace  # noqa: E402
+
+from moe_lab.config import MoEConfig  # noqa: E402
+from moe_lab.routing import load_balancing_loss  # noqa: E402
+
+MIXTRAL = ModelConfig(
+    **BASE
+    | {
+        "n_kv_heads": 2,
+        "ffn_hidden": 48,
+        "moe": MoEConfig(
+            num_experts=4,
+            top_k=2,
+            expert_hidden=48,
+            lbl="mixtral",
+            lbl_weight=0.02,
+            z_loss_weight=0.0,
+        ),
+    }
+)
+MIXTRAL_CASES = {
+    "untied": MIXTRAL,
+    "tied_theta": replace(MIXTRAL, tie_embeddings=True, rope_theta=500000.0),
+}
+
+
+@pytest.mark.parametrize("name", MIXTRAL_CASES)
+def test_mixtral_import_in_memory_and_from_disk(name, tokens, tmp_path):
+    cfg = MIXTRAL_CASES[name]
+    theirs = transformers.MixtralForCausalLM(config_to_hf(cfg)).eval()
+    assert from_hf(theirs).cfg == cfg
+    assert _max_diff(from_hf(theirs), theirs, tokens) <= TOL
+    theirs.save_pretrained(tmp_path)
+    assert _max_diff(from_hf(tmp_path), theirs, tokens) <= TOL
+
+
+@pytest.mark.parametrize("name", MIXTRAL_CASES)
+def test_mixtral_export_and_round_trip(name, tokens, tmp_path):
+    ours = build_model(MIXTRAL_CASES[name])
+    theirs = to_hf(ours)
+    assert isinstance(theirs, transformers.MixtralForCausalLM)
+    assert _max_diff(ours, theirs, tokens) <= TOL
+    theirs.save_pretrained(tmp_path)
+    again = from_hf(tmp_path)
+    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_mixtral_lbl_form_equals_transformers_aux_loss(tokens):
+    """transformers' load_balancing_loss_func is the independent reference for lbl=mixtral."""
+    ours = build_model(MIXTRAL)
+    theirs = to_hf(ours)
+    with torch.no_grad():
+        expected = theirs(tokens, output_router_logits=True).aux_loss
+        got = load_balancing_loss(ours(tokens).routing, "mixtral")
+    torch.testing.assert_close(got, expected)
+
+
+def test_moe_that_mixtral_cannot_express_is_refused_with_reasons():
+    moe = replace(MIXTRAL.moe, every=2, capacity_factor=1.0)
+    with pytest.raises(ValueError, match=r"every=2.*capacity_factor set"):
+        to_hf(build_model(replace(MIXTRAL, moe=moe)))

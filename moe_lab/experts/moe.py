@@ -1,7 +1,9 @@
 """The reference MoE layer: a top-k router, E SwiGLU experts, an optional shared expert.
 
 Pure PyTorch, CPU and GPU: the numerical oracle for the MegaBlocks backend. Token slots are sorted
-by expert so that each expert runs once, on one contiguous segment.
+by expert so that each expert runs once, on one contiguous segment: with ``torch._grouped_mm`` (one
+kernel for all experts, no host sync; on CPU since torch 2.11) where it exists, else a readable loop
+over experts, kept as the fallback and as the reference the grouped path is tested against.
 
 Weights use MegaBlocks' GLU layout so checkpoints move between backends unchanged:
 ``w1`` (gate), ``v1`` (up) and ``w2`` (down, transposed) are each ``[E * F, D]``; expert e owns rows
@@ -29,6 +31,8 @@ from moe_lab.experts.dense import SwiGLU
 from moe_lab.routing.topk import RouterStats, TopKRouter
 
 __all__ = ["MoE", "capacity", "expert_slots"]
+
+HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
 def capacity(cfg: MoEConfig, n_tokens: int) -> int | None:
@@ -60,6 +64,7 @@ class MoE(nn.Module):
         self.w1 = nn.Parameter(torch.empty(E * Fh, dim))
         self.v1 = nn.Parameter(torch.empty(E * Fh, dim))
         self.w2 = nn.Parameter(torch.empty(E * Fh, dim))
+        self.grouped_mm = HAS_GROUPED_MM  # False: the per-expert loop
         self.shared = None
         if cfg.shared_expert_hidden > 0:
             self.shared = SwiGLU(dim, cfg.shared_expert_hidden, n_layers, init_std)
@@ -92,19 +97,21 @@ class MoE(nn.Module):
         order = expert_S.argsort(stable=True)
         slot_S, expert_S = slot_S[order], expert_S[order]
         token_S = slot_S // K
-        counts = torch.bincount(expert_S, minlength=E).tolist()  # one host sync per layer
+        counts_E = torch.bincount(expert_S, minlength=E)
         x_SD = x_TD[token_S]
         w1_EFD, v1_EFD = self.w1.view(E, Fh, -1), self.v1.view(E, Fh, -1)
-        w2_EFD = self.w2.view(E, Fh, -1)
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            seg_nD = x_SD[start : start + n]
-            h_nF = F.silu(seg_nD @ w1_EFD[e].t()) * (seg_nD @ v1_EFD[e].t())
-            outs.append(h_nF @ w2_EFD[e])  # w2 holds down.T: [F, D]
-            start += n
-        if not outs:
-            return torch.zeros_like(x_TD)
-        y_SD = torch.cat(outs) * weights_TK.flatten()[slot_S, None].to(x_TD.dtype)
+        w2_EFD = self.w2.view(E, Fh, -1)  # w2 holds down.T: [F, D] per expert
+        if self.grouped_mm:
+            offs = counts_E.cumsum(0).to(torch.int32)  # end of each expert's segment
+            gate_SF = torch._grouped_mm(x_SD, w1_EFD.transpose(1, 2), offs=offs)
+            up_SF = torch._grouped_mm(x_SD, v1_EFD.transpose(1, 2), offs=offs)
+            y_SD = torch._grouped_mm(F.silu(gate_SF) * up_SF, w2_EFD, offs=offs)
+        else:
+            outs, start = [], 0
+            for e, n in enumerate(counts_E.tolist()):  # one host sync per layer
+                seg_nD = x_SD[start : start + n]
+                outs.append((F.silu(seg_nD @ w1_EFD[e].t()) * (seg_nD @ v1_EFD[e].t())) @ w2_EFD[e])
+                start += n
+            y_SD = torch.cat(outs)
+        y_SD = y_SD * weights_TK.flatten()[slot_S, None].to(x_TD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_S, y_SD)

@@ -1,0 +1,172 @@
+"""The reference MoE layer and MoE training step, against a dense FFN and transformers' Mixtral.
+
+Layer: forward + backward of 8 experts, top-2, d=256, over 2048 tokens, at expert widths 344 and
+688, next to (a) the dense SwiGLU of equal active FLOPs (width k * F), (b) our per-expert loop,
+(c) transformers' MixtralSparseMoeBlock with the same weights, in each of its experts
+implementations. Step: a Mixtral-shaped MoE model (cpu-small dims) trained one step by moe_lab
+and by MixtralForCausalLM (balancing loss included on both sides). Outputs are checked equal to
+transformers' before anything is timed.
+
+    python bench/moe_layer.py                 # prints tables, writes bench/results/moe_layer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from timing import interleaved
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+from moe_lab import ModelConfig, build_model
+from moe_lab.config import MoEConfig
+from moe_lab.experts import MoE, SwiGLU
+from moe_lab.hf import to_hf
+
+E, K, D, T = 8, 2, 256, 2048
+# "batched_mm" is left out: ~170x slower than the dense FFN on CPU (8 s per call here).
+HF_IMPLS = ("eager", "grouped_mm")
+
+
+def _hf_block(ours: MoE, width: int) -> MixtralSparseMoeBlock:
+    cfg = MixtralConfig(
+        hidden_size=D, intermediate_size=width, num_local_experts=E, num_experts_per_tok=K
+    )
+    block = MixtralSparseMoeBlock(cfg)
+    with torch.no_grad():
+        block.gate.weight.copy_(ours.router.gate.weight)
+        w1, v1, w2 = (p.view(E, width, D) for p in (ours.w1, ours.v1, ours.w2))
+        block.experts.gate_up_proj.copy_(torch.cat([w1, v1], dim=1))  # [E, 2F, D], gate first
+        block.experts.down_proj.copy_(w2.transpose(1, 2))  # [E, D, F]
+    return block
+
+
+def _fwd_bwd(fn, x, grad):
+    def run():
+        x.grad = None
+        out = fn(x)
+        out.backward(grad)
+
+    return run
+
+
+def layer_variants(width: int) -> dict:
+    cfg = MoEConfig(num_experts=E, top_k=K, expert_hidden=width)
+    ours = MoE(D, cfg, n_layers=1)
+    ours.reset_parameters()
+    loop = MoE(D, cfg, n_layers=1)
+    loop.load_state_dict(ours.state_dict())
+    loop.grouped_mm = False
+    dense = SwiGLU(D, K * width, n_layers=1)
+    dense.reset_parameters()
+    block = _hf_block(ours, width)
+    x = torch.randn(8, T // 8, D, requires_grad=True)
+    grad = torch.randn(8, T // 8, D)
+    with torch.no_grad():
+        expected = ours(x)[0]
+        for impl in HF_IMPLS:
+            block.experts.config._experts_implementation = impl
+            torch.testing.assert_close(block(x.clone()), expected, atol=1e-5, rtol=1e-4)
+
+    def hf(impl):
+        def fn(inp):
+            block.experts.config._experts_implementation = impl
+            return block(inp)
+
+        return fn
+
+    variants = {
+        "moe_lab (grouped_mm)": _fwd_bwd(lambda t: ours(t)[0], x, grad),
+        "moe_lab (expert loop)": _fwd_bwd(lambda t: loop(t)[0], x, grad),
+        f"dense SwiGLU, width {K * width}": _fwd_bwd(lambda t: dense(t)[0], x, grad),
+    }
+    variants.update({f"transformers {impl}": _fwd_bwd(hf(impl), x, grad) for impl in HF_IMPLS})
+    return variants
+
+
+def step_variants() -> dict:
+    moe = MoEConfig(
+        num_experts=E, top_k=K, expert_hidden=344, lbl="mixtral", lbl_weight=0.02, z_loss_weight=0.0
+    )
+    cfg = ModelConfig(
+        dim=D,
+        n_layers=4,
+        n_heads=8,
+        n_kv_heads=2,
+        ffn_hidden=344,
+        vocab_size=8192,
+        max_seq_len=256,
+        moe=moe,
+    )
+    ours = build_model(cfg)
+    theirs = to_hf(ours).train()
+    x = torch.randint(0, 8192, (8, 256))
+    targets = torch.cat([x[:, 1:], torch.full((8, 1), -100)], dim=1)
+    with torch.no_grad():
+        loss, aux, _ = ours.loss(x, targets)
+        ref = theirs(input_ids=x, labels=x, output_router_logits=True)
+        torch.testing.assert_close(loss + aux, ref.loss, atol=1e-4, rtol=1e-4)
+
+    ours_opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
+    hf_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=True)
+
+    def ours_step():
+        loss, aux, _ = ours.loss(x, targets)
+        (loss + aux).backward()
+        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
+        ours_opt.step()
+        ours_opt.zero_grad(set_to_none=True)
+
+    def hf_step(impl):
+        def run():
+            theirs.config._experts_implementation = impl
+            theirs(input_ids=x, labels=x, output_router_logits=True).loss.backward()
+            torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+            hf_opt.step()
+            hf_opt.zero_grad(set_to_none=True)
+
+        return run
+
+    return {"moe_lab": ours_step, **{f"transformers {i}": hf_step(i) for i in HF_IMPLS}}
+
+
+def _table(title: str, medians: dict[str, float], base_key: str) -> dict:
+    print(f"\n{title}")
+    print(f"{'variant':34s} {'ms':>8s} {'vs ' + base_key[:20]:>26s}")
+    rows = {}
+    for key, sec in medians.items():
+        rows[key] = {"ms": sec * 1e3, "ratio_to_base": sec / medians[base_key]}
+        print(f"{key:34s} {sec * 1e3:8.1f} {sec / medians[base_key]:25.2f}x")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", default="bench/results/moe_layer.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "layer": {}}
+    for width in (344, 688):
+        medians, peak = interleaved(layer_variants(width), args.rounds, args.warmup)
+        base = f"dense SwiGLU, width {K * width}"
+        title = (
+            f"MoE layer fwd+bwd: E={E} k={K} d={D} F={width}, {T} tokens "
+            f"(mm peak {peak / 1e9:.0f} GFLOP/s)"
+        )
+        results["layer"][width] = _table(title, medians, base)
+    medians, peak = interleaved(step_variants(), args.rounds, args.warmup)
+    title = f"MoE training step, 8 x 256 tokens (mm peak {peak / 1e9:.0f} GFLOP/s)"
+    results["step"] = _table(title, medians, "moe_lab")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
