@@ -32,3 +32,17 @@ def test_presets_lists_every_preset():
     out = _run("presets")
     assert out.returncode == 0
     assert "llama3-405b" in out.stdout and "405,853,388,800" in out.stdout
+
+
+def test_dense_vs_moe_example_runs_at_equal_flops(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "examples/dense_vs_moe.py", "--flops", "3e10", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = out.stdout.split("per domain\n", 1)[1]
+    rows = [line.split() for line in table.splitlines() if line.strip()]
+    assert [r[0] for r in rows] == ["dense", "moe-8x-top2"]
+    flops = [float(r[1]) for r in rows]
+    assert all(f <= 3e10 for f in flops) and min(flops) > 0.9 * 3e10
