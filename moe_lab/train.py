@@ -28,7 +28,7 @@ from moe_lab.config import Config, ConfigError, load_config, save_config
 from moe_lab.data import build_tokenizer, load_splits
 from moe_lab.evaluate import evaluate
 from moe_lab.model import build_model
-from moe_lab.packing import TrainBatches, build_store, cache_root
+from moe_lab.packing import IGNORE, TrainBatches, build_store, cache_root
 from moe_lab.routing import RouterStats, TopKRouter, load_balancing_loss
 from moe_lab.tokenizer import load_tokenizer
 
@@ -318,14 +318,19 @@ def train(cfg: Config) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum, aux_sum = 0.0, 0.0
-        for _ in range(t.grad_accum):
-            batch = {k: v.to(device) for k, v in batches.next_batch(t.doc_masking).items()}
+        micro = [batches.next_batch(t.doc_masking) for _ in range(t.grad_accum)]
+        # Each micro-batch's mean loss is weighted by its share of scored tokens, so that
+        # accumulation equals one batch of batch_size * grad_accum sequences exactly.
+        scored = [(b["targets"] != IGNORE).sum().item() for b in micro]
+        for batch, n in zip(micro, scored, strict=True):
+            share = n / max(sum(scored), 1)
+            batch = {k: v.to(device) for k, v in batch.items()}
             with autocast:
                 loss, aux, routing = step_loss(
                     batch["input_ids"], batch["targets"], batch.get("doc_ids")
                 )
-            ((loss + aux) / t.grad_accum).backward()
-            loss_sum += loss.item() / t.grad_accum
+            (loss * share + aux / t.grad_accum).backward()
+            loss_sum += loss.item() * share
             aux_sum += aux.item() / t.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
         loss_value = loss_sum

@@ -305,3 +305,38 @@ def test_budget_in_tokens_and_flops():
     cfg.train.max_flops = 0.5 * per_step
     with pytest.raises(ConfigError, match="less than one step"):
         planned_steps(cfg)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, lang_files):
+    big = train(
+        _cfg(
+            tmp_path,
+            lang_files,
+            "train.max_steps=2",
+            "train.batch_size=8",
+            "train.grad_clip=0",
+            name="big",
+        )
+    )
+    small = train(
+        _cfg(
+            tmp_path,
+            lang_files,
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "train.grad_accum=2",
+            "train.grad_clip=0",
+            name="accum",
+        )
+    )
+    for step, loss in _losses(big.run_dir).items():
+        assert _losses(small.run_dir)[step] == pytest.approx(loss, rel=1e-6)
+    a, b = _weights(big.run_dir), _weights(small.run_dir)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5)
+
+
+def test_tensorboard_logs_when_enabled(tmp_path, lang_files):
+    pytest.importorskip("tensorboard")
+    result = train(_cfg(tmp_path, lang_files, "train.max_steps=2", "train.tensorboard=true"))
+    assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
