@@ -1,7 +1,7 @@
 """``moe-lab <subcommand> ...``: a table of thin entry points.
 
-Each subcommand takes ``key=value`` overrides of the config; ``train`` and ``info`` also take
-``--config FILE``; ``eval`` and ``generate`` read the config saved in a run directory.
+Each subcommand takes ``key=value`` overrides of the config; ``train``, ``cluster`` and ``info``
+also take ``--config FILE``; ``eval`` and ``generate`` read the config saved in a run directory.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
     result = evaluate(model, store, cfg.train.seq_len, cfg.train.batch_size, device, progress=True)
     out = Path(args.run_dir) / "eval.json"
-    out.write_text(json.dumps({"valid": result}, indent=2))
+    previous = json.loads(out.read_text()) if out.exists() else {}  # keeps step, tokens, FLOPs
+    out.write_text(json.dumps(previous | {"valid": result}, indent=2))
     overall = result["overall"]
     print(f"{'group':24s} {'loss':>8s} {'ppl':>9s} {'bpb':>7s} {'tokens':>10s}")
     rows = [("overall", overall)] + [
@@ -111,6 +112,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(args.prompt + tokenizer.decode(out[0, len(prompt) :].tolist()))
 
 
+def cmd_cluster(args: argparse.Namespace) -> None:
+    """Discover domains: fit tf-idf + balanced k-means on the training documents."""
+    from moe_lab.clustering.run import cluster_documents
+
+    cfg = load_config(args.config, args.overrides)
+    _print_config(cfg)
+    report = cluster_documents(cfg)
+    for c, (size, terms) in enumerate(zip(report["sizes"], report["top_terms"], strict=True)):
+        print(f"cluster {c:3d}  {size:7,d} docs  {' '.join(terms)}")
+    print(f"wrote {report['dir']}")
+
+
 def _with_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file")
 
@@ -135,6 +148,7 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable]] = {
     "train": (cmd_train, _with_config),
+    "cluster": (cmd_cluster, _with_config),
     "eval": (cmd_eval, _with_run_dir),
     "generate": (cmd_generate, _generate_args),
     "info": (cmd_info, _info_args),
@@ -157,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         COMMANDS[args.command][0](args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         print(f"moe-lab {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

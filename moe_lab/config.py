@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 __all__ = [
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -143,7 +144,8 @@ class MoEConfig:
 class ModelConfig:
     """Shape of the Llama backbone. Every width is explicit: no module re-derives its own size.
 
-    The defaults are the ``cpu-tiny`` preset; the real Llama shapes live in ``configs/model/``.
+    The defaults are the ``cpu-tiny`` shape with plain multi-head attention (the preset uses 2 kv
+    heads); the real Llama shapes live in ``configs/model/``.
     """
 
     dim: int = 64  # residual stream width
@@ -201,6 +203,11 @@ class ModelConfig:
             self.rope_scaling.validate(f"{p}.rope_scaling")
         if self.moe is not None:
             self.moe.validate(f"{p}.moe")
+            _require(
+                self.moe.every <= self.n_layers,
+                f"{p}.moe.every ({self.moe.every}) exceeds {p}.n_layers ({self.n_layers}): "
+                "no layer would be an MoE layer",
+            )
 
 
 def _choice(value: object, allowed: tuple[str, ...], key: str) -> None:
@@ -319,6 +326,20 @@ class TrainConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Domain discovery (``moe-lab cluster``; see moe_lab.clustering)."""
+
+    k: int = 8
+    n_components: int = 100  # TruncatedSVD dimensions (C-BTM: 100)
+    hashing: bool = False  # hash tokens instead of learning a vocabulary (huge corpora)
+    hash_bits: int = 18
+
+    def validate(self, prefix: str = "cluster") -> None:
+        for name in ("k", "n_components", "hash_bits"):
+            _positive_int(getattr(self, name), f"{prefix}.{name}")
+
+
+@dataclass
 class RunConfig:
     """Where a run writes and how it starts."""
 
@@ -327,6 +348,12 @@ class RunConfig:
     resume: bool = False  # continue from the latest complete checkpoint in dir
     restore_rng: bool = True  # false only to show that resuming without RNG state diverges
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+
+    def validate(self, prefix: str = "run") -> None:
+        ok = self.device in ("auto", "cpu", "cuda") or (
+            self.device.startswith("cuda:") and self.device[5:].isdigit()
+        )
+        _require(ok, f"{prefix}.device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
 
 
 @dataclass
@@ -337,11 +364,14 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> None:
         self.model.validate("model")
         self.data.validate("data")
         self.train.validate("train")
+        self.cluster.validate("cluster")
+        self.run.validate("run")
         _require(
             self.train.seq_len <= self.model.max_seq_len,
             f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "

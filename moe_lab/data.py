@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
 from pathlib import Path
 
 import datasets
@@ -162,7 +161,6 @@ def load_splits(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset, list[s
     ``data.valid_files`` or, failing that, a seeded ``data.valid_fraction`` of whole documents.
     """
     data: DataConfig = cfg.data
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files must never trigger a download
     datasets.disable_progress_bars()
     shipped = not data.train_files
     groups = list(data.group_fields) if data.group_fields is not None else []

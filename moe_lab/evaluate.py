@@ -33,14 +33,16 @@ def document_nll(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed NLL (nats) and number of scored tokens for every document: two ``[D]`` arrays.
 
-    With ``max_batches`` only the first documents are scored (the others keep zero tokens).
+    With ``max_batches`` only part of the documents is scored (the others keep zero tokens),
+    taken in a fixed random order so that every group is represented, not just the first ones.
     """
     was_training = model.training
     model.eval()
     nll = np.zeros(store.n_docs, dtype=np.float64)
     count = np.zeros(store.n_docs, dtype=np.int64)
     bar = tqdm(desc="evaluating", unit="batch", disable=None if progress else True, leave=False)
-    for i, batch in enumerate(eval_rows(store, seq_len, batch_size)):
+    order = None if max_batches is None else np.random.default_rng(0).permutation(store.n_docs)
+    for i, batch in enumerate(eval_rows(store, seq_len, batch_size, order)):
         if max_batches is not None and i >= max_batches:
             break
         ids, doc_ids = batch["input_ids"].to(device), batch["doc_ids"].to(device)

@@ -177,6 +177,8 @@ def _mixtral_problems(cfg: ModelConfig) -> list[str]:
         (moe.capacity_factor is None, "model.moe.capacity_factor set (Mixtral is dropless)"),
         (moe.shared_expert_hidden == 0, "model.moe.shared_expert_hidden > 0 (no shared expert)"),
         (moe.bias_update_rate == 0, "model.moe.bias_update_rate > 0 (no selection bias)"),
+        # transformers' router_jitter_noise also perturbs the experts' input; ours only the router's
+        (moe.jitter == 0, "model.moe.jitter > 0 (Mixtral's jitter also scales the expert input)"),
     ]
     return [why for ok, why in checks if not ok]
 

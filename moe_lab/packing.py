@@ -244,12 +244,13 @@ class TrainBatches:
             self.rng.bit_generator.state = state["rng"]
 
 
-def eval_rows(store: TokenStore, seq_len: int, batch_size: int):
+def eval_rows(store: TokenStore, seq_len: int, batch_size: int, order=None):
     """Batches that score every document once, each in its own attention span.
 
     A document ``[BOS, x_1..x_n, EOS]`` contributes inputs ``BOS..x_n`` and targets ``x_1..EOS``;
     documents longer than ``T`` are cut into consecutive spans of ``T``. Spans are packed into rows
-    with distinct ``doc_ids`` (document masking), padding at the end of a row.
+    with distinct ``doc_ids`` (document masking), padding at the end of a row. ``order`` (default:
+    store order) lists the documents to score, in the order to score them.
 
     Yields:
         dicts with ``input_ids``, ``targets``, ``doc_ids`` and ``doc_index`` (the source document
@@ -258,7 +259,7 @@ def eval_rows(store: TokenStore, seq_len: int, batch_size: int):
     rows: list[np.ndarray] = []
     row = np.full((4, seq_len), -1, dtype=np.int64)  # input, target, span id, doc index
     fill, span = 0, 0
-    for d in range(store.n_docs):
+    for d in range(store.n_docs) if order is None else order:
         doc = store.tokens[store.offsets[d] : store.offsets[d + 1]].astype(np.int64)
         for start in range(0, len(doc) - 1, seq_len):
             piece = doc[start : start + seq_len + 1]

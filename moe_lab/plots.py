@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from moe_lab.metrics import read_metrics
 
 __all__ = ["plot_loss_curve"]
 
@@ -15,7 +16,7 @@ def plot_loss_curve(run_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir / "metrics.jsonl")
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     valid = [(r["step"], r["valid_loss"]) for r in records if "valid_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))

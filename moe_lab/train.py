@@ -27,6 +27,7 @@ from moe_lab.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from moe_lab.config import Config, ConfigError, load_config, save_config
 from moe_lab.data import build_tokenizer, load_splits
 from moe_lab.evaluate import evaluate
+from moe_lab.metrics import read_metrics
 from moe_lab.model import build_model
 from moe_lab.packing import IGNORE, TrainBatches, build_store, cache_root
 from moe_lab.routing import RouterStats, TopKRouter, load_balancing_loss
@@ -58,6 +59,9 @@ RESUMABLE_KEYS = {
     "run.device",
     "data.cache_dir",
 }
+
+
+BUDGET_KEYS = ("max_steps", "max_tokens", "max_flops")
 
 
 class NonFiniteError(RuntimeError):
@@ -209,23 +213,26 @@ def _prepare_run_dir(cfg: Config) -> Path | None:
         return None
     if ckpt is None:
         return None
-    old = _flat(load_config(run_dir / "config.yaml"))
-    changed = sorted(
-        k for k, v in _flat(cfg).items() if old.get(k) != v and k not in RESUMABLE_KEYS
-    )
+    old, new = _flat(load_config(run_dir / "config.yaml")), _flat(cfg)
+    changed = sorted(k for k, v in new.items() if old.get(k) != v and k not in RESUMABLE_KEYS)
     if changed:
         raise ConfigError(
             f"cannot resume {run_dir} with a different {', '.join(changed)}; only "
             f"{', '.join(sorted(RESUMABLE_KEYS))} may change"
         )
+    if any(old.get(f"train.{b}") != new[f"train.{b}"] for b in BUDGET_KEYS):
+        log.warning(
+            "the budget changed on resume: the cosine schedule is re-stretched to the "
+            "new length, so the run no longer matches an uninterrupted one"
+        )
     return ckpt
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines logged after the checkpoint we resume from."""
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-        path.write_text("".join(f"{ln}\n" for ln in lines))
+    """Keep the metric records up to ``step``: later ones (and a torn last line) belong to the
+    interrupted attempt that the resumed run repeats."""
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def train(cfg: Config) -> TrainResult:
@@ -277,6 +284,7 @@ def train(cfg: Config) -> TrainResult:
         log.info("resumed %s at step %d", resume_from, state["step"])
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(run_dir / "metrics.jsonl", 0)  # resume=true before any checkpoint
         save_config(cfg, run_dir / "config.yaml")
         tokenizer.save(run_dir / "tokenizer")
     writer = SummaryWriter(str(run_dir / "tensorboard")) if t.tensorboard else None

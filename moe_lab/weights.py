@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["WeightsMismatchError", "load_weights"]
@@ -52,3 +53,12 @@ def load_weights(
     if problems:
         raise WeightsMismatchError(f"{source} does not fit the model; " + "; ".join(problems))
     model.load_state_dict(dict(state_dict), strict=True, assign=assign)
+    device = next(iter(state_dict.values())).device if state_dict else None
+    for module in model.modules():  # buffers outside the state dict (counters) left on meta
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_meta:
+                module.register_buffer(
+                    name,
+                    torch.zeros(buffer.shape, dtype=buffer.dtype, device=device),
+                    persistent=name not in module._non_persistent_buffers_set,
+                )

@@ -46,3 +46,28 @@ def test_dense_vs_moe_example_runs_at_equal_flops(tmp_path):
     assert [r[0] for r in rows] == ["dense", "moe-8x-top2"]
     flops = [float(r[1]) for r in rows]
     assert all(f <= 3e10 for f in flops) and min(flops) > 0.9 * 3e10
+
+
+def test_train_eval_generate_on_a_users_jsonl(tmp_path, lang_files):
+    train_file, valid_file = lang_files
+    run = tmp_path / "run"
+    out = _run(
+        "train",
+        f"data.train_files=[{train_file}]",
+        f"data.valid_files=[{valid_file}]",
+        "data.group_fields=[lang]",
+        "train.max_steps=3",
+        "train.seq_len=32",
+        "train.progress=false",
+        f"run.dir={run}",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    out = _run("eval", str(run))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "lang=de" in out.stdout and "lang=en" in out.stdout
+    report = json.loads((run / "eval.json").read_text())
+    assert report["step"] == 3 and set(report["valid"]["groups"]["lang"]) == {"de", "en"}
+    out = _run("generate", str(run), "--prompt", "the cat", "--max-new-tokens", "5")
+    assert out.returncode == 0 and out.stdout.startswith("the cat")
+    bad = _run("generate", str(run), "--prompt", "x", "--top-p", "0")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "top_p" in bad.stderr

@@ -12,7 +12,7 @@ from moe_lab.config import (
 )
 
 
-def test_defaults_are_valid_and_equal_the_cpu_tiny_preset():
+def test_defaults_are_valid_and_are_the_cpu_tiny_shape_with_full_attention():
     cfg = load_config()
     assert cfg == Config()
     assert load_model_preset("cpu-tiny") == ModelConfig(n_kv_heads=2)
@@ -88,6 +88,7 @@ def test_every_listed_preset_loads():
         (["training=1"], r"unknown config key 'training'"),
         (["model=llama3-8"], r"unknown preset 'llama3-8'\. Did you mean llama3-8b"),
         (["model.dim"], r"not of the form key=value"),
+        (["run.device=gpu"], r"run\.device must be auto, cpu, cuda or cuda:N; got 'gpu'"),
     ],
 )
 def test_invalid_values_name_the_key(overrides, message):

@@ -199,6 +199,13 @@ def test_mixtral_lbl_form_equals_transformers_aux_loss(tokens):
 
 
 def test_moe_that_mixtral_cannot_express_is_refused_with_reasons():
-    moe = replace(MIXTRAL.moe, every=2, capacity_factor=1.0)
-    with pytest.raises(ValueError, match=r"every=2.*capacity_factor set"):
+    moe = replace(MIXTRAL.moe, every=2, capacity_factor=1.0, jitter=0.1)
+    with pytest.raises(ValueError, match=r"every=2.*capacity_factor set.*jitter"):
         to_hf(build_model(replace(MIXTRAL, moe=moe)))
+
+
+def test_imported_mixtral_has_no_meta_tensors_and_moves_dtype():
+    ours = from_hf(transformers.MixtralForCausalLM(config_to_hf(MIXTRAL)))
+    assert not any(t.is_meta for t in [*ours.parameters(), *ours.buffers()])
+    ours.to(torch.float64)
+    assert ours.layers[0].feed_forward.router.tokens_per_expert.dtype == torch.float64

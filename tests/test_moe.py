@@ -11,7 +11,7 @@ from moe_lab import ModelConfig, build_model
 from moe_lab.accounting import estimate, matched_moe
 from moe_lab.config import ConfigError, MoEConfig, load_config
 from moe_lab.experts import MoE, SwiGLU
-from moe_lab.experts.moe import capacity, expert_slots
+from moe_lab.experts.moe import _CPU_GROUPED_MM, capacity, expert_slots
 from moe_lab.experts.upcycle import upcycle
 from moe_lab.routing import RouterStats, load_balancing_loss, moe_aux_loss, z_loss
 
@@ -282,6 +282,7 @@ def test_upcycled_model_computes_what_the_dense_model_did():
         ("model.moe.capacity_factor=0", r"model\.moe\.capacity_factor must be a positive"),
         ("model.moe.lbl=gshard", r"model\.moe\.lbl must be one of switch, megablocks"),
         ("model.moe.score=relu", r"model\.moe\.score must be one of softmax, sigmoid"),
+        ("model.moe.every=3", r"model\.moe\.every \(3\) exceeds model\.n_layers \(2\)"),
     ],
 )
 def test_invalid_moe_settings_name_the_key(override, message):
@@ -327,11 +328,17 @@ def test_a_small_moe_trains_on_the_shipped_corpus_and_logs_routing(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0]
     routing = records[-2]["routing"]
     assert [r["layer"] for r in routing] == [1]
-    assert routing[0]["tokens_min"] <= routing[0]["tokens_max"] and 0 <= routing[0]["dropped"] < 1
-    assert records[-2]["aux_loss"] > 0
+    assert routing[0]["tokens_max"] <= 8 * 64 * 2 * 0.5 * 1.25 + 1  # capacity bounds the load
+    assert 0 < routing[0]["dropped"] < 1 and records[-2]["aux_loss"] > 0
+    from safetensors.torch import load_file
+
+    from moe_lab.checkpoint import latest_checkpoint
+
+    state = load_file(latest_checkpoint(result.run_dir / "checkpoints") / "model.safetensors")
+    assert state["layers.1.feed_forward.router.expert_bias"].abs().sum() > 0  # bias learned
 
 
-@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch without _grouped_mm")
+@pytest.mark.skipif(not _CPU_GROUPED_MM, reason="torch without the CPU _grouped_mm kernel")
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
 def test_grouped_gemm_path_equals_the_expert_loop(capacity_factor):
     layer = _moe(num_experts=6, capacity_factor=capacity_factor)

@@ -147,6 +147,18 @@ def test_resume_refuses_a_changed_config_and_fresh_runs_refuse_a_used_dir(tmp_pa
     assert longer.steps == 3 and sorted(_losses(longer.run_dir)) == [1, 2, 3]
 
 
+def test_restart_before_any_checkpoint_and_a_torn_metrics_line(tmp_path, lang_files):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')  # killed
+    train(_cfg(tmp_path, lang_files, "train.max_steps=2", "run.resume=true"))
+    assert sorted(_losses(run)) == [1, 2] and _losses(run)[1] != 9.0  # stale lines replaced
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # torn again, after the last checkpoint
+    result = train(_cfg(tmp_path, lang_files, "train.max_steps=3", "run.resume=true"))
+    assert result.steps == 3 and sorted(_losses(run)) == [1, 2, 3]
+
+
 def test_bad_data_leaves_no_run_directory(tmp_path, lang_files):
     cfg = _cfg(tmp_path, lang_files)
     cfg.data.train_files = [str(tmp_path / "missing.jsonl")]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
@@ -12,8 +10,6 @@ from moe_lab.experts.dense import SwiGLU
 from moe_lab.experts.moe import MoE
 
 __all__ = ["MoE", "SwiGLU", "build_ffn", "resolve_backend"]
-
-log = logging.getLogger(__name__)
 
 
 def resolve_backend(requested: str) -> str:

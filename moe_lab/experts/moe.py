@@ -32,7 +32,11 @@ from moe_lab.routing.topk import RouterStats, TopKRouter
 
 __all__ = ["MoE", "capacity", "expert_slots"]
 
-HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+# The fp32 CPU kernel of torch._grouped_mm exists since torch 2.11; its CUDA kernel wants bf16 on
+# recent GPUs and its fake kernel (torch.compile) bf16 too: elsewhere the expert loop runs.
+_CPU_GROUPED_MM = hasattr(torch, "_grouped_mm") and tuple(
+    int(v) for v in torch.__version__.split("+")[0].split(".")[:2]
+) >= (2, 11)
 
 
 def capacity(cfg: MoEConfig, n_tokens: int) -> int | None:
@@ -64,7 +68,7 @@ class MoE(nn.Module):
         self.w1 = nn.Parameter(torch.empty(E * Fh, dim))
         self.v1 = nn.Parameter(torch.empty(E * Fh, dim))
         self.w2 = nn.Parameter(torch.empty(E * Fh, dim))
-        self.grouped_mm = HAS_GROUPED_MM  # False: the per-expert loop
+        self.grouped_mm = True  # torch._grouped_mm where it applies (_use_grouped_mm); False: loop
         self.shared = None
         if cfg.shared_expert_hidden > 0:
             self.shared = SwiGLU(dim, cfg.shared_expert_hidden, n_layers, init_std)
@@ -87,6 +91,15 @@ class MoE(nn.Module):
         dropped = 1.0 - kept_TK.float().mean()
         return y_TD.view_as(x), self.router.stats(probs_TE, logits_TE, indices_TK, dropped)
 
+    def _use_grouped_mm(self, x: Tensor) -> bool:
+        return (
+            self.grouped_mm
+            and _CPU_GROUPED_MM
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.compiler.is_compiling()
+        )
+
     def _experts(
         self, x_TD: Tensor, weights_TK: Tensor, indices_TK: Tensor, kept_TK: Tensor
     ) -> Tensor:
@@ -101,7 +114,7 @@ class MoE(nn.Module):
         x_SD = x_TD[token_S]
         w1_EFD, v1_EFD = self.w1.view(E, Fh, -1), self.v1.view(E, Fh, -1)
         w2_EFD = self.w2.view(E, Fh, -1)  # w2 holds down.T: [F, D] per expert
-        if self.grouped_mm:
+        if self._use_grouped_mm(x_SD):
             offs = counts_E.cumsum(0).to(torch.int32)  # end of each expert's segment
             gate_SF = torch._grouped_mm(x_SD, w1_EFD.transpose(1, 2), offs=offs)
             up_SF = torch._grouped_mm(x_SD, v1_EFD.transpose(1, 2), offs=offs)

@@ -43,7 +43,8 @@ class TopKRouter(nn.Module):
         self.cfg, self.init_std = cfg, init_std
         self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
-        # Counts since the last bias update (reset every optimizer step): telemetry, not state.
+        # Assignments counted in training since the last bias update (every optimizer step when
+        # bias_update_rate > 0): input to that update and telemetry, not checkpoint state.
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
 
     def reset_parameters(self) -> None:
