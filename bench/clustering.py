@@ -12,12 +12,11 @@ for reference (unbalanced).
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 from sklearn.cluster import KMeans
+from timing import write_json
 
 from moe_lab.clustering import Clusterer
 from moe_lab.config import load_config
@@ -77,10 +76,7 @@ def main() -> None:
             f"{r['sklearn_kmeans_s_on_same_features']:17.1f}",
             flush=True,
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, rows)
 
 
 if __name__ == "__main__":

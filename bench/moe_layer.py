@@ -13,11 +13,9 @@ transformers' before anything is timed.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
-from timing import interleaved
+from timing import interleaved, write_json
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -162,10 +160,7 @@ def main() -> None:
     medians, peak = interleaved(step_variants(), args.rounds, args.warmup)
     title = f"MoE training step, 8 x 256 tokens (mm peak {peak / 1e9:.0f} GFLOP/s)"
     results["step"] = _table(title, medians, "moe_lab")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ machine (frequency, noisy neighbours) hits all variants alike; medians ignore ou
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -37,3 +39,11 @@ def interleaved(
     medians = {k: statistics.median(v) for k, v in times.items()}
     peak = 2 * PEAK_N**3 / medians.pop(PEAK_KEY)
     return medians, peak
+
+
+def write_json(path: str, results: object) -> None:
+    """Write a benchmark's results (creating bench/results/) and say where."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")

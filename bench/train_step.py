@@ -12,13 +12,11 @@ hits all of them alike. MFU = model FLOPs (moe_lab.accounting) / time / the meas
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timing import interleaved
+from timing import interleaved, write_json
 
 from moe_lab import ModelConfig, build_model
 from moe_lab.accounting import estimate
@@ -154,10 +152,7 @@ def main() -> None:
                 f"{row['mfu']:6.1%} {row['speedup_vs_transformers_default']:13.2f}x "
                 f"{row['speedup_vs_transformers_best']:10.2f}x"
             )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":
