@@ -253,11 +253,12 @@ def eval_rows(store: TokenStore, seq_len: int, batch_size: int, order=None):
     store order) lists the documents to score, in the order to score them.
 
     Yields:
-        dicts with ``input_ids``, ``targets``, ``doc_ids`` and ``doc_index`` (the source document
-        of each target, -1 on padding), all ``[B, T]``.
+        dicts with ``input_ids``, ``targets``, ``doc_ids``, ``doc_index`` (the source document
+        of each target, -1 on padding) and ``doc_pos`` (the input's position in its document),
+        all ``[B, T]``.
     """
     rows: list[np.ndarray] = []
-    row = np.full((4, seq_len), -1, dtype=np.int64)  # input, target, span id, doc index
+    row = np.full((5, seq_len), -1, dtype=np.int64)  # input, target, span id, doc index, position
     fill, span = 0, 0
     for d in range(store.n_docs) if order is None else order:
         doc = store.tokens[store.offsets[d] : store.offsets[d + 1]].astype(np.int64)
@@ -266,9 +267,10 @@ def eval_rows(store: TokenStore, seq_len: int, batch_size: int, order=None):
             n = len(piece) - 1
             if fill + n > seq_len:
                 rows.append(row)
-                row, fill = np.full((4, seq_len), -1, dtype=np.int64), 0
+                row, fill = np.full((5, seq_len), -1, dtype=np.int64), 0
             row[0, fill : fill + n], row[1, fill : fill + n] = piece[:-1], piece[1:]
             row[2, fill : fill + n], row[3, fill : fill + n] = span, d
+            row[4, fill : fill + n] = np.arange(start, start + n)
             fill, span = fill + n, span + 1
             if len(rows) == batch_size:
                 yield _as_batch(rows)
@@ -280,11 +282,12 @@ def eval_rows(store: TokenStore, seq_len: int, batch_size: int, order=None):
 
 
 def _as_batch(rows: list[np.ndarray]) -> dict[str, torch.Tensor]:
-    stacked = torch.from_numpy(np.stack(rows))  # [B, 4, T]
-    inputs, targets, spans, docs = stacked.unbind(1)
+    stacked = torch.from_numpy(np.stack(rows))  # [B, 5, T]
+    inputs, targets, spans, docs, positions = stacked.unbind(1)
     return {
         "input_ids": inputs.clamp(min=0),  # padding reads token 0; its targets are ignored
         "targets": targets.masked_fill(docs < 0, IGNORE),
         "doc_ids": spans,
         "doc_index": docs,
+        "doc_pos": positions.clamp(min=0),
     }

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from scipy import sparse
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import (
     ENGLISH_STOP_WORDS,
@@ -132,6 +133,20 @@ class Clusterer:
         labels = self.kmeans.fit(self.features(texts))
         self.sizes = np.bincount(labels, minlength=self.k).tolist()
         return labels
+
+    def term_counts(self, texts: list[str]):
+        """Sparse raw term counts ``[N, V]`` in the fitted feature space (before idf)."""
+        if self.hashing:
+            return self.vectorizer.transform(texts)  # built with norm=None: counts
+        analyze, vocab = self.vectorizer.build_analyzer(), self.vectorizer.vocabulary_
+        rows, cols = [], []
+        for i, text in enumerate(texts):
+            for term in analyze(text):
+                if term in vocab:
+                    rows.append(i)
+                    cols.append(vocab[term])
+        data = np.ones(len(rows), dtype=np.float64)
+        return sparse.csr_matrix((data, (rows, cols)), shape=(len(texts), len(vocab)))
 
     def predict(self, texts: Iterable[str]) -> np.ndarray:
         """Nearest-centroid cluster of each text (no balancing)."""

@@ -1,0 +1,123 @@
+"""Expert-LM ensembles (BTM, C-BTM, X-ELM): per-token weights over whole expert models.
+
+Probability-space mixing (C-BTM): ``p(x_t | x_<t) = sum_j w_tj p_j(x_t | x_<t)``, computed as a
+log-sum-exp of ``log w_tj + log p_j`` so small probabilities do not underflow. Logit-space mixing
+(X-ELM's downstream form): ``log_softmax(sum_j w_tj logits_j)``. Only experts with a nonzero weight
+somewhere in a sequence run on it, and each expert runs once per batch on the sequences that chose
+it.
+
+Shapes: B = sequences, T = positions, V = vocabulary, E = experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from moe_lab.evaluate import summarize
+from moe_lab.model import Transformer
+from moe_lab.packing import IGNORE, TokenStore, eval_rows
+
+__all__ = ["ExpertEnsemble", "ensemble_document_nll"]
+
+
+class ExpertEnsemble(nn.Module):
+    """E expert language models of one vocabulary, mixed per token.
+
+    Args:
+        experts: the expert models (they may differ in shape, not in vocabulary).
+        mix: ``"prob"`` (C-BTM, default) or ``"logit"`` (X-ELM downstream).
+    """
+
+    def __init__(self, experts: Sequence[Transformer], mix: str = "prob") -> None:
+        super().__init__()
+        if mix not in ("prob", "logit"):
+            raise ValueError(f"mix must be 'prob' or 'logit', got {mix!r}")
+        vocab = {e.cfg.vocab_size for e in experts}
+        if len(vocab) != 1:
+            raise ValueError(f"experts disagree on model.vocab_size: {sorted(vocab)}")
+        self.experts, self.mix = nn.ModuleList(experts), mix
+        self.vocab_size = vocab.pop()
+        self.sequences_run = [0] * len(experts)  # how many sequences each expert has processed
+
+    def log_probs(self, input_ids: Tensor, weights: Tensor, doc_ids: Tensor | None = None,
+                  targets: Tensor | None = None) -> Tensor:
+        """Mixture log-probabilities: of ``targets`` ``[B, T]`` if given, else ``[B, T, V]``.
+
+        Args:
+            input_ids: ``[B, T]``.
+            weights: ``[B, T, E]``, each row summing to 1 (zeros for experts not chosen).
+            doc_ids: optional ``[B, T]`` document masking, passed to every expert.
+            targets: optional ``[B, T]``; -100 entries get log-probability 0.
+        """
+        B, T = input_ids.shape
+        if weights.shape != (B, T, len(self.experts)):
+            raise ValueError(f"weights shape {tuple(weights.shape)} != {(B, T, len(self.experts))}")
+        gather = targets.clamp(min=0)[..., None] if targets is not None else None
+        width = 1 if gather is not None else self.vocab_size
+        acc = input_ids.new_full((B, T, width if self.mix == "prob" else self.vocab_size),
+                                 float("-inf") if self.mix == "prob" else 0.0, dtype=torch.float32)
+        for j, expert in enumerate(self.experts):
+            rows = (weights[..., j] > 0).any(dim=1).nonzero().squeeze(1)
+            if len(rows) == 0:
+                continue  # never executed: no sequence gave this expert any weight
+            self.sequences_run[j] += len(rows)
+            sub_docs = doc_ids[rows] if doc_ids is not None else None
+            logits = expert(input_ids[rows], doc_ids=sub_docs).logits.float()  # [b, T, V]
+            w = weights[rows, :, j, None].float()
+            if self.mix == "logit":
+                acc[rows] += w * logits
+                continue
+            lp = logits.log_softmax(dim=-1)
+            lp = lp.gather(-1, gather[rows]) if gather is not None else lp
+            acc[rows] = torch.logaddexp(acc[rows], lp + w.log())  # log w = -inf drops the term
+        if self.mix == "logit":
+            acc = acc.log_softmax(dim=-1)
+            acc = acc.gather(-1, gather) if gather is not None else acc
+        if targets is None:
+            return acc
+        return acc.squeeze(-1).masked_fill(targets == IGNORE, 0.0)
+
+
+@torch.no_grad()
+def ensemble_document_nll(
+    ensemble: ExpertEnsemble,
+    store: TokenStore,
+    doc_weights: Callable[[int], np.ndarray],
+    seq_len: int,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Per-group loss, perplexity and bits per byte of an ensemble (see moe_lab.evaluate).
+
+    Args:
+        doc_weights: document index -> ``[n_inputs, E]`` weights, row p for the prediction made
+            after the document's first p + 1 tokens (BOS included). Routing by the prefix
+            (:meth:`~moe_lab.routing.cluster.ClusterRouter.prefix_weights`), uniform, or by an
+            oracle cluster label all fit this form.
+    """
+    ensemble.eval()
+    nll = np.zeros(store.n_docs, dtype=np.float64)
+    count = np.zeros(store.n_docs, dtype=np.int64)
+    cache: dict[int, np.ndarray] = {}
+    E = len(ensemble.experts)
+    for batch in eval_rows(store, seq_len, batch_size):
+        docs, pos = batch["doc_index"], batch["doc_pos"]
+        weights = np.full((*docs.shape, E), 1.0 / E)  # padding: any valid row, never scored
+        for d in docs.unique().tolist():
+            if d < 0:
+                continue
+            if d not in cache:
+                cache = {d: doc_weights(d)} | (cache if len(cache) < 64 else {})
+            mask = (docs == d).numpy()
+            weights[mask] = cache[d][pos.numpy()[mask]]
+        lp = ensemble.log_probs(batch["input_ids"].to(device),
+                                torch.from_numpy(weights).to(device),
+                                batch["doc_ids"].to(device), batch["targets"].to(device))
+        scored = (batch["targets"] != IGNORE).numpy()
+        np.add.at(nll, docs.numpy()[scored], -lp.cpu().double().numpy()[scored])
+        np.add.at(count, docs.numpy()[scored], 1)
+    return summarize(nll, count, store)
