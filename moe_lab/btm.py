@@ -1,4 +1,8 @@
-"""Branch-train-merge, the merging half: combine expert LMs branched from one seed into one model.
+"""Branch-train-merge: train expert LMs branched from one seed, then combine them.
+
+:func:`train_experts` branches a seed run into one expert per data shard (a cluster from
+``moe-lab cluster``, a language, a domain...), each trained only on its shard as an independent,
+idempotent and resumable job. The merging functions below combine the results:
 
 * :func:`average` — weighted parameter averaging (BTM, Li et al. 2022).
 * :func:`task_vectors` — ``θ0 + Σ λ_i (θ_i − θ0)`` (Ilharco et al. 2023; time vectors, Nylund et al.
@@ -16,8 +20,10 @@ configs or parameter shapes differ are refused with the first difference named.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -25,7 +31,106 @@ from torch import Tensor
 from moe_lab.config import ConfigError, MoEConfig
 from moe_lab.model import Transformer, build_model
 
-__all__ = ["average", "btx", "dare", "task_vectors", "ties"]
+__all__ = ["average", "btx", "dare", "load_experts", "task_vectors", "train_experts", "ties"]
+
+BUDGET_SPLITS = ("equal", "proportional")
+
+
+def _split_budget(cfg, shards: dict[str, list[str]], split: str) -> dict[str, dict]:
+    """Each expert's share of the run's budget (``train.max_flops`` / ``max_tokens`` /
+    ``max_steps``): equal, or proportional to its shard's size in bytes (a proxy for tokens)."""
+    if split not in BUDGET_SPLITS:
+        raise ConfigError(f"budget split must be one of {BUDGET_SPLITS}, got {split!r}")
+    sizes = {name: sum(Path(f).stat().st_size for f in files) for name, files in shards.items()}
+    total = sum(sizes.values())
+    shares = {n: (1 / len(shards) if split == "equal" else s / total) for n, s in sizes.items()}
+    t = cfg.train
+    for key in ("max_flops", "max_tokens", "max_steps"):
+        budget = getattr(t, key)
+        if budget is not None:
+            cast = float if key == "max_flops" else (lambda v: max(1, int(v)))
+            return {n: {key: cast(budget * share)} for n, share in shares.items()}
+    raise ConfigError("set a training budget: train.max_flops, max_tokens or max_steps")
+
+
+def train_experts(
+    cfg,
+    shards: dict[str, list[str]],
+    out_dir: str | Path,
+    seed: str | Path | None = None,
+    budget_split: str = "equal",
+    valid_files: dict[str, list[str]] | None = None,
+) -> dict:
+    """Branch ``seed`` into one expert per shard and train each on its shard only.
+
+    Jobs run one after another here; each is independent (no communication), so a launcher can
+    run them on separate machines with the same arguments. A finished expert (its
+    ``expert.safetensors`` exists) is skipped; an interrupted one resumes from its checkpoint.
+
+    Args:
+        cfg: the run template (:class:`~moe_lab.config.Config`); its budget is the total over all
+            experts, split by ``budget_split``.
+        shards: expert name -> the jsonl/parquet/text files it trains on.
+        out_dir: receives ``experts/<name>/run/`` (each expert's run directory),
+            ``experts/<name>/expert.safetensors`` and ``manifest.json``.
+        seed: run directory or checkpoint to branch from (None: random init, as in BTM's
+            from-scratch ablation).
+        valid_files: expert name -> its validation files (default: the template's).
+
+    Returns:
+        The manifest: per expert its files, seed, budget, steps, tokens, FLOPs, validation loss.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from moe_lab.checkpoint import latest_checkpoint
+    from moe_lab.train import train
+
+    out = Path(out_dir)
+    budgets = _split_budget(cfg, shards, budget_split)
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest.update(seed=str(seed) if seed else None, budget_split=budget_split)
+    experts = manifest.setdefault("experts", {})
+    for name, files in shards.items():
+        expert_dir = out / "experts" / name
+        weights = expert_dir / "expert.safetensors"
+        if weights.exists() and name in experts:
+            continue  # idempotent: this job already finished
+        budget = {"max_flops": None, "max_tokens": None, "max_steps": None} | budgets[name]
+        train_cfg = replace(cfg.train, init_from=str(seed) if seed else None, **budget)
+        data_cfg = replace(
+            cfg.data,
+            train_files=list(files),
+            valid_files=list((valid_files or {}).get(name, cfg.data.valid_files)),
+        )
+        run_cfg = replace(cfg.run, dir=str(expert_dir / "run"), resume=True)
+        result = train(replace(cfg, data=data_cfg, train=train_cfg, run=run_cfg))
+        ckpt = latest_checkpoint(result.run_dir / "checkpoints")
+        tmp = weights.with_suffix(".tmp")
+        save_file(load_file(ckpt / "model.safetensors"), tmp)
+        tmp.rename(weights)  # the marker of a finished job, written last
+        experts[name] = {
+            "files": list(files),
+            "budget": budgets[name],
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "flops": result.flops,
+            "valid_loss": result.valid_loss,
+            "weights": str(weights),
+        }
+        manifest_path.write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def load_experts(out_dir: str | Path, device="cpu") -> tuple[list[str], list[Transformer]]:
+    """The finished experts of :func:`train_experts`, in manifest order, in eval mode."""
+    from moe_lab.checkpoint import load_run
+
+    out = Path(out_dir)
+    if not (out / "manifest.json").is_file():
+        raise FileNotFoundError(f"{out} has no manifest.json: run train_experts first")
+    names = list(json.loads((out / "manifest.json").read_text())["experts"])
+    return names, [load_run(out / "experts" / n / "run", device=device)[1] for n in names]
 
 
 def _check_compatible(models: Sequence[Transformer]) -> None:

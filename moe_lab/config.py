@@ -288,6 +288,9 @@ class TrainConfig:
     spike_action: str = "log"  # none | log | skip
     tensorboard: bool = False
     progress: bool = True  # tqdm bar (only on a terminal)
+    # start from the weights of a run directory or checkpoint (fresh optimizer, step 0): how
+    # branch-train-merge branches experts from a seed model (C-BTM's --finetune-from-model)
+    init_from: str | None = None
 
     def validate(self, prefix: str = "train") -> None:
         budgets = ("max_steps", "max_tokens", "max_flops")

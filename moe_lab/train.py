@@ -228,6 +228,19 @@ def _prepare_run_dir(cfg: Config) -> Path | None:
     return ckpt
 
 
+def _init_checkpoint(path: Path) -> Path:
+    """The checkpoint ``train.init_from`` names: a checkpoint directory or a run's latest one."""
+    ckpt = (
+        path if (path / "model.safetensors").is_file() else latest_checkpoint(path / "checkpoints")
+    )
+    if ckpt is None or not ckpt.is_dir():
+        raise ConfigError(
+            f"train.init_from ({path}) is neither a checkpoint nor a run directory "
+            "with a complete checkpoint"
+        )
+    return ckpt
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the metric records up to ``step``: later ones (and a torn last line) belong to the
     interrupted attempt that the resumed run repeats."""
@@ -283,6 +296,10 @@ def train(cfg: Config) -> TrainResult:
         _truncate_metrics(run_dir / "metrics.jsonl", state["step"])
         log.info("resumed %s at step %d", resume_from, state["step"])
     else:
+        if t.init_from is not None:
+            source = _init_checkpoint(Path(t.init_from))
+            load_checkpoint(source, model, restore_rng_state=False)
+            log.info("initialised from %s", source)
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(run_dir / "metrics.jsonl", 0)  # resume=true before any checkpoint
         save_config(cfg, run_dir / "config.yaml")

@@ -12,13 +12,27 @@ from moe_lab.data import load_splits
 __all__ = ["cluster_documents"]
 
 
+def _write_shards(directory: Path, ds, text: str, groups: list[str], labels, k: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    files = [open(directory / f"cluster_{c:03d}.jsonl", "w", encoding="utf-8") for c in range(k)]
+    try:
+        columns = {name: ds[name] for name in [text, *groups]}
+        for i, label in enumerate(labels.tolist()):
+            record = {name: values[i] for name, values in columns.items()} | {"cluster": label}
+            files[label].write(json.dumps(record, ensure_ascii=False) + "\n")
+    finally:
+        for f in files:
+            f.close()
+
+
 def cluster_documents(cfg: Config) -> dict:
     """Fit on ``cfg.data``'s training documents; write the clusterer and the assignments.
 
     Writes, under ``run.dir``: ``config.yaml``, ``clusterer/`` (arrays + JSON),
     ``assignments/{train,valid}.jsonl`` (one ``{"index", "cluster", <group fields>}`` per document:
-    balanced labels for training documents, nearest centroid for validation ones) and
-    ``clusters.json`` (sizes and top terms).
+    balanced labels for training documents, nearest centroid for validation ones),
+    ``shards/{train,valid}/cluster_NNN.jsonl`` (each cluster's documents with their text, group
+    fields and ``cluster``: what an expert trains and is validated on) and ``clusters.json``.
     """
     out = Path(cfg.run.dir)
     if (out / "config.yaml").exists():
@@ -47,6 +61,7 @@ def cluster_documents(cfg: Config) -> dict:
             for i, label in enumerate(labels[split].tolist()):
                 record = {"index": i, "cluster": label} | {g: v[i] for g, v in columns.items()}
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        _write_shards(out / "shards" / split, ds, text, groups, labels[split], cfg.cluster.k)
     report = {"sizes": clusterer.sizes, "top_terms": clusterer.top_terms(8), "dir": str(out)}
     (out / "clusters.json").write_text(
         json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8"

@@ -43,8 +43,13 @@ class ExpertEnsemble(nn.Module):
         self.vocab_size = vocab.pop()
         self.sequences_run = [0] * len(experts)  # how many sequences each expert has processed
 
-    def log_probs(self, input_ids: Tensor, weights: Tensor, doc_ids: Tensor | None = None,
-                  targets: Tensor | None = None) -> Tensor:
+    def log_probs(
+        self,
+        input_ids: Tensor,
+        weights: Tensor,
+        doc_ids: Tensor | None = None,
+        targets: Tensor | None = None,
+    ) -> Tensor:
         """Mixture log-probabilities: of ``targets`` ``[B, T]`` if given, else ``[B, T, V]``.
 
         Args:
@@ -58,8 +63,11 @@ class ExpertEnsemble(nn.Module):
             raise ValueError(f"weights shape {tuple(weights.shape)} != {(B, T, len(self.experts))}")
         gather = targets.clamp(min=0)[..., None] if targets is not None else None
         width = 1 if gather is not None else self.vocab_size
-        acc = input_ids.new_full((B, T, width if self.mix == "prob" else self.vocab_size),
-                                 float("-inf") if self.mix == "prob" else 0.0, dtype=torch.float32)
+        acc = input_ids.new_full(
+            (B, T, width if self.mix == "prob" else self.vocab_size),
+            float("-inf") if self.mix == "prob" else 0.0,
+            dtype=torch.float32,
+        )
         for j, expert in enumerate(self.experts):
             rows = (weights[..., j] > 0).any(dim=1).nonzero().squeeze(1)
             if len(rows) == 0:
@@ -114,9 +122,12 @@ def ensemble_document_nll(
                 cache = {d: doc_weights(d)} | (cache if len(cache) < 64 else {})
             mask = (docs == d).numpy()
             weights[mask] = cache[d][pos.numpy()[mask]]
-        lp = ensemble.log_probs(batch["input_ids"].to(device),
-                                torch.from_numpy(weights).to(device),
-                                batch["doc_ids"].to(device), batch["targets"].to(device))
+        lp = ensemble.log_probs(
+            batch["input_ids"].to(device),
+            torch.from_numpy(weights).to(device),
+            batch["doc_ids"].to(device),
+            batch["targets"].to(device),
+        )
         scored = (batch["targets"] != IGNORE).numpy()
         np.add.at(nll, docs.numpy()[scored], -lp.cpu().double().numpy()[scored])
         np.add.at(count, docs.numpy()[scored], 1)

@@ -38,8 +38,13 @@ class ClusterRouter:
         distance: ``"squared"`` (default, as in the paper) or ``"cbtm-code"`` (distance^4).
     """
 
-    def __init__(self, clusterer: Clusterer, temperature: float = 0.1, top_k: int | None = None,
-                 distance: str = "squared") -> None:
+    def __init__(
+        self,
+        clusterer: Clusterer,
+        temperature: float = 0.1,
+        top_k: int | None = None,
+        distance: str = "squared",
+    ) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if top_k is not None and not 1 <= top_k <= clusterer.k:
@@ -47,7 +52,11 @@ class ClusterRouter:
         if distance not in ("squared", "cbtm-code"):
             raise ValueError(f"distance must be 'squared' or 'cbtm-code', got {distance!r}")
         self.clusterer, self.temperature, self.top_k, self.distance = (
-            clusterer, temperature, top_k, distance)
+            clusterer,
+            temperature,
+            top_k,
+            distance,
+        )
         self.n_experts = clusterer.k
         self._centroids = clusterer.kmeans.centroids.astype(np.float64)  # [E, d]
         self._rows = None  # [V, d] idf-weighted SVD rows, built on first prefix routing

@@ -1,0 +1,96 @@
+"""Branch-train-merge end to end: seed -> clusters -> independent experts -> routed ensemble."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import moe_lab.train as train_module
+from moe_lab.btm import load_experts, train_experts
+from moe_lab.checkpoint import latest_checkpoint
+from moe_lab.clustering import Clusterer
+from moe_lab.clustering.run import cluster_documents
+from moe_lab.config import ConfigError, load_config
+from moe_lab.data import load_splits
+from moe_lab.evaluate import evaluate
+from moe_lab.experts.ensemble import ExpertEnsemble, ensemble_document_nll
+from moe_lab.packing import build_store, cache_root
+from moe_lab.routing.cluster import ClusterRouter
+from moe_lab.tokenizer import ByteTokenizer
+from moe_lab.train import train
+
+BASE = ["train.seq_len=64", "train.batch_size=4", "train.progress=false", "train.warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("btm")
+    seed = train(load_config(overrides=[*BASE, "train.max_steps=6", f"run.dir={root / 'seed'}"]))
+    cluster_documents(load_config(overrides=["cluster.k=2", f"run.dir={root / 'clusters'}"]))
+    shards = {f"c{c}": [str(root / "clusters" / "shards" / "train" / f"cluster_00{c}.jsonl")]
+              for c in range(2)}
+    template = load_config(overrides=[*BASE, "train.max_steps=4", "data.group_fields=[domain,lang]",
+                                      f"run.dir={root / 'unused'}"])
+    manifest = train_experts(template, shards, root / "experts", seed=seed.run_dir)
+    return root, seed, shards, template, manifest
+
+
+def test_each_expert_trains_only_on_its_shard_from_the_seed(pipeline):
+    root, seed, shards, _, manifest = pipeline
+    assert list(manifest["experts"]) == ["c0", "c1"]
+    seed_weights = load_file(latest_checkpoint(seed.run_dir / "checkpoints") / "model.safetensors")
+    expert_weights = []
+    for name, files in shards.items():
+        entry = manifest["experts"][name]
+        assert entry["files"] == files and entry["steps"] == 2  # equal split of 4 steps
+        run_cfg = load_config(root / "experts" / "experts" / name / "run" / "config.yaml")
+        assert run_cfg.data.train_files == files and run_cfg.train.init_from == str(seed.run_dir)
+        first = json.loads((root / "experts" / "experts" / name / "run" / "metrics.jsonl")
+                           .read_text().splitlines()[0])
+        assert first["loss"] < 0.9 * np.log(512)  # starts from the seed, not from random init
+        expert_weights.append(load_file(entry["weights"]))
+    key = "layers.0.feed_forward.w1.weight"
+    assert not torch.equal(expert_weights[0][key], seed_weights[key])
+    assert not torch.equal(expert_weights[0][key], expert_weights[1][key])
+
+
+def test_finished_experts_are_skipped(pipeline, monkeypatch):
+    root, seed, shards, template, manifest = pipeline
+    monkeypatch.setattr(train_module, "train", lambda cfg: pytest.fail("retrained"))
+    again = train_experts(template, shards, root / "experts", seed=seed.run_dir)
+    assert again["experts"] == manifest["experts"]
+
+
+def test_proportional_budget_split_and_bad_split(pipeline, tmp_path):
+    root, seed, shards, template, _ = pipeline
+    from moe_lab.btm import _split_budget
+
+    template.train.max_steps = 100
+    budgets = _split_budget(template, shards, "proportional")
+    sizes = [sum(len(open(f, "rb").read()) for f in files) for files in shards.values()]
+    assert budgets["c0"]["max_steps"] == int(100 * sizes[0] / sum(sizes))
+    with pytest.raises(ConfigError, match="budget split must be one of"):
+        _split_budget(template, shards, "by-vibes")
+
+
+def test_routed_ensemble_of_the_experts_evaluates_per_group(pipeline):
+    root, seed, _, template, _ = pipeline
+    names, experts = load_experts(root / "experts")
+    assert names == ["c0", "c1"]
+    clusterer = Clusterer.load(root / "clusters" / "clusterer")
+    router = ClusterRouter(clusterer, temperature=0.1, top_k=1)
+    _, valid, groups = load_splits(template)
+    store = build_store(valid, ByteTokenizer(), "text", groups, cache_root(None))
+    tok = ByteTokenizer()
+
+    def by_prefix(d):
+        inputs = store.tokens[store.offsets[d] + 1 : store.offsets[d + 1] - 1].tolist()
+        return np.concatenate([router.weights([""]), router.prefix_weights(inputs, tok)])
+
+    report = ensemble_document_nll(ExpertEnsemble(experts), store, by_prefix, seq_len=64)
+    single = evaluate(experts[0], store, seq_len=64)
+    assert report["overall"]["tokens"] == single["overall"]["tokens"]
+    assert set(report["groups"]["lang"]) == set(single["groups"]["lang"])
+    assert np.isfinite(report["overall"]["loss"]) and report["overall"]["loss"] < np.log(512)
