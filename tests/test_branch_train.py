@@ -29,10 +29,18 @@ def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("btm")
     seed = train(load_config(overrides=[*BASE, "train.max_steps=6", f"run.dir={root / 'seed'}"]))
     cluster_documents(load_config(overrides=["cluster.k=2", f"run.dir={root / 'clusters'}"]))
-    shards = {f"c{c}": [str(root / "clusters" / "shards" / "train" / f"cluster_00{c}.jsonl")]
-              for c in range(2)}
-    template = load_config(overrides=[*BASE, "train.max_steps=4", "data.group_fields=[domain,lang]",
-                                      f"run.dir={root / 'unused'}"])
+    shards = {
+        f"c{c}": [str(root / "clusters" / "shards" / "train" / f"cluster_00{c}.jsonl")]
+        for c in range(2)
+    }
+    template = load_config(
+        overrides=[
+            *BASE,
+            "train.max_steps=4",
+            "data.group_fields=[domain,lang]",
+            f"run.dir={root / 'unused'}",
+        ]
+    )
     manifest = train_experts(template, shards, root / "experts", seed=seed.run_dir)
     return root, seed, shards, template, manifest
 
@@ -47,8 +55,11 @@ def test_each_expert_trains_only_on_its_shard_from_the_seed(pipeline):
         assert entry["files"] == files and entry["steps"] == 2  # equal split of 4 steps
         run_cfg = load_config(root / "experts" / "experts" / name / "run" / "config.yaml")
         assert run_cfg.data.train_files == files and run_cfg.train.init_from == str(seed.run_dir)
-        first = json.loads((root / "experts" / "experts" / name / "run" / "metrics.jsonl")
-                           .read_text().splitlines()[0])
+        first = json.loads(
+            (root / "experts" / "experts" / name / "run" / "metrics.jsonl")
+            .read_text()
+            .splitlines()[0]
+        )
         assert first["loss"] < 0.9 * np.log(512)  # starts from the seed, not from random init
         expert_weights.append(load_file(entry["weights"]))
     key = "layers.0.feed_forward.w1.weight"
