@@ -83,10 +83,13 @@ def train_experts(
     from safetensors.torch import load_file, save_file
 
     from moe_lab.checkpoint import latest_checkpoint
+    from moe_lab.config import save_config
     from moe_lab.train import train
 
     out = Path(out_dir)
     budgets = _split_budget(cfg, shards, budget_split)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")  # the template: `moe-lab eval` reads data from it
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest.update(seed=str(seed) if seed else None, budget_split=budget_split)

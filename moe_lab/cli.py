@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Evaluate a run's latest checkpoint per group; writes RUN_DIR/eval.json."""
+    """Evaluate a run (or a directory of experts, as an ensemble) per group; writes eval.json."""
     import torch
 
     from moe_lab.checkpoint import load_run
@@ -63,15 +63,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from moe_lab.packing import build_store, cache_root
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.run_dir) / "eval.json"
+    if (Path(args.run_dir) / "manifest.json").exists():  # a directory of experts: an ensemble
+        from moe_lab.experts.ensemble import evaluate_experts
+
+        cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
+        report = evaluate_experts(args.run_dir, cfg, device)
+        out.write_text(json.dumps(report, indent=2))
+        _print_report(report["valid"], out)
+        return
     cfg, model, tokenizer = load_run(args.run_dir, args.overrides, device=device)
     _, valid_docs, groups = load_splits(cfg)
     store = build_store(
         valid_docs, tokenizer, cfg.data.text_field, groups, cache_root(cfg.data.cache_dir)
     )
     result = evaluate(model, store, cfg.train.seq_len, cfg.train.batch_size, device, progress=True)
-    out = Path(args.run_dir) / "eval.json"
     previous = json.loads(out.read_text()) if out.exists() else {}  # keeps step, tokens, FLOPs
     out.write_text(json.dumps(previous | {"valid": result}, indent=2))
+    _print_report(result, out)
+
+
+def _print_report(result: dict, out: Path) -> None:
     overall = result["overall"]
     print(f"{'group':24s} {'loss':>8s} {'ppl':>9s} {'bpb':>7s} {'tokens':>10s}")
     rows = [("overall", overall)] + [

@@ -20,6 +20,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "EnsembleConfig",
     "ModelConfig",
     "MoEConfig",
     "RopeScalingConfig",
@@ -343,6 +344,26 @@ class ClusterConfig:
 
 
 @dataclass
+class EnsembleConfig:
+    """How ``moe-lab eval`` mixes the experts of a ``train_experts`` directory (C-BTM)."""
+
+    clusters_dir: str | None = None  # a `moe-lab cluster` run: its clusterer routes
+    routing: str = "prefix"  # prefix (the document so far) | uniform | oracle (whole document)
+    temperature: float = 0.1
+    top_k: int | None = None  # experts kept per position; None = all
+    distance: str = "squared"  # squared (paper) | cbtm-code (released code: distance^4)
+    mix: str = "prob"  # prob (C-BTM) | logit (X-ELM downstream)
+
+    def validate(self, prefix: str = "ensemble") -> None:
+        _choice(self.routing, ("prefix", "uniform", "oracle"), f"{prefix}.routing")
+        _choice(self.distance, ("squared", "cbtm-code"), f"{prefix}.distance")
+        _choice(self.mix, ("prob", "logit"), f"{prefix}.mix")
+        _positive_float(self.temperature, f"{prefix}.temperature")
+        if self.top_k is not None:
+            _positive_int(self.top_k, f"{prefix}.top_k")
+
+
+@dataclass
 class RunConfig:
     """Where a run writes and how it starts."""
 
@@ -368,12 +389,14 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
     def validate(self) -> None:
         self.model.validate("model")
         self.data.validate("data")
         self.train.validate("train")
         self.cluster.validate("cluster")
+        self.ensemble.validate("ensemble")
         self.run.validate("run")
         _require(
             self.train.seq_len <= self.model.max_seq_len,

@@ -105,3 +105,34 @@ def test_routed_ensemble_of_the_experts_evaluates_per_group(pipeline):
     assert report["overall"]["tokens"] == single["overall"]["tokens"]
     assert set(report["groups"]["lang"]) == set(single["groups"]["lang"])
     assert np.isfinite(report["overall"]["loss"]) and report["overall"]["loss"] < np.log(512)
+
+
+@pytest.mark.parametrize("routing", ["prefix", "uniform", "oracle"])
+def test_moe_lab_eval_on_a_directory_of_experts(pipeline, routing, capsys):
+    from moe_lab.cli import main
+
+    root = pipeline[0]
+    rc = main(
+        [
+            "eval",
+            str(root / "experts"),
+            f"ensemble.routing={routing}",
+            f"ensemble.clusters_dir={root / 'clusters'}",
+            "ensemble.top_k=1",
+        ]
+    )
+    assert rc == 0
+    report = json.loads((root / "experts" / "eval.json").read_text())
+    assert report["experts"] == ["c0", "c1"] and report["ensemble"]["routing"] == routing
+    assert set(report["valid"]["groups"]) == {"domain", "lang"}
+    runs = report["sequences_run_per_expert"]
+    if routing == "uniform":
+        assert runs["c0"] == runs["c1"] > 0
+    assert "overall" in capsys.readouterr().out
+
+
+def test_ensemble_routing_without_a_clusterer_is_a_clear_error(pipeline, capsys):
+    from moe_lab.cli import main
+
+    assert main(["eval", str(pipeline[0] / "experts"), "ensemble.routing=prefix"]) == 2
+    assert "ensemble.routing=prefix needs ensemble.clusters_dir" in capsys.readouterr().err

@@ -12,6 +12,8 @@ Shapes: B = sequences, T = positions, V = vocabulary, E = experts.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ from moe_lab.evaluate import summarize
 from moe_lab.model import Transformer
 from moe_lab.packing import IGNORE, TokenStore, eval_rows
 
-__all__ = ["ExpertEnsemble", "ensemble_document_nll"]
+__all__ = ["ExpertEnsemble", "ensemble_document_nll", "evaluate_experts"]
 
 
 class ExpertEnsemble(nn.Module):
@@ -132,3 +134,62 @@ def ensemble_document_nll(
         np.add.at(nll, docs.numpy()[scored], -lp.cpu().double().numpy()[scored])
         np.add.at(count, docs.numpy()[scored], 1)
     return summarize(nll, count, store)
+
+
+def evaluate_experts(experts_dir, cfg, device="cpu") -> dict:
+    """``moe-lab eval`` of a :func:`~moe_lab.btm.train_experts` directory, per ``cfg.ensemble``.
+
+    ``prefix`` routes each prediction by the document so far, ``uniform`` weighs every expert
+    alike, ``oracle`` routes a whole document by its own nearest cluster (it sees the future: an
+    upper bound on routing).
+    """
+    from moe_lab.btm import load_experts
+    from moe_lab.clustering import Clusterer
+    from moe_lab.config import ConfigError
+    from moe_lab.data import load_splits
+    from moe_lab.packing import build_store, cache_root
+    from moe_lab.routing.cluster import ClusterRouter
+    from moe_lab.tokenizer import load_tokenizer
+
+    ens = cfg.ensemble
+    names, experts = load_experts(experts_dir, device=device)
+    first_run = Path(experts_dir) / "experts" / names[0] / "run"
+    tokenizer = load_tokenizer(first_run / "tokenizer")
+    _, valid, groups = load_splits(cfg)
+    store = build_store(
+        valid, tokenizer, cfg.data.text_field, groups, cache_root(cfg.data.cache_dir)
+    )
+    E = len(experts)
+    router = None
+    if ens.routing != "uniform":
+        if ens.clusters_dir is None:
+            raise ConfigError(f"ensemble.routing={ens.routing} needs ensemble.clusters_dir")
+        router = ClusterRouter(
+            Clusterer.load(Path(ens.clusters_dir) / "clusterer"),
+            ens.temperature,
+            ens.top_k,
+            ens.distance,
+        )
+        if router.n_experts != E:
+            raise ConfigError(f"the clusterer has {router.n_experts} clusters for {E} experts")
+
+    def doc_weights(d: int) -> np.ndarray:
+        doc = store.tokens[store.offsets[d] : store.offsets[d + 1]].tolist()
+        n_inputs = len(doc) - 1
+        if router is None:
+            return np.full((n_inputs, E), 1.0 / E)
+        if ens.routing == "oracle":
+            label = router.clusterer.predict([tokenizer.decode(doc[1:-1])])[0]
+            return np.eye(E)[np.full(n_inputs, label)]
+        return np.concatenate([router.weights([""]), router.prefix_weights(doc[1:-1], tokenizer)])
+
+    ensemble = ExpertEnsemble(experts, mix=ens.mix)
+    report = ensemble_document_nll(
+        ensemble, store, doc_weights, cfg.train.seq_len, cfg.train.batch_size, device
+    )
+    return {
+        "experts": names,
+        "ensemble": asdict(ens),
+        "valid": report,
+        "sequences_run_per_expert": dict(zip(names, ensemble.sequences_run, strict=True)),
+    }
