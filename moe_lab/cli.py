@@ -106,6 +106,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from moe_lab.checkpoint import load_run
     from moe_lab.generation import generate
 
+    if (Path(args.run_dir) / "manifest.json").exists():  # a directory of experts: an ensemble
+        _generate_ensemble(args)
+        return
     cfg, model, tokenizer = load_run(args.run_dir, args.overrides)
     prompt = [tokenizer.bos_id, *tokenizer.encode(args.prompt)]
     room = cfg.model.max_seq_len - len(prompt)
@@ -134,6 +137,51 @@ def cmd_cluster(args: argparse.Namespace) -> None:
     for c, (size, terms) in enumerate(zip(report["sizes"], report["top_terms"], strict=True)):
         print(f"cluster {c:3d}  {size:7,d} docs  {' '.join(terms)}")
     print(f"wrote {report['dir']}")
+
+
+def _generate_ensemble(args: argparse.Namespace) -> None:
+    """Generation from a train_experts directory, routed by ``ensemble.*`` (prefix or uniform)."""
+    import numpy as np
+    import torch
+
+    from moe_lab.btm import load_experts
+    from moe_lab.clustering import Clusterer
+    from moe_lab.experts.ensemble import ExpertEnsemble, generate_ensemble
+    from moe_lab.routing.cluster import ClusterRouter
+    from moe_lab.tokenizer import load_tokenizer
+
+    cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
+    names, experts = load_experts(args.run_dir)
+    tokenizer = load_tokenizer(Path(args.run_dir) / "experts" / names[0] / "run" / "tokenizer")
+    ens = cfg.ensemble
+    if ens.routing == "uniform" or ens.clusters_dir is None:
+        route = lambda ids: np.full(len(experts), 1.0 / len(experts))  # noqa: E731
+    else:
+        router = ClusterRouter(
+            Clusterer.load(Path(ens.clusters_dir) / "clusterer"),
+            ens.temperature,
+            ens.top_k,
+            ens.distance,
+        )
+
+        def route(ids: list[int]) -> np.ndarray:  # the text generated so far, without BOS
+            return router.weights([router.routing_text(tokenizer.decode(ids[1:]))])[0]
+
+    prompt = [tokenizer.bos_id, *tokenizer.encode(args.prompt)]
+    room = min(e.cfg.max_seq_len for e in experts) - len(prompt)
+    if room <= 0:
+        raise ConfigError(f"the prompt ({len(prompt)} tokens) fills model.max_seq_len")
+    ids = generate_ensemble(
+        ExpertEnsemble(experts, ens.mix),
+        prompt,
+        min(args.max_new_tokens, room),
+        route,
+        args.temperature,
+        args.top_p,
+        tokenizer.eos_id,
+        torch.Generator().manual_seed(args.seed),
+    )
+    print(args.prompt + tokenizer.decode(ids[len(prompt) :]))
 
 
 def _with_config(p: argparse.ArgumentParser) -> None:
@@ -179,7 +227,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [x for x in extra if x.startswith("-") or "=" not in x]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]  # key=value overrides may also follow options
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         COMMANDS[args.command][0](args)

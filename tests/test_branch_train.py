@@ -136,3 +136,21 @@ def test_ensemble_routing_without_a_clusterer_is_a_clear_error(pipeline, capsys)
 
     assert main(["eval", str(pipeline[0] / "experts"), "ensemble.routing=prefix"]) == 2
     assert "ensemble.routing=prefix needs ensemble.clusters_dir" in capsys.readouterr().err
+
+
+def test_moe_lab_generate_from_a_directory_of_experts(pipeline, capsys):
+    from moe_lab.cli import main
+
+    root = pipeline[0]
+    rc = main(
+        [
+            "generate",
+            str(root / "experts"),
+            "--prompt",
+            "And God said",
+            "--max-new-tokens",
+            "8",
+            f"ensemble.clusters_dir={root / 'clusters'}",
+        ]
+    )
+    assert rc == 0 and capsys.readouterr().out.startswith("And God said")

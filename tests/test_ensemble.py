@@ -130,3 +130,15 @@ def test_ensemble_evaluation_of_identical_experts_equals_the_single_model(routed
     assert got["overall"]["loss"] == pytest.approx(single["overall"]["loss"], rel=1e-5)
     for value, m in single["groups"]["domain"].items():
         assert got["groups"]["domain"][value]["loss"] == pytest.approx(m["loss"], rel=1e-5)
+
+
+def test_ensemble_generation_with_one_hot_routing_equals_the_expert_alone():
+    from moe_lab.experts.ensemble import generate_ensemble
+    from moe_lab.generation import generate
+
+    experts = _experts(3)
+    prompt = [256, 10, 20, 30]
+    route = lambda ids: np.eye(3)[1]  # noqa: E731
+    ids = generate_ensemble(ExpertEnsemble(experts), prompt, 12, route)
+    alone = generate(experts[1], torch.tensor([prompt]), 12)[0].tolist()
+    assert ids == alone

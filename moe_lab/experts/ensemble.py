@@ -23,7 +23,7 @@ from moe_lab.evaluate import summarize
 from moe_lab.model import Transformer
 from moe_lab.packing import IGNORE, TokenStore, eval_rows
 
-__all__ = ["ExpertEnsemble", "ensemble_document_nll", "evaluate_experts"]
+__all__ = ["ExpertEnsemble", "ensemble_document_nll", "evaluate_experts", "generate_ensemble"]
 
 
 class ExpertEnsemble(nn.Module):
@@ -193,3 +193,36 @@ def evaluate_experts(experts_dir, cfg, device="cpu") -> dict:
         "valid": report,
         "sequences_run_per_expert": dict(zip(names, ensemble.sequences_run, strict=True)),
     }
+
+
+@torch.no_grad()
+def generate_ensemble(
+    ensemble: ExpertEnsemble,
+    prompt: list[int],
+    max_new_tokens: int,
+    route: Callable[[list[int]], np.ndarray],
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """Continue ``prompt`` (token ids, BOS first) with the ensemble, re-routing at every step.
+
+    ``route(ids) -> [E]`` gives the weights for the next token after ``ids`` (e.g. the router's
+    weights for the decoded text so far). Each step recomputes the chosen experts on the whole
+    sequence (no KV cache): simple, and cheap at the lengths small experts are used for.
+    """
+    from moe_lab.generation import sample_next
+
+    ids = list(prompt)
+    device = next(ensemble.parameters()).device
+    for _ in range(max_new_tokens):
+        x = torch.tensor([ids], device=device)
+        w = torch.as_tensor(route(ids), dtype=torch.float32, device=device)
+        weights = w.expand(1, len(ids), -1)  # only the last position's mixture is used
+        lp = ensemble.log_probs(x, weights)[:, -1]
+        token = int(sample_next(lp, temperature, top_p, generator)[0])
+        ids.append(token)
+        if token == eos_id:
+            break
+    return ids
