@@ -31,7 +31,16 @@ from torch import Tensor
 from moe_lab.config import ConfigError, MoEConfig
 from moe_lab.model import Transformer, build_model
 
-__all__ = ["average", "btx", "dare", "load_experts", "task_vectors", "train_experts", "ties"]
+__all__ = [
+    "average",
+    "btx",
+    "collect_manifest",
+    "dare",
+    "load_experts",
+    "task_vectors",
+    "train_experts",
+    "ties",
+]
 
 BUDGET_SPLITS = ("equal", "proportional")
 
@@ -53,6 +62,25 @@ def _split_budget(cfg, shards: dict[str, list[str]], split: str) -> dict[str, di
     raise ConfigError("set a training budget: train.max_flops, max_tokens or max_steps")
 
 
+def _write_json(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.rename(path)  # atomic: readers see the old file or the new one
+
+
+def collect_manifest(out_dir: str | Path) -> dict:
+    """Rebuild ``manifest.json`` from the finished experts' ``expert.json`` files.
+
+    Experts are listed in shard order (expert i serves cluster i), whatever order jobs finished in.
+    """
+    out = Path(out_dir)
+    entries = [json.loads(p.read_text()) for p in (out / "experts").glob("*/expert.json")]
+    entries.sort(key=lambda e: e["index"])
+    manifest = {"experts": {e["name"]: e for e in entries}}
+    _write_json(out / "manifest.json", manifest)
+    return manifest
+
+
 def train_experts(
     cfg,
     shards: dict[str, list[str]],
@@ -60,22 +88,25 @@ def train_experts(
     seed: str | Path | None = None,
     budget_split: str = "equal",
     valid_files: dict[str, list[str]] | None = None,
+    only: Sequence[str] | None = None,
 ) -> dict:
     """Branch ``seed`` into one expert per shard and train each on its shard only.
 
-    Jobs run one after another here; each is independent (no communication), so a launcher can
-    run them on separate machines with the same arguments. A finished expert (its
-    ``expert.safetensors`` exists) is skipped; an interrupted one resumes from its checkpoint.
+    The jobs are independent (no communication): here they run one after another; with ``only``
+    each can run anywhere (see :func:`moe_lab.launch.submit_experts`). A finished expert (its
+    ``expert.json`` exists, written last) is skipped; an interrupted one resumes from its
+    checkpoint. Each job writes only its own files, then rebuilds ``manifest.json``.
 
     Args:
         cfg: the run template (:class:`~moe_lab.config.Config`); its budget is the total over all
             experts, split by ``budget_split``.
-        shards: expert name -> the jsonl/parquet/text files it trains on.
+        shards: expert name -> the jsonl/parquet/text files it trains on, in expert order.
         out_dir: receives ``experts/<name>/run/`` (each expert's run directory),
-            ``experts/<name>/expert.safetensors`` and ``manifest.json``.
+            ``experts/<name>/expert.safetensors`` + ``expert.json`` and ``manifest.json``.
         seed: run directory or checkpoint to branch from (None: random init, as in BTM's
             from-scratch ablation).
         valid_files: expert name -> its validation files (default: the template's).
+        only: train just these experts (the budget is still split over all shards).
 
     Returns:
         The manifest: per expert its files, seed, budget, steps, tokens, FLOPs, validation loss.
@@ -88,17 +119,16 @@ def train_experts(
 
     out = Path(out_dir)
     budgets = _split_budget(cfg, shards, budget_split)
+    unknown = sorted(set(only or []) - set(shards))
+    if unknown:
+        raise ValueError(f"only names experts without a shard: {unknown}")
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")  # the template: `moe-lab eval` reads data from it
-    manifest_path = out / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    manifest.update(seed=str(seed) if seed else None, budget_split=budget_split)
-    experts = manifest.setdefault("experts", {})
-    for name, files in shards.items():
+    if not (out / "config.yaml").exists():
+        save_config(cfg, out / "config.yaml")  # the template: `moe-lab eval` reads data from it
+    for index, (name, files) in enumerate(shards.items()):
         expert_dir = out / "experts" / name
-        weights = expert_dir / "expert.safetensors"
-        if weights.exists() and name in experts:
-            continue  # idempotent: this job already finished
+        if (only is not None and name not in only) or (expert_dir / "expert.json").exists():
+            continue  # someone else's job, or already finished
         budget = {"max_flops": None, "max_tokens": None, "max_steps": None} | budgets[name]
         train_cfg = replace(cfg.train, init_from=str(seed) if seed else None, **budget)
         data_cfg = replace(
@@ -109,11 +139,15 @@ def train_experts(
         run_cfg = replace(cfg.run, dir=str(expert_dir / "run"), resume=True)
         result = train(replace(cfg, data=data_cfg, train=train_cfg, run=run_cfg))
         ckpt = latest_checkpoint(result.run_dir / "checkpoints")
-        tmp = weights.with_suffix(".tmp")
-        save_file(load_file(ckpt / "model.safetensors"), tmp)
-        tmp.rename(weights)  # the marker of a finished job, written last
-        experts[name] = {
+        weights = expert_dir / "expert.safetensors"
+        save_file(load_file(ckpt / "model.safetensors"), weights.with_suffix(".tmp"))
+        weights.with_suffix(".tmp").rename(weights)
+        entry = {
+            "name": name,
+            "index": index,
             "files": list(files),
+            "seed": str(seed) if seed else None,
+            "budget_split": budget_split,
             "budget": budgets[name],
             "steps": result.steps,
             "tokens": result.tokens,
@@ -121,8 +155,8 @@ def train_experts(
             "valid_loss": result.valid_loss,
             "weights": str(weights),
         }
-        manifest_path.write_text(json.dumps(manifest, indent=2))
-    return manifest
+        _write_json(expert_dir / "expert.json", entry)  # the marker of a finished job
+    return collect_manifest(out)
 
 
 def load_experts(out_dir: str | Path, device="cpu") -> tuple[list[str], list[Transformer]]:

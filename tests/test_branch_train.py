@@ -1,6 +1,7 @@
 """Branch-train-merge end to end: seed -> clusters -> independent experts -> routed ensemble."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -78,7 +79,7 @@ def test_proportional_budget_split_and_bad_split(pipeline, tmp_path):
     root, seed, shards, template, _ = pipeline
     from moe_lab.btm import _split_budget
 
-    template.train.max_steps = 100
+    template = replace(template, train=replace(template.train, max_steps=100))  # a copy
     budgets = _split_budget(template, shards, "proportional")
     sizes = [sum(len(open(f, "rb").read()) for f in files) for files in shards.values()]
     assert budgets["c0"]["max_steps"] == int(100 * sizes[0] / sum(sizes))
@@ -154,3 +155,19 @@ def test_moe_lab_generate_from_a_directory_of_experts(pipeline, capsys):
         ]
     )
     assert rc == 0 and capsys.readouterr().out.startswith("And God said")
+
+
+def test_expert_jobs_through_submitit_local_processes(pipeline, tmp_path):
+    submitit = pytest.importorskip("submitit")
+    from moe_lab.launch import submit_experts, wait_for
+
+    root, seed, shards, template, manifest = pipeline
+    executor = submitit.LocalExecutor(folder=tmp_path / "logs")
+    executor.update_parameters(timeout_min=10)
+    jobs = submit_experts(executor, template, shards, tmp_path / "experts", seed=seed.run_dir)
+    assert len(jobs) == 2 and len({job.job_id for job in jobs}) == 2  # separate processes
+    combined = wait_for(jobs, tmp_path / "experts")
+    assert list(combined["experts"]) == ["c0", "c1"]  # shard order, whichever finished first
+    for name, entry in combined["experts"].items():
+        assert entry["steps"] == manifest["experts"][name]["steps"] == 2
+        assert entry["valid_loss"] == pytest.approx(manifest["experts"][name]["valid_loss"])
