@@ -348,14 +348,16 @@ class EnsembleConfig:
     """How ``moe-lab eval`` mixes the experts of a ``train_experts`` directory (C-BTM)."""
 
     clusters_dir: str | None = None  # a `moe-lab cluster` run: its clusterer routes
-    routing: str = "prefix"  # prefix (the document so far) | uniform | oracle (whole document)
+    # prefix (the document so far) | uniform | oracle (whole document) | average (one model with
+    # the experts' parameters averaged: the BTM baseline)
+    routing: str = "prefix"
     temperature: float = 0.1
     top_k: int | None = None  # experts kept per position; None = all
     distance: str = "squared"  # squared (paper) | cbtm-code (released code: distance^4)
     mix: str = "prob"  # prob (C-BTM) | logit (X-ELM downstream)
 
     def validate(self, prefix: str = "ensemble") -> None:
-        _choice(self.routing, ("prefix", "uniform", "oracle"), f"{prefix}.routing")
+        _choice(self.routing, ("prefix", "uniform", "oracle", "average"), f"{prefix}.routing")
         _choice(self.distance, ("squared", "cbtm-code"), f"{prefix}.distance")
         _choice(self.mix, ("prob", "logit"), f"{prefix}.mix")
         _positive_float(self.temperature, f"{prefix}.temperature")

@@ -141,7 +141,7 @@ def evaluate_experts(experts_dir, cfg, device="cpu") -> dict:
 
     ``prefix`` routes each prediction by the document so far, ``uniform`` weighs every expert
     alike, ``oracle`` routes a whole document by its own nearest cluster (it sees the future: an
-    upper bound on routing).
+    upper bound on routing), ``average`` evaluates one model with the experts' parameters averaged.
     """
     from moe_lab.btm import load_experts
     from moe_lab.clustering import Clusterer
@@ -160,6 +160,12 @@ def evaluate_experts(experts_dir, cfg, device="cpu") -> dict:
         valid, tokenizer, cfg.data.text_field, groups, cache_root(cfg.data.cache_dir)
     )
     E = len(experts)
+    if ens.routing == "average":
+        from moe_lab.btm import average
+        from moe_lab.evaluate import evaluate
+
+        report = evaluate(average(experts), store, cfg.train.seq_len, cfg.train.batch_size, device)
+        return {"experts": names, "ensemble": asdict(ens), "valid": report}
     router = None
     if ens.routing != "uniform":
         if ens.clusters_dir is None:
