@@ -45,12 +45,27 @@ __all__ = [
 BUDGET_SPLITS = ("equal", "proportional")
 
 
-def _split_budget(cfg, shards: dict[str, list[str]], split: str) -> dict[str, dict]:
+Shard = list[str] | dict[str, list[str]]  # files, or group-field filters: {"lang": ["de"]}
+
+
+def _shard_size(cfg, shard: Shard) -> int:
+    """Bytes of text a shard holds (a proxy for its tokens)."""
+    if isinstance(shard, dict):
+        from moe_lab.data import CORPUS_DIR, load_documents
+
+        files = list(cfg.data.train_files) or [str(CORPUS_DIR / "train.jsonl.gz")]
+        groups = sorted(set(cfg.data.group_fields or []) | set(shard))
+        docs = load_documents(files, cfg.data.text_field, groups, shard)
+        return sum(len(t.encode()) for t in docs[cfg.data.text_field])
+    return sum(Path(f).stat().st_size for f in shard)
+
+
+def _split_budget(cfg, shards: dict[str, Shard], split: str) -> dict[str, dict]:
     """Each expert's share of the run's budget (``train.max_flops`` / ``max_tokens`` /
     ``max_steps``): equal, or proportional to its shard's size in bytes (a proxy for tokens)."""
     if split not in BUDGET_SPLITS:
         raise ConfigError(f"budget split must be one of {BUDGET_SPLITS}, got {split!r}")
-    sizes = {name: sum(Path(f).stat().st_size for f in files) for name, files in shards.items()}
+    sizes = {name: _shard_size(cfg, shard) for name, shard in shards.items()}
     total = sum(sizes.values())
     shares = {n: (1 / len(shards) if split == "equal" else s / total) for n, s in sizes.items()}
     t = cfg.train
@@ -83,7 +98,7 @@ def collect_manifest(out_dir: str | Path) -> dict:
 
 def train_experts(
     cfg,
-    shards: dict[str, list[str]],
+    shards: dict[str, Shard],
     out_dir: str | Path,
     seed: str | Path | None = None,
     budget_split: str = "equal",
@@ -100,7 +115,9 @@ def train_experts(
     Args:
         cfg: the run template (:class:`~moe_lab.config.Config`); its budget is the total over all
             experts, split by ``budget_split``.
-        shards: expert name -> the jsonl/parquet/text files it trains on, in expert order.
+        shards: expert name -> the jsonl/parquet/text files it trains on, or a dict of group-field
+            filters applied to the template's data (``{"lang": ["de"]}``: X-ELM's per-language
+            experts), in expert order.
         out_dir: receives ``experts/<name>/run/`` (each expert's run directory),
             ``experts/<name>/expert.safetensors`` + ``expert.json`` and ``manifest.json``.
         seed: run directory or checkpoint to branch from (None: random init, as in BTM's
@@ -125,17 +142,23 @@ def train_experts(
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "config.yaml").exists():
         save_config(cfg, out / "config.yaml")  # the template: `moe-lab eval` reads data from it
-    for index, (name, files) in enumerate(shards.items()):
+    for index, (name, shard) in enumerate(shards.items()):
         expert_dir = out / "experts" / name
         if (only is not None and name not in only) or (expert_dir / "expert.json").exists():
             continue  # someone else's job, or already finished
         budget = {"max_flops": None, "max_tokens": None, "max_steps": None} | budgets[name]
         train_cfg = replace(cfg.train, init_from=str(seed) if seed else None, **budget)
-        data_cfg = replace(
-            cfg.data,
-            train_files=list(files),
-            valid_files=list((valid_files or {}).get(name, cfg.data.valid_files)),
-        )
+        valid = list((valid_files or {}).get(name, cfg.data.valid_files))
+        if isinstance(shard, dict):  # the template's documents whose group fields match
+            groups = sorted(set(cfg.data.group_fields or []) | set(shard))
+            data_cfg = replace(
+                cfg.data,
+                include={k: list(v) for k, v in shard.items()},
+                group_fields=groups,
+                valid_files=valid,
+            )
+        else:
+            data_cfg = replace(cfg.data, train_files=list(shard), valid_files=valid)
         run_cfg = replace(cfg.run, dir=str(expert_dir / "run"), resume=True)
         result = train(replace(cfg, data=data_cfg, train=train_cfg, run=run_cfg))
         ckpt = latest_checkpoint(result.run_dir / "checkpoints")
@@ -145,7 +168,7 @@ def train_experts(
         entry = {
             "name": name,
             "index": index,
-            "files": list(files),
+            "data": dict(shard) if isinstance(shard, dict) else list(shard),
             "seed": str(seed) if seed else None,
             "budget_split": budget_split,
             "budget": budgets[name],

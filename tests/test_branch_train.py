@@ -53,7 +53,7 @@ def test_each_expert_trains_only_on_its_shard_from_the_seed(pipeline):
     expert_weights = []
     for name, files in shards.items():
         entry = manifest["experts"][name]
-        assert entry["files"] == files and entry["steps"] == 2  # equal split of 4 steps
+        assert entry["data"] == files and entry["steps"] == 2  # equal split of 4 steps
         run_cfg = load_config(root / "experts" / "experts" / name / "run" / "config.yaml")
         assert run_cfg.data.train_files == files and run_cfg.train.init_from == str(seed.run_dir)
         first = json.loads(
@@ -170,4 +170,39 @@ def test_expert_jobs_through_submitit_local_processes(pipeline, tmp_path):
     assert list(combined["experts"]) == ["c0", "c1"]  # shard order, whichever finished first
     for name, entry in combined["experts"].items():
         assert entry["steps"] == manifest["experts"][name]["steps"] == 2
+        assert entry["valid_loss"] == pytest.approx(manifest["experts"][name]["valid_loss"])
+
+
+def test_experts_per_group_value_train_on_that_value_only(pipeline, tmp_path):
+    _, seed, _, template, _ = pipeline
+    shards = {"de": {"lang": ["de"]}, "fr": {"lang": ["fr"]}}
+    manifest = train_experts(
+        template, shards, tmp_path, seed=seed.run_dir, budget_split="proportional"
+    )
+    assert list(manifest["experts"]) == ["de", "fr"]
+    for name in shards:
+        run = tmp_path / "experts" / name / "run"
+        assert load_config(run / "config.yaml").data.include == {"lang": [name]}
+        report = json.loads((run / "eval.json").read_text())["valid"]
+        assert list(report["groups"]["lang"]) == [name]  # validated on its own language too
+
+
+def test_expert_jobs_as_ray_tasks(pipeline, tmp_path):
+    ray = pytest.importorskip("ray")
+    from moe_lab.launch import submit_experts_ray, wait_for
+
+    root, seed, shards, template, manifest = pipeline
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"MOE_LAB_CACHE": str(tmp_path / "cache")}},
+    )
+    try:
+        refs = submit_experts_ray(template, shards, tmp_path / "experts", seed=seed.run_dir)
+        combined = wait_for(refs, tmp_path / "experts")
+    finally:
+        ray.shutdown()
+    assert list(combined["experts"]) == ["c0", "c1"]
+    for name, entry in combined["experts"].items():
         assert entry["valid_loss"] == pytest.approx(manifest["experts"][name]["valid_loss"])
