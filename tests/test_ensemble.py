@@ -126,6 +126,15 @@ def test_ensemble_evaluation_of_identical_experts_equals_the_single_model(routed
 
     got = ensemble_document_nll(ExpertEnsemble(copies), store, by_prefix, seq_len=64)
     single = evaluate(average(copies), store, seq_len=64)
+    only_first = ExpertEnsemble(copies)
+    ensemble_document_nll(
+        only_first,
+        store,
+        lambda d: np.eye(3)[np.zeros(store.offsets[d + 1] - store.offsets[d] - 1, dtype=int)],
+        seq_len=64,
+    )
+    assert only_first.sequences_run[0] > 0
+    assert only_first.sequences_run[1:] == [0, 0]  # padding never makes the others run
     assert got["overall"]["tokens"] == single["overall"]["tokens"]
     assert got["overall"]["loss"] == pytest.approx(single["overall"]["loss"], rel=1e-5)
     for value, m in single["groups"]["domain"].items():

@@ -112,16 +112,16 @@ def ensemble_document_nll(
     ensemble.eval()
     nll = np.zeros(store.n_docs, dtype=np.float64)
     count = np.zeros(store.n_docs, dtype=np.int64)
-    cache: dict[int, np.ndarray] = {}
+    cache: dict[int, np.ndarray] = {}  # weights of the documents in the current batch
     E = len(ensemble.experts)
     for batch in eval_rows(store, seq_len, batch_size):
         docs, pos = batch["doc_index"], batch["doc_pos"]
-        weights = np.full((*docs.shape, E), 1.0 / E)  # padding: any valid row, never scored
-        for d in docs.unique().tolist():
-            if d < 0:
-                continue
-            if d not in cache:
-                cache = {d: doc_weights(d)} | (cache if len(cache) < 64 else {})
+        # Padding gets zero weight for every expert (its targets are ignored), so it never makes
+        # an expert run on a row that did not choose it.
+        weights = np.zeros((*docs.shape, E))
+        needed = [d for d in docs.unique().tolist() if d >= 0]
+        cache = {d: cache[d] if d in cache else doc_weights(d) for d in needed}
+        for d in needed:
             mask = (docs == d).numpy()
             weights[mask] = cache[d][pos.numpy()[mask]]
         lp = ensemble.log_probs(
