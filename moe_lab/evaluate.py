@@ -13,9 +13,10 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from moe_lab.losses import token_nll
+from moe_lab.model import Transformer
 from moe_lab.packing import IGNORE, TokenStore, eval_rows
 
 __all__ = ["document_nll", "evaluate", "summarize"]
@@ -23,7 +24,7 @@ __all__ = ["document_nll", "evaluate", "summarize"]
 
 @torch.no_grad()
 def document_nll(
-    model: torch.nn.Module,
+    model: Transformer,
     store: TokenStore,
     seq_len: int,
     batch_size: int,
@@ -46,11 +47,9 @@ def document_nll(
         if max_batches is not None and i >= max_batches:
             break
         ids, doc_ids = batch["input_ids"].to(device), batch["doc_ids"].to(device)
-        logits = model(ids, doc_ids=doc_ids).logits.float()
         targets = batch["targets"].to(device)
-        losses = F.cross_entropy(
-            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none"
-        )
+        h, _, _ = model.hidden_states(ids, doc_ids)  # logits in chunks, never all [B, T, V]
+        losses = token_nll(h, model.head_weight, targets).flatten()
         scored = (targets.flatten() != IGNORE).cpu().numpy()
         docs = batch["doc_index"].flatten().numpy()[scored]
         np.add.at(nll, docs, losses.cpu().double().numpy()[scored])
@@ -95,7 +94,7 @@ def summarize(nll: np.ndarray, count: np.ndarray, store: TokenStore) -> dict:
 
 
 def evaluate(
-    model: torch.nn.Module,
+    model: Transformer,
     store: TokenStore,
     seq_len: int,
     batch_size: int = 8,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "fused_linear_cross_entropy"]
+__all__ = ["IGNORE_INDEX", "fused_linear_cross_entropy", "token_nll"]
 
 IGNORE_INDEX = -100
 
@@ -67,16 +67,32 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h_ND * grad_out, grad_w_VD * grad_out, None, None
 
 
+def token_nll(h: Tensor, weight: Tensor, targets: Tensor, chunk: int = 512) -> Tensor:
+    """Per-token cross-entropy of ``h @ weight.T`` (0 where the target is -100), in chunks.
+
+    Args:
+        h: ``[..., D]`` final hidden states; weight: ``[V, D]``; targets: ``[...]``.
+
+    Returns:
+        ``[...]`` negative log-likelihoods in at least fp32, never holding more than ``chunk``
+        tokens' logits at once.
+    """
+    h_ND, targets_N = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    out_N = torch.empty(len(targets_N), dtype=_acc_dtype(h_ND), device=h_ND.device)
+    for s in range(0, h_ND.shape[0], chunk):
+        out_N[s : s + chunk] = F.cross_entropy(
+            _chunk_logits(h_ND[s : s + chunk], weight),
+            targets_N[s : s + chunk],
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        )
+    return out_N.view(targets.shape)
+
+
 def _chunked_loss(h_ND: Tensor, w_VD: Tensor, targets_N: Tensor, chunk: int) -> Tensor:
     """The same mean loss without gradient bookkeeping (evaluation)."""
     valid_N = targets_N != IGNORE_INDEX
-    total = torch.zeros((), dtype=_acc_dtype(h_ND), device=h_ND.device)
-    for s in range(0, h_ND.shape[0], chunk):
-        logits_CV = _chunk_logits(h_ND[s : s + chunk], w_VD)
-        total += F.cross_entropy(
-            logits_CV, targets_N[s : s + chunk], ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-    return total / valid_N.sum().clamp(min=1)
+    return token_nll(h_ND, w_VD, targets_N, chunk).sum() / valid_N.sum().clamp(min=1)
 
 
 def fused_linear_cross_entropy(

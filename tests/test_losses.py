@@ -61,3 +61,17 @@ def test_model_loss_equals_cross_entropy_over_forward_logits(tied):
     assert aux.item() == 0.0
     for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pb.grad, pa.grad, msg=name)
+
+
+def test_token_nll_equals_unreduced_cross_entropy():
+    from moe_lab.losses import token_nll
+
+    h, w = torch.randn(2, 13, 8, dtype=torch.float64), torch.randn(40, 8, dtype=torch.float64)
+    t = torch.randint(0, 40, (2, 13))
+    t[1, 3:7] = -100
+    expected = F.cross_entropy(
+        F.linear(h, w).transpose(1, 2), t, ignore_index=-100, reduction="none"
+    )
+    got = token_nll(h, w, t, chunk=5)
+    assert got.shape == (2, 13) and torch.all(got[1, 3:7] == 0)
+    torch.testing.assert_close(got, expected)
