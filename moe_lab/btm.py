@@ -48,16 +48,26 @@ BUDGET_SPLITS = ("equal", "proportional")
 Shard = list[str] | dict[str, list[str]]  # files, or group-field filters: {"lang": ["de"]}
 
 
+def _shard_data(cfg, shard: Shard):
+    """The template's data config narrowed to one expert's shard."""
+    if isinstance(shard, dict):  # the template's documents whose group fields match
+        groups = sorted(set(cfg.data.group_fields or []) | set(shard))
+        return replace(
+            cfg.data, include={k: list(v) for k, v in shard.items()}, group_fields=groups
+        )
+    return replace(cfg.data, train_files=list(shard))
+
+
 def _shard_size(cfg, shard: Shard) -> int:
     """Bytes of text a shard holds (a proxy for its tokens)."""
-    if isinstance(shard, dict):
-        from moe_lab.data import CORPUS_DIR, load_documents
+    if not isinstance(shard, dict):
+        return sum(Path(f).stat().st_size for f in shard)
+    from moe_lab.data import CORPUS_DIR, load_documents
 
-        files = list(cfg.data.train_files) or [str(CORPUS_DIR / "train.jsonl.gz")]
-        groups = sorted(set(cfg.data.group_fields or []) | set(shard))
-        docs = load_documents(files, cfg.data.text_field, groups, shard)
-        return sum(len(t.encode()) for t in docs[cfg.data.text_field])
-    return sum(Path(f).stat().st_size for f in shard)
+    data = _shard_data(cfg, shard)
+    files = list(data.train_files) or [str(CORPUS_DIR / "train.jsonl.gz")]
+    docs = load_documents(files, data.text_field, data.group_fields, data.include)
+    return sum(len(t.encode()) for t in docs[data.text_field])
 
 
 def _split_budget(cfg, shards: dict[str, Shard], split: str) -> dict[str, dict]:
@@ -65,9 +75,11 @@ def _split_budget(cfg, shards: dict[str, Shard], split: str) -> dict[str, dict]:
     ``max_steps``): equal, or proportional to its shard's size in bytes (a proxy for tokens)."""
     if split not in BUDGET_SPLITS:
         raise ConfigError(f"budget split must be one of {BUDGET_SPLITS}, got {split!r}")
-    sizes = {name: _shard_size(cfg, shard) for name, shard in shards.items()}
-    total = sum(sizes.values())
-    shares = {n: (1 / len(shards) if split == "equal" else s / total) for n, s in sizes.items()}
+    if split == "equal":
+        shares = {name: 1 / len(shards) for name in shards}
+    else:  # measuring a shard can mean reading it: only when the split needs it
+        sizes = {name: _shard_size(cfg, shard) for name, shard in shards.items()}
+        shares = {name: size / sum(sizes.values()) for name, size in sizes.items()}
     t = cfg.train
     for key in ("max_flops", "max_tokens", "max_steps"):
         budget = getattr(t, key)
@@ -149,16 +161,7 @@ def train_experts(
         budget = {"max_flops": None, "max_tokens": None, "max_steps": None} | budgets[name]
         train_cfg = replace(cfg.train, init_from=str(seed) if seed else None, **budget)
         valid = list((valid_files or {}).get(name, cfg.data.valid_files))
-        if isinstance(shard, dict):  # the template's documents whose group fields match
-            groups = sorted(set(cfg.data.group_fields or []) | set(shard))
-            data_cfg = replace(
-                cfg.data,
-                include={k: list(v) for k, v in shard.items()},
-                group_fields=groups,
-                valid_files=valid,
-            )
-        else:
-            data_cfg = replace(cfg.data, train_files=list(shard), valid_files=valid)
+        data_cfg = replace(_shard_data(cfg, shard), valid_files=valid)
         run_cfg = replace(cfg.run, dir=str(expert_dir / "run"), resume=True)
         result = train(replace(cfg, data=data_cfg, train=train_cfg, run=run_cfg))
         ckpt = latest_checkpoint(result.run_dir / "checkpoints")

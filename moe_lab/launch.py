@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moe_lab.btm import collect_manifest, train_experts
+from moe_lab.btm import Shard, collect_manifest, train_experts
 
 __all__ = ["submit_experts", "submit_experts_ray", "wait_for"]
 
@@ -26,7 +26,7 @@ __all__ = ["submit_experts", "submit_experts_ray", "wait_for"]
 def submit_experts(
     executor,
     cfg,
-    shards: dict[str, list[str]],
+    shards: dict[str, Shard],
     out_dir: str | Path,
     seed: str | Path | None = None,
     budget_split: str = "equal",
@@ -43,7 +43,7 @@ def submit_experts(
 
 def submit_experts_ray(
     cfg,
-    shards: dict[str, list[str]],
+    shards: dict[str, Shard],
     out_dir: str | Path,
     seed: str | Path | None = None,
     budget_split: str = "equal",

@@ -98,8 +98,8 @@ def test_routed_ensemble_of_the_experts_evaluates_per_group(pipeline):
     tok = ByteTokenizer()
 
     def by_prefix(d):
-        inputs = store.tokens[store.offsets[d] + 1 : store.offsets[d + 1] - 1].tolist()
-        return np.concatenate([router.weights([""]), router.prefix_weights(inputs, tok)])
+        doc = store.tokens[store.offsets[d] : store.offsets[d + 1]].tolist()
+        return router.document_weights(doc, tok)
 
     report = ensemble_document_nll(ExpertEnsemble(experts), store, by_prefix, seq_len=64)
     single = evaluate(experts[0], store, seq_len=64)

@@ -120,9 +120,9 @@ def test_ensemble_evaluation_of_identical_experts_equals_the_single_model(routed
     tok = ByteTokenizer()
 
     def by_prefix(d):
-        doc = store.tokens[store.offsets[d] : store.offsets[d + 1]].tolist()
-        inputs = doc[1:-1]  # row p routes the prediction after BOS + p tokens
-        return np.concatenate([router.weights([""]), router.prefix_weights(inputs, tok)])
+        return router.document_weights(
+            store.tokens[store.offsets[d] : store.offsets[d + 1]].tolist(), tok
+        )
 
     got = ensemble_document_nll(ExpertEnsemble(copies), store, by_prefix, seq_len=64)
     single = evaluate(average(copies), store, seq_len=64)

@@ -187,7 +187,7 @@ def evaluate_experts(experts_dir, cfg, device="cpu") -> dict:
         if ens.routing == "oracle":
             label = router.clusterer.predict([tokenizer.decode(doc[1:-1])])[0]
             return np.eye(E)[np.full(n_inputs, label)]
-        return np.concatenate([router.weights([""]), router.prefix_weights(doc[1:-1], tokenizer)])
+        return router.document_weights(doc, tokenizer)
 
     ensemble = ExpertEnsemble(experts, mix=ens.mix)
     report = ensemble_document_nll(

@@ -107,6 +107,11 @@ class ClusterRouter:
         diff = feats[:, None, :] - self._centroids[None]  # [T, E, d]
         return self.weights_from_distances((diff**2).sum(-1))
 
+    def document_weights(self, doc: list[int], tokenizer: Tokenizer) -> np.ndarray:
+        """``[len(doc) - 1, E]`` for a packed document ``[BOS, x_1..x_n, EOS]``: row p routes the
+        prediction made after its first p + 1 tokens (row 0: the empty context)."""
+        return np.concatenate([self.weights([""]), self.prefix_weights(doc[1:-1], tokenizer)])
+
     @staticmethod
     def routing_text(text: str) -> str:
         """The part of ``text`` that prefix routing sees: up to its last complete word.
