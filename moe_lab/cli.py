@@ -184,6 +184,26 @@ def _generate_ensemble(args: argparse.Namespace) -> None:
     print(args.prompt + tokenizer.decode(ids[len(prompt) :]))
 
 
+def cmd_ifc(args: argparse.Namespace) -> None:
+    """Information-flow control: train the IFC model and a dense baseline, report per domain."""
+    import torch
+
+    from moe_lab.ifc import AccessPolicy
+    from moe_lab.ifc.experiment import run_ifc_experiment
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.ifc.policy is None:
+        raise ConfigError("ifc.policy: set the access policy file (principal -> domains)")
+    policy = Path(cfg.ifc.policy)
+    if not policy.is_absolute() and not policy.exists() and args.config:
+        policy = Path(args.config).parent / policy  # relative to the experiment's file
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = run_ifc_experiment(cfg, AccessPolicy.load(policy), device)
+    print(f"validation loss per {cfg.ifc.domain_field}; training FLOPs {result['train_flops']}")
+    print(result["table"])
+    print(f"wrote {Path(cfg.run.dir) / 'report.json'}")
+
+
 def _with_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file")
 
@@ -212,6 +232,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable]] = {
     "eval": (cmd_eval, _with_run_dir),
     "generate": (cmd_generate, _generate_args),
     "info": (cmd_info, _info_args),
+    "ifc": (cmd_ifc, _with_config),
     "presets": (cmd_presets, lambda p: None),
 }
 
@@ -236,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         COMMANDS[args.command][0](args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, FileNotFoundError, PermissionError, ValueError) as e:
         print(f"moe-lab {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

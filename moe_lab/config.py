@@ -21,6 +21,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EnsembleConfig",
+    "IFCConfig",
     "ModelConfig",
     "MoEConfig",
     "RopeScalingConfig",
@@ -366,6 +367,32 @@ class EnsembleConfig:
 
 
 @dataclass
+class IFCConfig:
+    """Information-flow control (see moe_lab.ifc): one expert per security domain, trained only on
+    that domain's documents; shared parameters are trained on the public domain only."""
+
+    domain_field: str = "security_domain"  # the record field holding each document's domain
+    public: str = "public"  # the domain everyone may read; it trains the shared parameters
+    domains: list[str] = field(default_factory=list)  # private domains; empty = all in the data
+    # moe: one FFN expert per domain in every MoE layer, a learned router over permitted experts;
+    # ensemble: one whole expert LM per domain, branched from the public model
+    form: str = "moe"
+    public_share: float = 0.5  # fraction of the training budget spent on the public phase
+    policy: str | None = None  # access policy file (principal -> domains) for evaluation
+
+    def validate(self, prefix: str = "ifc") -> None:
+        _choice(self.form, ("moe", "ensemble"), f"{prefix}.form")
+        _require(
+            0 < self.public_share < 1,
+            f"{prefix}.public_share must be in (0, 1), got {self.public_share!r}",
+        )
+        _require(
+            self.public not in self.domains,
+            f"{prefix}.domains must not list the public domain {self.public!r}",
+        )
+
+
+@dataclass
 class RunConfig:
     """Where a run writes and how it starts."""
 
@@ -392,6 +419,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    ifc: IFCConfig = field(default_factory=IFCConfig)
 
     def validate(self) -> None:
         self.model.validate("model")
@@ -399,6 +427,7 @@ class Config:
         self.train.validate("train")
         self.cluster.validate("cluster")
         self.ensemble.validate("ensemble")
+        self.ifc.validate("ifc")
         self.run.validate("run")
         _require(
             self.train.seq_len <= self.model.max_seq_len,

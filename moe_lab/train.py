@@ -151,10 +151,11 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+def _optimizer(model: torch.nn.Module, cfg: Config, scope=None) -> torch.optim.AdamW:
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
+    groups = scope.param_groups(t.weight_decay) if scope is not None else None
+    groups = groups or [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # norms
     ]
@@ -241,6 +242,12 @@ def _init_checkpoint(path: Path) -> Path:
     return ckpt
 
 
+def _init_tokenizer_dir(path: Path) -> Path | None:
+    """The tokenizer saved with the run that ``train.init_from`` names, if any."""
+    run = path.parent.parent if (path / "model.safetensors").is_file() else path
+    return run / "tokenizer" if (run / "tokenizer").is_dir() else None
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the metric records up to ``step``: later ones (and a torn last line) belong to the
     interrupted attempt that the resumed run repeats."""
@@ -248,8 +255,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def train(cfg: Config) -> TrainResult:
-    """Train ``cfg.model`` on ``cfg.data`` for the configured budget; see the module docstring."""
+def train(cfg: Config, scope=None) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data`` for the configured budget; see the module docstring.
+
+    ``scope`` (a :class:`moe_lab.ifc.ExpertScope`) restricts which experts route and which train.
+    """
     cfg.validate()
     t = cfg.train
     device = _device(cfg.run.device)
@@ -264,6 +274,9 @@ def train(cfg: Config) -> TrainResult:
     train_docs, valid_docs, groups = load_splits(cfg)
     if resume_from is not None:
         tokenizer = load_tokenizer(run_dir / "tokenizer")
+    elif t.init_from is not None and _init_tokenizer_dir(Path(t.init_from)) is not None:
+        # The weights are tied to their run's token ids: a branched run keeps that tokenizer.
+        tokenizer = load_tokenizer(_init_tokenizer_dir(Path(t.init_from)))
     else:
         tokenizer = build_tokenizer(cfg, train_docs)
     cache = cache_root(cfg.data.cache_dir)
@@ -285,7 +298,9 @@ def train(cfg: Config) -> TrainResult:
             raise ConfigError("train.tensorboard needs tensorboard: pip install tensorboard") from e
 
     model = build_model(cfg.model, device=device)
-    optimizer = _optimizer(model, cfg)
+    if scope is not None:
+        scope.apply(model)
+    optimizer = _optimizer(model, cfg, scope)
     detector = SpikeDetector(t.spike_window, t.spike_sigma)
     state = {"step": 0, "tokens": 0, "flops": 0.0, "skipped_nonfinite": 0, "skipped_spikes": 0}
     if resume_from is not None:
@@ -375,6 +390,8 @@ def train(cfg: Config) -> TrainResult:
             if t.spike_action == "skip":
                 skipped, state["skipped_spikes"] = True, state["skipped_spikes"] + 1
         if not skipped:
+            if scope is not None:
+                scope.before_step(lr)
             optimizer.step()
             for router in biased_routers:  # aux-loss-free balancing follows the observed load
                 router.update_bias()

@@ -104,7 +104,7 @@ class MoE(nn.Module):
         self, x_TD: Tensor, weights_TK: Tensor, indices_TK: Tensor, kept_TK: Tensor
     ) -> Tensor:
         """Run each expert once on its contiguous segment of slots, then scatter back."""
-        E, Fh, K = self.cfg.num_experts, self.cfg.expert_hidden, self.cfg.top_k
+        E, Fh, K = self.cfg.num_experts, self.cfg.expert_hidden, indices_TK.shape[1]
         slot_S = kept_TK.flatten().nonzero().squeeze(1)  # kept slots, s = t * K + k
         expert_S = indices_TK.flatten()[slot_S]
         order = expert_S.argsort(stable=True)

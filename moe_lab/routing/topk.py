@@ -36,6 +36,10 @@ class TopKRouter(nn.Module):
     ``bias_update_rate > 0`` a per-expert bias is added to the scores for *selection only*
     (DeepSeek-V3's aux-loss-free balancing); :meth:`update_bias` moves it against the load.
     ``tokens_per_expert`` counts assignments since the last bias update, in training only.
+
+    :meth:`restrict` limits routing to a subset of experts (an access policy, see
+    :mod:`moe_lab.ifc`): the others are masked to ``-inf`` *before* the softmax and the top-k, so
+    they get exactly zero weight and no token, and k shrinks to the number of experts allowed.
     """
 
     def __init__(self, dim: int, cfg: MoEConfig, init_std: float = 0.02) -> None:
@@ -46,6 +50,20 @@ class TopKRouter(nn.Module):
         # Assignments counted in training since the last bias update (every optimizer step when
         # bias_update_rate > 0): input to that update and telemetry, not checkpoint state.
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
+        self.register_buffer("allowed", None, persistent=False)  # bool [E]; None: every expert
+        self.n_allowed = cfg.num_experts
+
+    def restrict(self, experts: list[int] | None) -> None:
+        """Route only to ``experts`` (indices), or to every expert again with None."""
+        if experts is None:
+            self.allowed, self.n_allowed = None, self.cfg.num_experts
+            return
+        E = self.cfg.num_experts
+        if not experts or any(not 0 <= e < E for e in experts):
+            raise ValueError(f"allowed experts must be a non-empty subset of 0..{E - 1}: {experts}")
+        allowed = torch.zeros(E, dtype=torch.bool, device=self.gate.weight.device)
+        allowed[list(experts)] = True
+        self.allowed, self.n_allowed = allowed, int(allowed.sum())
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.gate.weight, std=self.init_std)
@@ -58,12 +76,18 @@ class TopKRouter(nn.Module):
             noise = torch.empty_like(x_TD).uniform_(1 - cfg.jitter, 1 + cfg.jitter)
             x_TD = x_TD * noise
         logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        top_k = cfg.top_k
+        if self.allowed is not None:
+            logits_TE = logits_TE.masked_fill(~self.allowed, float("-inf"))
+            top_k = min(top_k, self.n_allowed)
         if cfg.score == "softmax":
             probs_TE = logits_TE.softmax(dim=-1)
         else:
             probs_TE = logits_TE.sigmoid()
         select_TE = probs_TE + self.expert_bias if cfg.bias_update_rate > 0 else probs_TE
-        indices_TK = select_TE.topk(cfg.top_k, dim=-1).indices
+        if self.allowed is not None:  # a bias must not lift a forbidden expert into the top k
+            select_TE = select_TE.masked_fill(~self.allowed, float("-inf"))
+        indices_TK = select_TE.topk(top_k, dim=-1).indices
         weights_TK = probs_TE.gather(1, indices_TK)
         if cfg.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp(min=1e-20)

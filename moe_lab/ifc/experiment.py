@@ -1,0 +1,103 @@
+"""The IFC experiment: an IFC model, the dense baseline at equal training FLOPs, per-domain losses.
+
+:func:`run_ifc_experiment` trains the IFC model (:func:`~moe_lab.ifc.train_ifc`) and a dense
+Llama of equal *active* compute (its FFN as wide as the experts a domain token runs: ``min(k, 2)``
+of them) on all domains at the same total training FLOPs, then evaluates every principal of the
+access policy per security domain. A principal without grants runs exactly the model trained on
+public data only, so its column is the "public-only" reference the paper's gains are measured
+against.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from moe_lab.checkpoint import load_run
+from moe_lab.config import Config, ConfigError
+from moe_lab.data import load_splits
+from moe_lab.evaluate import evaluate
+from moe_lab.experts.ensemble import ExpertEnsemble, ensemble_document_nll
+from moe_lab.ifc.pipeline import IFCModel, _with_domain_field, load_ifc, train_ifc
+from moe_lab.ifc.policy import AccessPolicy
+from moe_lab.packing import build_store, cache_root
+from moe_lab.tokenizer import Tokenizer
+
+__all__ = ["dense_baseline", "evaluate_ifc", "run_ifc_experiment"]
+
+
+def evaluate_ifc(ifc: IFCModel, cfg: Config, device: str = "cpu") -> dict:
+    """Loss, perplexity and bits per byte of what ``ifc``'s principal may run, per group value.
+
+    ``form=ensemble`` mixes the permitted experts' probabilities with equal weights.
+    """
+    store = _valid_store(cfg, ifc.tokenizer)
+    t = cfg.train
+    if ifc.model is not None:
+        return evaluate(ifc.model.to(device), store, t.seq_len, t.batch_size, device)
+    E = len(ifc.experts)
+    ensemble = ExpertEnsemble([e.to(device) for e in ifc.experts])
+
+    def uniform(d: int) -> np.ndarray:
+        return np.full((store.offsets[d + 1] - store.offsets[d] - 1, E), 1.0 / E)
+
+    return ensemble_document_nll(ensemble, store, uniform, t.seq_len, t.batch_size, device)
+
+
+def _valid_store(cfg: Config, tokenizer: Tokenizer):
+    cfg = _with_domain_field(cfg)
+    _, valid, groups = load_splits(cfg)
+    return build_store(
+        valid, tokenizer, cfg.data.text_field, groups, cache_root(cfg.data.cache_dir)
+    )
+
+
+def dense_baseline(cfg: Config, train_flops: float, out_dir: Path):
+    """Train the dense model of equal active compute on every domain for ``train_flops``."""
+    from moe_lab.train import train
+
+    moe = cfg.model.moe
+    ffn = cfg.model.ffn_hidden if moe is None else min(moe.top_k, 2) * moe.expert_hidden
+    model = replace(cfg.model, moe=None, ffn_hidden=ffn)
+    budget = replace(cfg.train, max_steps=None, max_tokens=None, max_flops=train_flops)
+    data = replace(cfg.data, include={})
+    run = replace(cfg.run, dir=str(out_dir), resume=True)
+    return train(replace(cfg, model=model, train=budget, data=data, run=run))
+
+
+def run_ifc_experiment(cfg: Config, policy: AccessPolicy, device: str = "cpu") -> dict:
+    """Train, evaluate and report (``run.dir/report.json``; its ``table`` is Markdown)."""
+    cfg = _with_domain_field(cfg)
+    out = Path(cfg.run.dir)
+    if not policy.grants:
+        raise ConfigError("the access policy has no principals")
+    manifest = train_ifc(cfg, out / "ifc")
+    for principal in policy.grants:  # fail closed before the baseline costs anything
+        policy.permitted(principal, manifest["public"], manifest["domains"])
+    dense = dense_baseline(cfg, manifest["train_flops"], out / "dense")
+    field = cfg.ifc.domain_field
+    _, model, tokenizer = load_run(dense.run_dir, device=device)
+    store = _valid_store(cfg, tokenizer)
+    columns = {
+        "dense (all data)": evaluate(model, store, cfg.train.seq_len, cfg.train.batch_size, device)
+    }
+    for principal in policy.grants:
+        ifc = load_ifc(out / "ifc", policy, principal, device)
+        columns[f"{principal}: {'+'.join(ifc.permitted)}"] = evaluate_ifc(ifc, cfg, device)
+    rows = [manifest["public"], *manifest["domains"]]
+    table = ["| domain | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for domain in rows:
+        cells = [f"{c['groups'][field][domain]['loss']:.4f}" for c in columns.values()]
+        table.append(f"| {domain} | " + " | ".join(cells) + " |")
+    result = {
+        "train_flops": {"ifc": manifest["train_flops"], "dense": dense.flops},
+        "loss": {
+            name: {d: c["groups"][field][d]["loss"] for d in rows} for name, c in columns.items()
+        },
+        "table": "\n".join(table),
+    }
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    return result
