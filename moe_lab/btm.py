@@ -42,7 +42,7 @@ __all__ = [
     "ties",
 ]
 
-BUDGET_SPLITS = ("equal", "proportional")
+BUDGET_SPLITS = ("equal", "proportional", "each")
 
 
 Shard = list[str] | dict[str, list[str]]  # files, or group-field filters: {"lang": ["de"]}
@@ -72,10 +72,13 @@ def _shard_size(cfg, shard: Shard) -> int:
 
 def _split_budget(cfg, shards: dict[str, Shard], split: str) -> dict[str, dict]:
     """Each expert's share of the run's budget (``train.max_flops`` / ``max_tokens`` /
-    ``max_steps``): equal, or proportional to its shard's size in bytes (a proxy for tokens)."""
+    ``max_steps``): equal, proportional to its shard's size in bytes (a proxy for tokens), or
+    ``each``: the whole budget per expert (an expert added later, X-ELM's next round)."""
     if split not in BUDGET_SPLITS:
         raise ConfigError(f"budget split must be one of {BUDGET_SPLITS}, got {split!r}")
-    if split == "equal":
+    if split == "each":
+        shares = {name: 1.0 for name in shards}
+    elif split == "equal":
         shares = {name: 1 / len(shards) for name in shards}
     else:  # measuring a shard can mean reading it: only when the split needs it
         sizes = {name: _shard_size(cfg, shard) for name, shard in shards.items()}

@@ -204,6 +204,17 @@ def cmd_ifc(args: argparse.Namespace) -> None:
     print(f"wrote {Path(cfg.run.dir) / 'report.json'}")
 
 
+def cmd_xelm(args: argparse.Namespace) -> None:
+    """Cross-lingual experts: seed, language experts, added languages, dense baseline, report."""
+    from moe_lab.xelm import run_xelm_experiment
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_xelm_experiment(cfg)
+    print(f"validation loss per {cfg.xelm.lang_field}; training FLOPs {result['train_flops']}")
+    print(result["table"])
+    print(f"wrote {Path(cfg.run.dir) / 'report.json'}")
+
+
 def _with_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file")
 
@@ -233,6 +244,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable]] = {
     "generate": (cmd_generate, _generate_args),
     "info": (cmd_info, _info_args),
     "ifc": (cmd_ifc, _with_config),
+    "xelm": (cmd_xelm, _with_config),
     "presets": (cmd_presets, lambda p: None),
 }
 

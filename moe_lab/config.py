@@ -27,6 +27,7 @@ __all__ = [
     "RopeScalingConfig",
     "RunConfig",
     "TrainConfig",
+    "XELMConfig",
     "load_config",
     "load_model_preset",
     "model_presets",
@@ -393,6 +394,38 @@ class IFCConfig:
 
 
 @dataclass
+class XELMConfig:
+    """Cross-lingual expert LMs (X-ELM; see moe_lab.xelm): experts per language or language group,
+    branched from a multilingual seed; languages can be added later without touching the rest."""
+
+    lang_field: str = "lang"
+    languages: list[str] = field(default_factory=list)  # first round; empty = all but `add`
+    # each: one expert per language | mapping: `groups` | similarity: agglomerative clustering of
+    # the languages' character n-gram profiles | kmeans: balanced k-means of those profiles
+    grouping: str = "each"
+    groups: dict[str, list[str]] = field(default_factory=dict)  # grouping=mapping: name -> langs
+    n_groups: int = 4  # grouping=similarity | kmeans
+    add: list[str] = field(default_factory=list)  # later languages, branched from nearest expert
+    seed_share: float = 0.25  # budget share of the jointly trained multilingual seed
+    alpha: float = 0.3  # temperature over languages for the seed and the dense baseline (XGLM)
+
+    def validate(self, prefix: str = "xelm") -> None:
+        _choice(self.grouping, ("each", "mapping", "similarity", "kmeans"), f"{prefix}.grouping")
+        _positive_int(self.n_groups, f"{prefix}.n_groups")
+        _require(
+            0 < self.seed_share < 1,
+            f"{prefix}.seed_share must be in (0, 1), got {self.seed_share!r}",
+        )
+        _require(self.alpha >= 0, f"{prefix}.alpha must be >= 0, got {self.alpha!r}")
+        _require(
+            self.grouping != "mapping" or bool(self.groups),
+            f"{prefix}.grouping=mapping needs {prefix}.groups (expert name -> languages)",
+        )
+        overlap = sorted(set(self.add) & set(self.languages))
+        _require(not overlap, f"{prefix}.add and {prefix}.languages share {overlap}")
+
+
+@dataclass
 class RunConfig:
     """Where a run writes and how it starts."""
 
@@ -420,6 +453,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     ifc: IFCConfig = field(default_factory=IFCConfig)
+    xelm: XELMConfig = field(default_factory=XELMConfig)
 
     def validate(self) -> None:
         self.model.validate("model")
@@ -428,6 +462,7 @@ class Config:
         self.cluster.validate("cluster")
         self.ensemble.validate("ensemble")
         self.ifc.validate("ifc")
+        self.xelm.validate("xelm")
         self.run.validate("run")
         _require(
             self.train.seq_len <= self.model.max_seq_len,

@@ -182,6 +182,18 @@ def load_splits(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset, list[s
     return train, valid, groups
 
 
+def with_group_field(cfg: Config, name: str) -> Config:
+    """``cfg`` whose data requires, and reports per value of, the group field ``name``."""
+    from dataclasses import replace
+
+    groups = list(cfg.data.group_fields or [])
+    if cfg.data.group_fields is None and not cfg.data.train_files:
+        groups = list(CORPUS_GROUPS)
+    if name not in groups:
+        groups.append(name)
+    return replace(cfg, data=replace(cfg.data, group_fields=groups))
+
+
 def build_tokenizer(cfg: Config, train: datasets.Dataset) -> Tokenizer:
     """The run's tokenizer: byte-level, BPE trained on ``train``, or loaded from a file."""
     spec = cfg.data.tokenizer

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moe_lab.ifc.pipeline as pipeline
+from moe_lab.accounting import estimate
 from moe_lab.checkpoint import latest_checkpoint
 from moe_lab.config import ConfigError, ModelConfig, MoEConfig, load_config
 from moe_lab.data import CORPUS_DIR, DataError, load_documents
@@ -35,6 +36,13 @@ BASE = [
     "ifc.public=literature",
     "ifc.domains=[legal,code]",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
 
 
 def tiny_moe(num_experts=3, top_k=2):
@@ -351,3 +359,30 @@ def test_bad_input_is_refused_before_training(tmp_path):
         train_ifc(ifc_cfg(tmp_path / "d", files, "model.moe.capacity_factor=1.0"))
     with pytest.raises(ConfigError, match="needs MoE layers"):
         train_ifc(replace(ifc_cfg(tmp_path / "e", files), model=ModelConfig()))
+
+
+def test_moe_lab_ifc_trains_both_models_and_reports_every_principal_per_domain(tmp_path, capsys):
+    from moe_lab.cli import main
+
+    train_file, valid_file = corpus_files(tmp_path)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("public: literature\nprincipals:\n  guest: []\n  lawyer: [legal]\n")
+    args = [f"ifc.policy={policy}", f"data.train_files=[{train_file}]"]
+    args += [f"data.valid_files=[{valid_file}]", f"run.dir={tmp_path / 'run'}"]
+    assert main(["ifc", *BASE, *args]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert set(report["loss"]) == {
+        "dense (all data)",
+        "guest: literature",
+        "lawyer: literature+legal",
+    }
+    assert all(set(v) == {"literature", "legal", "code"} for v in report["loss"].values())
+    flops = report["train_flops"]
+    dense = load_config(tmp_path / "run" / "dense" / "config.yaml").model
+    per_step = 4 * 64 * estimate(dense, 64).train_flops_per_token  # the budget is met to a step
+    assert flops["ifc"] - per_step < flops["dense"] <= flops["ifc"]
+    assert "| legal |" in capsys.readouterr().out
+    policy.write_text("principals:\n  intern: [medical]\n")  # a grant without an expert
+    assert main(["ifc", *BASE, *args, f"run.dir={tmp_path / 'run2'}"]) == 2
+    assert "which have no expert" in capsys.readouterr().err
+    assert not (tmp_path / "run2").exists()  # refused before any training

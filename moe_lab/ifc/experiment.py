@@ -21,7 +21,13 @@ from moe_lab.config import Config, ConfigError
 from moe_lab.data import load_splits
 from moe_lab.evaluate import evaluate
 from moe_lab.experts.ensemble import ExpertEnsemble, ensemble_document_nll
-from moe_lab.ifc.pipeline import IFCModel, _with_domain_field, load_ifc, train_ifc
+from moe_lab.ifc.pipeline import (
+    IFCModel,
+    _with_domain_field,
+    discover_domains,
+    load_ifc,
+    train_ifc,
+)
 from moe_lab.ifc.policy import AccessPolicy
 from moe_lab.packing import build_store, cache_root
 from moe_lab.tokenizer import Tokenizer
@@ -74,9 +80,10 @@ def run_ifc_experiment(cfg: Config, policy: AccessPolicy, device: str = "cpu") -
     out = Path(cfg.run.dir)
     if not policy.grants:
         raise ConfigError("the access policy has no principals")
+    domains = discover_domains(cfg)
+    for principal in policy.grants:  # fail closed before any training
+        policy.permitted(principal, cfg.ifc.public, domains)
     manifest = train_ifc(cfg, out / "ifc")
-    for principal in policy.grants:  # fail closed before the baseline costs anything
-        policy.permitted(principal, manifest["public"], manifest["domains"])
     dense = dense_baseline(cfg, manifest["train_flops"], out / "dense")
     field = cfg.ifc.domain_field
     _, model, tokenizer = load_run(dense.run_dir, device=device)

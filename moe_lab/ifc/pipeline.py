@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe_lab.config import Config, ConfigError, load_config, save_config
-from moe_lab.data import DataError, load_splits
+from moe_lab.data import DataError, load_splits, with_group_field
 from moe_lab.experts.moe import MoE
 from moe_lab.ifc.policy import AccessPolicy
 from moe_lab.ifc.scope import ExpertScope, expert_rows
@@ -49,13 +49,7 @@ log = logging.getLogger(__name__)
 
 
 def _with_domain_field(cfg: Config) -> Config:
-    """``cfg`` whose data requires (and reports per value of) the security-domain field."""
-    groups = list(cfg.data.group_fields or [])
-    if cfg.data.group_fields is None and not cfg.data.train_files:
-        groups = ["domain", "lang"]  # the shipped corpus' fields
-    if cfg.ifc.domain_field not in groups:
-        groups.append(cfg.ifc.domain_field)
-    return replace(cfg, data=replace(cfg.data, group_fields=groups))
+    return with_group_field(cfg, cfg.ifc.domain_field)
 
 
 def discover_domains(cfg: Config) -> list[str]:
