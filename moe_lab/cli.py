@@ -215,6 +215,42 @@ def cmd_xelm(args: argparse.Namespace) -> None:
     print(f"wrote {Path(cfg.run.dir) / 'report.json'}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    """Train every variant of an experiment to one FLOP budget; write results.json and report.md."""
+    from moe_lab.compare import load_experiment, run_compare
+    from moe_lab.config import PRESET_DIR
+
+    path = args.config or PRESET_DIR.parent / "experiments" / "default.yaml"
+    exp = load_experiment(path, args.overrides)
+    run_compare(exp)
+    out = Path(exp.dir)
+    print((out / "report.md").read_text(), end="")
+    print(f"wrote {out / 'results.json'}, {out / 'report.md'} and plots")
+
+
+def cmd_scaling(args: argparse.Namespace) -> None:
+    """Fit L(C) = E + A C^-gamma per variant over results.json files from several budgets."""
+    from moe_lab.compare import fit_scaling
+    from moe_lab.plots import plot_scaling
+
+    records = [r for path in args.results for r in json.loads(Path(path).read_text())]
+    fits = {}
+    for name in dict.fromkeys(r["name"] for r in records):
+        try:
+            fits[name] = fit_scaling([r for r in records if r["name"] == name])
+        except ValueError as e:
+            print(f"{name}: {e}")
+            continue
+        f = fits[name]
+        print(
+            f"{name}: L(C) = {f['E']:.4f} + {f['A']:.4g} * C^-{f['gamma']:.4f}  "
+            f"(rmse {f['rmse']:.4f})"
+        )
+    if fits:
+        out = plot_scaling(records, fits, Path(args.results[0]).parent / "scaling.png")
+        print(f"wrote {out}")
+
+
 def _with_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file")
 
@@ -245,6 +281,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable]] = {
     "info": (cmd_info, _info_args),
     "ifc": (cmd_ifc, _with_config),
     "xelm": (cmd_xelm, _with_config),
+    "compare": (cmd_compare, _with_config),
+    "scaling": (cmd_scaling, lambda p: p.add_argument("results", nargs="+", help="results.json")),
     "presets": (cmd_presets, lambda p: None),
 }
 

@@ -336,11 +336,15 @@ class ClusterConfig:
     """Domain discovery (``moe-lab cluster``; see moe_lab.clustering)."""
 
     k: int = 8
+    # kmeans: tf-idf + balanced k-means (C-BTM) | random: balanced random assignment (the C-BTM
+    # paper's random-cluster ablation; the clusterer is still fitted, for routing)
+    method: str = "kmeans"
     n_components: int = 100  # TruncatedSVD dimensions (C-BTM: 100)
     hashing: bool = False  # hash tokens instead of learning a vocabulary (huge corpora)
     hash_bits: int = 18
 
     def validate(self, prefix: str = "cluster") -> None:
+        _choice(self.method, ("kmeans", "random"), f"{prefix}.method")
         for name in ("k", "n_components", "hash_bits"):
             _positive_int(getattr(self, name), f"{prefix}.{name}")
 

@@ -140,3 +140,30 @@ def test_cluster_command_writes_clusterer_and_one_assignment_per_document(tmp_pa
         text=True,
     )
     assert bad.returncode == 2 and "cluster.k (100000) exceeds" in bad.stderr
+
+
+def test_random_clusters_keep_the_sizes_but_ignore_the_content(tmp_path):
+    from moe_lab.clustering.run import cluster_documents
+
+    def labels(method, seed, name):
+        cfg = load_config(overrides=["cluster.k=3", f"cluster.method={method}", f"run.seed={seed}"])
+        cfg.run.dir = str(tmp_path / name)
+        cluster_documents(cfg)
+        lines = (tmp_path / name / "assignments" / "train.jsonl").read_text().splitlines()
+        return np.array([json.loads(x)["cluster"] for x in lines])
+
+    kmeans, random, again = (
+        labels("kmeans", 0, "k"),
+        labels("random", 0, "r"),
+        labels("random", 0, "r2"),
+    )
+    assert np.array_equal(np.bincount(random), np.bincount(kmeans))  # the same balanced sizes
+    assert np.array_equal(random, again)  # seeded
+    domains = np.array(load_splits(load_config())[0]["domain"])
+
+    def purity(lab):  # mean share of each cluster's most common domain
+        return np.mean(
+            [np.unique(domains[lab == c], return_counts=True)[1].max() for c in range(3)]
+        ) / (len(lab) / 3)
+
+    assert purity(kmeans) > purity(random) + 0.2  # k-means groups the domains, random mixes them

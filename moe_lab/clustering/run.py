@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from moe_lab.clustering.clusterer import Clusterer
 from moe_lab.config import Config, ConfigError, save_config
 from moe_lab.data import load_splits
@@ -51,6 +53,12 @@ def cluster_documents(cfg: Config) -> dict:
         seed=cfg.run.seed,
     )
     labels = {"train": clusterer.fit(train[text]), "valid": clusterer.predict(valid[text])}
+    if cfg.cluster.method == "random":  # same sizes as balanced k-means, content-blind
+        rng = np.random.default_rng(cfg.run.seed)
+        labels = {
+            split: rng.permutation(np.arange(len(ds)) % cfg.cluster.k)
+            for split, ds in (("train", train), ("valid", valid))
+        }
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     clusterer.save(out / "clusterer")

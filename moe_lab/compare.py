@@ -1,0 +1,402 @@
+"""``moe-lab compare``: every variant trained to one training-FLOP budget, one report.
+
+An experiment file names a budget, seeds, a ``base`` moe_lab config shared by every variant (model,
+data, training recipe) and the variants, each a family plus its own ``key=value`` overrides::
+
+    name: default
+    budget: {train_flops: 2.0e12}
+    seeds: [0]
+    base: {model: {...}, data: {...}, train: {batch_size: 16, seq_len: 128}}
+    variants:
+      - {name: dense, family: dense}
+      - {name: moe-8x2, family: moe, overrides: [model.moe.num_experts=8, model.moe.top_k=2]}
+      - {name: cbtm-4, family: cbtm, k: 4}
+      - {name: random-4, family: cbtm, k: 4, random_clusters: true}
+
+Families: ``dense`` and ``moe`` (one run of ``train.max_flops`` = the budget), ``cbtm`` (C-BTM:
+``seed_share`` of the budget on a seed, tf-idf balanced k-means into k clusters, k experts branched
+from the seed share the rest; evaluated as an ensemble routed by the document prefix, or uniformly
+for the random-cluster ablation). Every variant's token count follows from the budget through
+:mod:`moe_lab.accounting`; before anything trains, each variant's achievable FLOPs are checked to
+lie within 1% of the budget, and variants that change the tokenizer or the evaluation data are
+refused. Each (variant, seed) is an independent resumable job under ``dir/variants/<name>/seed<s>``
+whose ``result.json`` marks it finished: an interrupted compare redoes nothing that finished.
+
+Outputs in ``dir``: ``results.json`` (one record per variant and seed), ``report.md`` (mean ± std
+over seeds, best per column in bold, links to each variant's resolved config), ``loss_vs_flops.png``
+and ``groups.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import MISSING, OmegaConf
+
+from moe_lab.accounting import estimate
+from moe_lab.config import Config, ConfigError, load_config, save_config
+
+__all__ = ["ExperimentConfig", "VariantConfig", "load_experiment", "plan", "run_compare"]
+
+FAMILIES = ("dense", "moe", "cbtm")
+TOLERANCE = 0.01  # achieved training FLOPs must lie within 1% of the budget
+# What every variant must share, so that their losses are comparable.
+SHARED_DATA = (
+    "train_files",
+    "valid_files",
+    "valid_fraction",
+    "text_field",
+    "group_fields",
+    "include",
+    "tokenizer",
+    "bpe_vocab_size",
+)
+
+
+@dataclass
+class VariantConfig:
+    name: str = MISSING
+    family: str = "dense"  # dense | moe | cbtm
+    overrides: list[str] = field(default_factory=list)  # key=value changes to the base config
+    k: int = 4  # cbtm: clusters, one expert each
+    seed_share: float = 0.25  # cbtm: share of the budget spent on the seed
+    top_k: int | None = None  # cbtm: experts mixed per token; None = all k
+    random_clusters: bool = False  # cbtm: the random-cluster ablation (uniform mixing)
+
+
+@dataclass
+class BudgetConfig:
+    train_flops: float = MISSING
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    dir: str = "runs/compare"
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    base: dict[str, Any] = field(default_factory=dict)  # a moe_lab config shared by all variants
+    variants: list[VariantConfig] = field(default_factory=list)
+
+
+def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read an experiment file with ``key=value`` overrides (``budget.train_flops=1e12``)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"experiment file {str(path)!r} does not exist")
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(ExperimentConfig),
+            OmegaConf.load(path) if path else OmegaConf.create(),
+            OmegaConf.from_dotlist(list(overrides)),
+        )
+        exp = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = f"{e.full_key}: " if getattr(e, "full_key", None) else ""
+        raise ConfigError(f"{key}{str(e.msg).splitlines()[0]}") from None
+    if not exp.variants:
+        raise ConfigError("the experiment lists no variants")
+    if not exp.seeds:
+        raise ConfigError("seeds: list at least one seed")
+    if not exp.budget.train_flops > 0:
+        raise ConfigError(f"budget.train_flops must be positive, got {exp.budget.train_flops}")
+    names = [v.name for v in exp.variants]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"variant names must be unique: {names}")
+    for v in exp.variants:
+        if v.family not in FAMILIES:
+            raise ConfigError(
+                f"variant {v.name!r}: unknown family {v.family!r}; known: {', '.join(FAMILIES)}"
+            )
+    return exp
+
+
+def variant_config(exp: ExperimentConfig, variant: VariantConfig, seed: int, job: Path) -> Config:
+    """The resolved moe_lab config of one (variant, seed) job, its budget the experiment's."""
+    bad = [o for o in variant.overrides if o.split("=")[0].strip().startswith("train.max_")]
+    if bad:
+        raise ConfigError(f"variant {variant.name!r}: the budget is the experiment's, not {bad}")
+    base = Path(exp.dir) / "base.yaml"  # the shared part, as a file load_config can read
+    base.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(exp.base), base)
+    budget = ["train.max_steps=null", "train.max_tokens=null"]
+    budget.append(f"train.max_flops={exp.budget.train_flops}")
+    extra = [*variant.overrides, *budget, f"run.seed={seed}", f"run.dir={job / 'run'}"]
+    cfg = load_config(base, extra)
+    if variant.family == "moe" and cfg.model.moe is None:
+        raise ConfigError(f"variant {variant.name!r} (family moe) sets no model.moe.* override")
+    if variant.family != "moe" and cfg.model.moe is not None:
+        raise ConfigError(f"variant {variant.name!r} (family {variant.family}) has MoE layers")
+    return cfg
+
+
+def _steps_flops(cfg: Config, flops: float) -> float:
+    """Training FLOPs a run given ``flops`` achieves (whole steps only)."""
+    from moe_lab.train import planned_steps
+
+    t = cfg.train
+    per_step = t.batch_size * t.grad_accum * t.seq_len
+    per_step *= estimate(cfg.model, t.seq_len).train_flops_per_token
+    steps = planned_steps(replace(cfg, train=replace(t, max_flops=flops)))
+    return steps * per_step
+
+
+def plan(exp: ExperimentConfig, out: Path) -> dict[str, dict]:
+    """Per variant: its config and achievable FLOPs; refuse what cannot be compared.
+
+    Raises:
+        ConfigError: a variant that cannot fit its smallest run in the budget, misses the budget
+            by more than 1%, or changes the tokenizer or evaluation data.
+    """
+    reference = None
+    plans = {}
+    for v in exp.variants:
+        cfg = variant_config(exp, v, exp.seeds[0], out / "variants" / v.name / "seed0")
+        data = {k: getattr(cfg.data, k) for k in SHARED_DATA}
+        if reference is None:
+            reference = (v.name, data)
+        elif data != reference[1]:
+            diff = sorted(k for k in SHARED_DATA if data[k] != reference[1][k])
+            raise ConfigError(
+                f"variant {v.name!r} changes data.{', data.'.join(diff)} relative to "
+                f"{reference[0]!r}: every variant must share the tokenizer and evaluation data"
+            )
+        budget = exp.budget.train_flops
+        if v.family == "cbtm" and not 0 < v.seed_share < 1:
+            raise ConfigError(f"variant {v.name!r}: seed_share must be in (0, 1)")
+        try:
+            if v.family == "cbtm":
+                achieved = _steps_flops(cfg, budget * v.seed_share)
+                achieved += v.k * _steps_flops(cfg, budget * (1 - v.seed_share) / v.k)
+            else:
+                achieved = _steps_flops(cfg, budget)
+        except ConfigError as e:
+            msg = f"variant {v.name!r}: its smallest run exceeds the budget ({e})"
+            raise ConfigError(msg) from None
+        if abs(achieved - budget) > TOLERANCE * budget:
+            raise ConfigError(
+                f"variant {v.name!r} can only reach {achieved:.4g} of the {budget:.4g} FLOP budget "
+                f"in whole steps (more than {TOLERANCE:.0%} off): raise budget.train_flops or "
+                "lower train.batch_size / seq_len"
+            )
+        plans[v.name] = {"config": cfg, "flops": achieved}
+    return plans
+
+
+def _eval_summary(valid: dict) -> dict:
+    return {
+        "valid_loss": valid["overall"]["loss"],
+        "bits_per_byte": valid["overall"]["bits_per_byte"],
+        "groups": {
+            f: {g: m["loss"] for g, m in values.items()} for f, values in valid["groups"].items()
+        },
+    }
+
+
+def _run_single(cfg: Config) -> dict:
+    from moe_lab.train import train
+
+    result = train(cfg)
+    est = estimate(cfg.model, cfg.train.seq_len)
+    valid = json.loads((result.run_dir / "eval.json").read_text())["valid"]
+    return {
+        "total_params": est.total_params,
+        "active_params": est.active_params,
+        "train_flops": result.flops,
+        "tokens": result.tokens,
+        "inference_flops_per_token": est.inference_flops_per_token,
+        "curve": _curve(result.run_dir / "metrics.jsonl", 0.0),
+        **_eval_summary(valid),
+    }
+
+
+def _curve(metrics: Path, offset: float) -> list[tuple[float, float]]:
+    from moe_lab.metrics import read_metrics
+
+    return [(offset + r["flops"], r["loss"]) for r in read_metrics(metrics) if "loss" in r]
+
+
+def _run_cbtm(cfg: Config, v: VariantConfig, budget: float, job: Path) -> dict:
+    from moe_lab.btm import train_experts
+    from moe_lab.clustering.run import cluster_documents
+    from moe_lab.experts.ensemble import evaluate_experts
+    from moe_lab.train import train
+
+    seed_cfg = replace(
+        cfg,
+        train=replace(cfg.train, max_flops=budget * v.seed_share),
+        run=replace(cfg.run, dir=str(job / "seed"), resume=True),
+    )
+    seed = train(seed_cfg)
+    clusters = job / "clusters"
+    if not (clusters / "clusters.json").exists():
+        method = "random" if v.random_clusters else "kmeans"
+        cluster_cfg = replace(
+            cfg,
+            cluster=replace(cfg.cluster, k=v.k, method=method),
+            run=replace(cfg.run, dir=str(clusters)),
+        )
+        shutil.rmtree(clusters, ignore_errors=True)  # an interrupted clustering starts over
+        cluster_documents(cluster_cfg)
+    shards = {
+        f"c{c}": [str(clusters / "shards" / "train" / f"cluster_{c:03d}.jsonl")] for c in range(v.k)
+    }
+    template = replace(cfg, train=replace(cfg.train, max_flops=budget * (1 - v.seed_share)))
+    manifest = train_experts(template, shards, job / "experts", seed=seed.run_dir)
+    routing = "uniform" if v.random_clusters else "prefix"
+    ens = replace(cfg.ensemble, clusters_dir=str(clusters), routing=routing, top_k=v.top_k)
+    report = evaluate_experts(job / "experts", replace(cfg, ensemble=ens))
+    est = estimate(cfg.model, cfg.train.seq_len)
+    used = v.k if v.top_k is None or v.random_clusters else v.top_k
+    experts = manifest["experts"].values()
+    curve = _curve(seed.run_dir / "metrics.jsonl", 0.0)
+    offset = seed.flops
+    for e in experts:  # the experts' curves laid end to end, as if trained one after another
+        run = job / "experts" / "experts" / e["name"] / "run"
+        curve += _curve(run / "metrics.jsonl", offset)
+        offset += e["flops"]
+    return {
+        "total_params": v.k * est.total_params,
+        "active_params": used * est.active_params,
+        "train_flops": seed.flops + sum(e["flops"] for e in experts),
+        "tokens": seed.tokens + sum(e["tokens"] for e in experts),
+        "inference_flops_per_token": used * est.inference_flops_per_token,
+        "curve": curve,
+        **_eval_summary(report["valid"]),
+    }
+
+
+def run_variant(exp: ExperimentConfig, v: VariantConfig, seed: int, out: Path) -> dict:
+    """Train and evaluate one (variant, seed); a finished job returns its saved record."""
+    job = out / "variants" / v.name / f"seed{seed}"
+    if (job / "result.json").exists():
+        return json.loads((job / "result.json").read_text())
+    cfg = variant_config(exp, v, seed, job)
+    cfg = replace(cfg, run=replace(cfg.run, resume=True))
+    job.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, job / "config.yaml")
+    started = time.perf_counter()
+    if v.family == "cbtm":
+        record = _run_cbtm(cfg, v, exp.budget.train_flops, job)
+    else:
+        record = _run_single(cfg)
+    wall = time.perf_counter() - started
+    record = {
+        "name": v.name,
+        "family": v.family,
+        "seed": seed,
+        "config": str((job / "config.yaml").relative_to(out)),
+        "budget_flops": exp.budget.train_flops,
+        "flops_vs_budget": record["train_flops"] / exp.budget.train_flops,
+        "wall_s": wall,
+        "tokens_per_s": record["tokens"] / wall,
+        **record,
+    }
+    tmp = job / "result.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.rename(job / "result.json")
+    return record
+
+
+def run_compare(exp: ExperimentConfig) -> list[dict]:
+    """Plan (refusing what cannot be compared), run every job, write the report and plots."""
+    from moe_lab.plots import plot_compare
+
+    out = Path(exp.dir)
+    plan(exp, out)
+    records = [run_variant(exp, v, s, out) for v in exp.variants for s in exp.seeds]
+    (out / "results.json").write_text(json.dumps(records, indent=2))
+    (out / "report.md").write_text(report_markdown(exp, records))
+    plot_compare(records, out)
+    return records
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def report_markdown(exp: ExperimentConfig, records: list[dict]) -> str:
+    """The report for people: one row per variant, mean ± std over seeds, best loss in bold."""
+    names = [v.name for v in exp.variants]
+    by_name = {n: [r for r in records if r["name"] == n] for n in names}
+    groups = sorted({(f, g) for r in records for f, values in r["groups"].items() for g in values})
+    metrics = [
+        ("valid loss", lambda r: r["valid_loss"]),
+        ("bits/byte", lambda r: r["bits_per_byte"]),
+    ]
+    metrics += [(f"{f}={g}", lambda r, f=f, g=g: r["groups"][f][g]) for f, g in groups]
+    means = {n: {m: _mean_std([fn(r) for r in by_name[n]]) for m, fn in metrics} for n in names}
+    best = {m: min(names, key=lambda n: means[n][m][0]) for m, _ in metrics}
+    within = all(abs(r["flops_vs_budget"] - 1) <= TOLERANCE for r in records)
+    lines = [
+        f"# {exp.name}",
+        "",
+        f"Budget: {exp.budget.train_flops:.4g} training FLOPs per variant; seeds {exp.seeds}. "
+        f"Every variant's achieved training FLOPs {'lie' if within else 'do NOT all lie'} within "
+        f"{TOLERANCE:.0%} of the budget. Losses in nats per token (mean ± std over seeds), lower "
+        "is better; the best of each column in bold.",
+        "",
+        "| variant | family | params (total / active) | train FLOPs (× budget) | tokens | "
+        "inference FLOPs/token | wall s | tokens/s | " + " | ".join(m for m, _ in metrics) + " |",
+        "|---" * (8 + len(metrics)) + "|",
+    ]
+    for n in names:
+        rs = by_name[n]
+        r0 = rs[0]
+        cells = []
+        for m, _ in metrics:
+            mean, std = means[n][m]
+            text = f"{mean:.4f} ± {std:.4f}" if len(rs) > 1 else f"{mean:.4f}"
+            cells.append(f"**{text}**" if best[m] == n else text)
+        ratio = np.mean([r["flops_vs_budget"] for r in rs])
+        lines.append(
+            f"| [{n}]({r0['config']}) | {r0['family']} | "
+            f"{r0['total_params'] / 1e6:.2f}M / {r0['active_params'] / 1e6:.2f}M | "
+            f"{np.mean([r['train_flops'] for r in rs]):.4g} ({ratio:.4f}) | "
+            f"{int(np.mean([r['tokens'] for r in rs])):,d} | "
+            f"{r0['inference_flops_per_token']:.4g} | {np.mean([r['wall_s'] for r in rs]):.0f} | "
+            f"{np.mean([r['tokens_per_s'] for r in rs]):,.0f} | " + " | ".join(cells) + " |"
+        )
+    lines += [
+        "",
+        "![loss against training FLOPs](loss_vs_flops.png)",
+        "",
+        "![per group](groups.png)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def fit_scaling(records: list[dict]) -> dict:
+    """Fit ``L(C) = E + A * C^-gamma`` to (training FLOPs, validation loss) of one family.
+
+    Needs at least 3 distinct budgets; returns ``{"E", "A", "gamma", "rmse"}``.
+    """
+    from scipy.optimize import curve_fit
+
+    c = np.array([r["train_flops"] for r in records], dtype=np.float64)
+    loss = np.array([r["valid_loss"] for r in records], dtype=np.float64)
+    if len(set(c.tolist())) < 3:
+        raise ValueError("a scaling fit needs results at 3 or more different budgets")
+    scale = c.min()  # fit in units of the smallest budget: well-conditioned parameters
+
+    def law(x, e, a, gamma):
+        return e + a * x ** (-gamma)
+
+    (e, a, gamma), _ = curve_fit(
+        law,
+        c / scale,
+        loss,
+        p0=(loss.min() * 0.9, loss.max() - loss.min() + 1e-3, 0.3),
+        bounds=([0, 0, 0], [np.inf, np.inf, 5]),
+        maxfev=20000,
+    )
+    rmse = math.sqrt(float(np.mean((law(c / scale, e, a, gamma) - loss) ** 2)))
+    return {"E": e, "A": a * scale**gamma, "gamma": gamma, "rmse": rmse}

@@ -1,0 +1,167 @@
+"""moe-lab compare: variants trained to one FLOP budget, resumable, refused when incomparable."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import moe_lab.train as train_module
+from moe_lab.accounting import estimate
+from moe_lab.compare import fit_scaling, load_experiment, run_compare
+from moe_lab.config import ConfigError, ModelConfig
+from moe_lab.data import CORPUS_DIR, load_documents
+from tests.conftest import write_jsonl
+
+MODEL = {
+    "dim": 32,
+    "n_layers": 2,
+    "n_heads": 2,
+    "n_kv_heads": 1,
+    "vocab_size": 260,
+    "ffn_hidden": 64,
+    "max_seq_len": 64,
+}
+TRAIN = {
+    "batch_size": 2,
+    "seq_len": 32,
+    "warmup_steps": 5,
+    "progress": False,
+    "checkpoint_every": 1000,
+    "eval_max_batches": 2,
+}
+STEPS = 300  # dense steps in the budget: enough whole steps for every run to land within 1%
+
+
+def budget() -> float:
+    return 2 * 32 * estimate(ModelConfig(**MODEL), 32).train_flops_per_token * STEPS
+
+
+def experiment(tmp_path, variants, **extra):
+    # A small evaluation set (every 6th shipped validation document) keeps the ensembles' prefix
+    # routing, which re-vectorises every prefix, quick.
+    docs = load_documents([str(CORPUS_DIR / "valid.jsonl.gz")], "text", ["domain", "lang"])
+    valid = write_jsonl(tmp_path / "valid.jsonl", [docs[i] for i in range(0, len(docs), 6)])
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "name": "tiny",
+                "dir": str(tmp_path / "out"),
+                "budget": {"train_flops": budget()},
+                "base": {
+                    "model": MODEL,
+                    "train": TRAIN,
+                    "data": {"group_fields": ["domain", "lang"], "valid_files": [str(valid)]},
+                },
+                "variants": variants,
+                **extra,
+            }
+        )
+    )
+    return load_experiment(path)
+
+
+VARIANTS = [
+    {"name": "dense", "family": "dense"},
+    {
+        "name": "moe",
+        "family": "moe",
+        "overrides": ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_hidden=32"],
+    },
+    {"name": "cbtm", "family": "cbtm", "k": 2, "top_k": 1},
+]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    exp = experiment(tmp, VARIANTS)
+    return exp, run_compare(exp)
+
+
+def test_every_variant_reaches_the_budget_within_one_percent(compared):
+    exp, records = compared
+    assert [r["name"] for r in records] == ["dense", "moe", "cbtm"]
+    for r in records:
+        assert abs(r["train_flops"] / exp.budget.train_flops - 1) <= 0.01, r["name"]
+        assert r["flops_vs_budget"] == r["train_flops"] / exp.budget.train_flops
+    dense, moe, cbtm = records
+    per_token = estimate(ModelConfig(**MODEL), 32).train_flops_per_token
+    assert dense["train_flops"] == dense["tokens"] * per_token  # tokens follow from the budget
+    assert moe["total_params"] > moe["active_params"]  # 4 experts, 2 active
+    assert cbtm["total_params"] == 2 * dense["total_params"]
+    assert cbtm["inference_flops_per_token"] == dense["inference_flops_per_token"]  # top-1
+
+
+def test_the_report_holds_every_variant_and_group_value(compared):
+    exp, records = compared
+    out = Path(exp.dir)
+    report = (out / "report.md").read_text()
+    assert "lie within 1% of the budget" in report
+    for r in records:
+        assert f"[{r['name']}]({r['config']})" in report and (out / r["config"]).is_file()
+        for field, values in r["groups"].items():
+            assert set(values) == set(records[0]["groups"][field])
+            for value in values:
+                assert f"{field}={value}" in report
+    assert {"domain", "lang"} <= set(records[0]["groups"])
+    assert report.count("**") == 2 * (2 + sum(len(v) for v in records[0]["groups"].values()))
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(records))
+    assert (out / "loss_vs_flops.png").stat().st_size > 0 and (out / "groups.png").is_file()
+
+
+def test_an_interrupted_compare_redoes_only_unfinished_variants(compared, monkeypatch):
+    exp, records = compared
+    calls = []
+    original = train_module.train
+    monkeypatch.setattr(
+        train_module, "train", lambda cfg, **kw: calls.append(cfg.run.dir) or original(cfg, **kw)
+    )
+    (Path(exp.dir) / "variants" / "moe" / "seed0" / "result.json").unlink()
+    again = run_compare(exp)
+    assert len(calls) == 1 and "/moe/" in calls[0]  # dense and cbtm were not touched
+    assert again[1]["valid_loss"] == records[1]["valid_loss"]  # resumed from its last checkpoint
+    assert [r["name"] for r in again] == ["dense", "moe", "cbtm"]
+
+
+@pytest.mark.parametrize(
+    ("variants", "extra", "match"),
+    [
+        ([{"name": "x", "family": "transformer-xl"}], {}, "unknown family 'transformer-xl'"),
+        (
+            [{"name": "a"}, {"name": "b", "overrides": ["data.tokenizer=bpe"]}],
+            {},
+            r"'b' changes data.tokenizer .* share the tokenizer and evaluation data",
+        ),
+        (
+            [{"name": "a"}, {"name": "b", "overrides": ["data.valid_fraction=0.2"]}],
+            {},
+            "changes data.valid_fraction",
+        ),
+        (
+            [{"name": "a", "overrides": ["train.max_steps=10"]}],
+            {},
+            "the budget is the experiment's",
+        ),
+        ([{"name": "a"}], {"budget": {"train_flops": 1e3}}, "smallest run exceeds the budget"),
+        ([{"name": "a"}], {"budget": {"train_flops": budget() / STEPS * 20.5}}, "more than 1% off"),
+        ([{"name": "a", "family": "moe"}], {}, "sets no model.moe"),
+        ([], {}, "lists no variants"),
+    ],
+)
+def test_incomparable_experiments_are_refused_before_training(tmp_path, variants, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        run_compare(experiment(tmp_path, variants, **extra))
+    assert not list((tmp_path / "out").glob("variants/*/seed*"))
+
+
+def test_scaling_fit_recovers_a_known_law():
+    E, A, gamma = 1.7, 400.0, 0.28
+    records = [
+        {"train_flops": c, "valid_loss": E + A * c**-gamma} for c in (1e12, 3e12, 1e13, 3e13, 1e14)
+    ]
+    fit = fit_scaling(records)
+    assert fit["E"] == pytest.approx(E, rel=1e-3) and fit["gamma"] == pytest.approx(gamma, rel=1e-3)
+    assert fit["A"] == pytest.approx(A, rel=1e-2) and fit["rmse"] < 1e-6
+    with pytest.raises(ValueError, match="3 or more"):
+        fit_scaling(records[:2])
