@@ -16,11 +16,15 @@ data, training recipe) and the variants, each a family plus its own ``key=value`
 Families: ``dense`` and ``moe`` (one run of ``train.max_flops`` = the budget), ``cbtm`` (C-BTM:
 ``seed_share`` of the budget on a seed, tf-idf balanced k-means into k clusters, k experts branched
 from the seed share the rest; evaluated as an ensemble routed by the document prefix, or uniformly
-for the random-cluster ablation). Every variant's token count follows from the budget through
-:mod:`moe_lab.accounting`; before anything trains, each variant's achievable FLOPs are checked to
-lie within 1% of the budget, and variants that change the tokenizer or the evaluation data are
-refused. Each (variant, seed) is an independent resumable job under ``dir/variants/<name>/seed<s>``
-whose ``result.json`` marks it finished: an interrupted compare redoes nothing that finished.
+for the random-cluster ablation), ``xelm`` (X-ELM's first round, :mod:`moe_lab.xelm`, routed by
+language; ``xelm.*`` overrides) and ``ifc`` (an information-flow-control model, :mod:`moe_lab.ifc`,
+evaluated by a principal who may use every domain; ``ifc.*`` overrides). Any moe_lab config is a
+``dense`` or ``moe`` variant with overrides. Every variant's token count follows from the budget
+through :mod:`moe_lab.accounting`; before anything trains, each variant's achievable FLOPs are
+checked to lie within 1% of the budget, and variants that change the tokenizer or the evaluation
+data are refused. Each (variant, seed) is an independent resumable job under
+``dir/variants/<name>/seed<s>`` whose ``result.json`` marks it finished: an interrupted compare
+redoes nothing that finished.
 
 Outputs in ``dir``: ``results.json`` (one record per variant and seed), ``report.md`` (mean ± std
 over seeds, best per column in bold, links to each variant's resolved config), ``loss_vs_flops.png``
@@ -45,7 +49,7 @@ from moe_lab.config import Config, ConfigError, load_config, save_config
 
 __all__ = ["ExperimentConfig", "VariantConfig", "load_experiment", "plan", "run_compare"]
 
-FAMILIES = ("dense", "moe", "cbtm")
+FAMILIES = ("dense", "moe", "cbtm", "xelm", "ifc")
 TOLERANCE = 0.01  # achieved training FLOPs must lie within 1% of the budget
 # What every variant must share, so that their losses are comparable.
 SHARED_DATA = (
@@ -131,10 +135,18 @@ def variant_config(exp: ExperimentConfig, variant: VariantConfig, seed: int, job
     budget.append(f"train.max_flops={exp.budget.train_flops}")
     extra = [*variant.overrides, *budget, f"run.seed={seed}", f"run.dir={job / 'run'}"]
     cfg = load_config(base, extra)
-    if variant.family == "moe" and cfg.model.moe is None:
-        raise ConfigError(f"variant {variant.name!r} (family moe) sets no model.moe.* override")
-    if variant.family != "moe" and cfg.model.moe is not None:
+    needs_moe = variant.family == "moe" or (variant.family == "ifc" and cfg.ifc.form == "moe")
+    if needs_moe and cfg.model.moe is None:
+        raise ConfigError(
+            f"variant {variant.name!r} ({variant.family}) sets no model.moe.* override"
+        )
+    if not needs_moe and cfg.model.moe is not None:
         raise ConfigError(f"variant {variant.name!r} (family {variant.family}) has MoE layers")
+    if variant.family == "xelm" and cfg.xelm.add:
+        raise ConfigError(
+            f"variant {variant.name!r}: xelm.add trains beyond the budget; compare the first "
+            "round (moe-lab xelm reports added languages)"
+        )
     return cfg
 
 
@@ -147,6 +159,35 @@ def _steps_flops(cfg: Config, flops: float) -> float:
     per_step *= estimate(cfg.model, t.seq_len).train_flops_per_token
     steps = planned_steps(replace(cfg, train=replace(t, max_flops=flops)))
     return steps * per_step
+
+
+def _phases(cfg: Config, v: VariantConfig) -> list[tuple[Config, float, int]]:
+    """The training runs of a variant: (config, share of the budget, how many such runs)."""
+    if v.family == "cbtm":
+        return [(cfg, v.seed_share, 1), (cfg, (1 - v.seed_share) / v.k, v.k)]
+    if v.family == "xelm":
+        from moe_lab.data import with_group_field
+        from moe_lab.xelm import _plan
+
+        groups = len(_plan(with_group_field(cfg, cfg.xelm.lang_field))["groups"])
+        share = cfg.xelm.seed_share
+        return [(cfg, share, 1), (cfg, (1 - share) / groups, groups)]
+    if v.family == "ifc":
+        from moe_lab.ifc.pipeline import _moe_model_cfg, _with_domain_field, discover_domains
+
+        n, share = len(discover_domains(_with_domain_field(cfg))), cfg.ifc.public_share
+        public = domain = cfg
+        if cfg.ifc.form == "moe":  # one expert routed in the public phase, min(k, 2) after
+            model = _moe_model_cfg(cfg, 1 + n)
+            k = model.moe.top_k
+            public = replace(cfg, model=replace(model, moe=replace(model.moe, top_k=1)))
+            domain = replace(cfg, model=replace(model, moe=replace(model.moe, top_k=min(k, 2))))
+        return [(public, share, 1), (domain, (1 - share) / n, n)]
+    return [(cfg, 1.0, 1)]
+
+
+def _achievable(cfg: Config, v: VariantConfig, budget: float) -> float:
+    return sum(n * _steps_flops(c, budget * share) for c, share, n in _phases(cfg, v))
 
 
 def plan(exp: ExperimentConfig, out: Path) -> dict[str, dict]:
@@ -173,11 +214,7 @@ def plan(exp: ExperimentConfig, out: Path) -> dict[str, dict]:
         if v.family == "cbtm" and not 0 < v.seed_share < 1:
             raise ConfigError(f"variant {v.name!r}: seed_share must be in (0, 1)")
         try:
-            if v.family == "cbtm":
-                achieved = _steps_flops(cfg, budget * v.seed_share)
-                achieved += v.k * _steps_flops(cfg, budget * (1 - v.seed_share) / v.k)
-            else:
-                achieved = _steps_flops(cfg, budget)
+            achieved = _achievable(cfg, v, budget)
         except ConfigError as e:
             msg = f"variant {v.name!r}: its smallest run exceeds the budget ({e})"
             raise ConfigError(msg) from None
@@ -224,6 +261,62 @@ def _curve(metrics: Path, offset: float) -> list[tuple[float, float]]:
     return [(offset + r["flops"], r["loss"]) for r in read_metrics(metrics) if "loss" in r]
 
 
+def _chained(run_dirs: list[Path]) -> tuple[list[tuple[float, float]], float, int]:
+    """Training-loss curves of several runs laid end to end, and their total FLOPs and tokens."""
+    curve, flops, tokens = [], 0.0, 0
+    for run in run_dirs:
+        curve += _curve(run / "metrics.jsonl", flops)
+        summary = json.loads((run / "eval.json").read_text())
+        flops, tokens = flops + summary["flops"], tokens + summary["tokens"]
+    return curve, flops, tokens
+
+
+def _run_ifc(cfg: Config, job: Path) -> dict:
+    """An IFC model (moe_lab.ifc), evaluated by a principal who may use every domain."""
+    from moe_lab.ifc import AccessPolicy, load_ifc, train_ifc
+    from moe_lab.ifc.experiment import evaluate_ifc
+
+    manifest = train_ifc(cfg, job / "ifc")
+    policy = AccessPolicy({"all": frozenset(manifest["domains"])})
+    model = load_ifc(job / "ifc", policy, "all")
+    valid = evaluate_ifc(model, cfg)
+    runs = [job / "ifc" / "public" / "run"]
+    runs += [job / "ifc" / "domains" / d / "run" for d in manifest["domains"]]
+    curve, flops, tokens = _chained(runs)
+    est = estimate(model.cfg.model, cfg.train.seq_len)
+    n = len(model.experts) if model.experts is not None else 1
+    return {
+        "total_params": n * est.total_params,
+        "active_params": n * est.active_params,
+        "train_flops": flops,
+        "tokens": tokens,
+        "inference_flops_per_token": n * est.inference_flops_per_token,
+        "curve": curve,
+        **_eval_summary(valid),
+    }
+
+
+def _run_xelm(cfg: Config, job: Path) -> dict:
+    """X-ELM's first round (moe_lab.xelm), routed top-1 by each document's language."""
+    from moe_lab.xelm import evaluate_by_language, train_xelm
+
+    cfg = replace(cfg, run=replace(cfg.run, dir=str(job / "xelm")))
+    plan = train_xelm(cfg)
+    valid = evaluate_by_language(cfg, job / "xelm")["valid"]
+    runs = [job / "xelm" / "seed"] + [job / "xelm" / "experts" / n / "run" for n in plan["groups"]]
+    curve, flops, tokens = _chained(runs)
+    est = estimate(cfg.model, cfg.train.seq_len)
+    return {
+        "total_params": len(plan["groups"]) * est.total_params,
+        "active_params": est.active_params,
+        "train_flops": flops,
+        "tokens": tokens,
+        "inference_flops_per_token": est.inference_flops_per_token,
+        "curve": curve,
+        **_eval_summary(valid),
+    }
+
+
 def _run_cbtm(cfg: Config, v: VariantConfig, budget: float, job: Path) -> dict:
     from moe_lab.btm import train_experts
     from moe_lab.clustering.run import cluster_documents
@@ -256,18 +349,13 @@ def _run_cbtm(cfg: Config, v: VariantConfig, budget: float, job: Path) -> dict:
     report = evaluate_experts(job / "experts", replace(cfg, ensemble=ens))
     est = estimate(cfg.model, cfg.train.seq_len)
     used = v.k if v.top_k is None or v.random_clusters else v.top_k
-    experts = manifest["experts"].values()
-    curve = _curve(seed.run_dir / "metrics.jsonl", 0.0)
-    offset = seed.flops
-    for e in experts:  # the experts' curves laid end to end, as if trained one after another
-        run = job / "experts" / "experts" / e["name"] / "run"
-        curve += _curve(run / "metrics.jsonl", offset)
-        offset += e["flops"]
+    runs = [seed.run_dir] + [job / "experts" / "experts" / n / "run" for n in manifest["experts"]]
+    curve, flops, tokens = _chained(runs)
     return {
         "total_params": v.k * est.total_params,
         "active_params": used * est.active_params,
-        "train_flops": seed.flops + sum(e["flops"] for e in experts),
-        "tokens": seed.tokens + sum(e["tokens"] for e in experts),
+        "train_flops": flops,
+        "tokens": tokens,
         "inference_flops_per_token": used * est.inference_flops_per_token,
         "curve": curve,
         **_eval_summary(report["valid"]),
@@ -286,6 +374,10 @@ def run_variant(exp: ExperimentConfig, v: VariantConfig, seed: int, out: Path) -
     started = time.perf_counter()
     if v.family == "cbtm":
         record = _run_cbtm(cfg, v, exp.budget.train_flops, job)
+    elif v.family == "ifc":
+        record = _run_ifc(cfg, job)
+    elif v.family == "xelm":
+        record = _run_xelm(cfg, job)
     else:
         record = _run_single(cfg)
     wall = time.perf_counter() - started
@@ -332,9 +424,13 @@ def report_markdown(exp: ExperimentConfig, records: list[dict]) -> str:
         ("valid loss", lambda r: r["valid_loss"]),
         ("bits/byte", lambda r: r["bits_per_byte"]),
     ]
-    metrics += [(f"{f}={g}", lambda r, f=f, g=g: r["groups"][f][g]) for f, g in groups]
+    metrics += [
+        (f"{f}={g}", lambda r, f=f, g=g: r["groups"].get(f, {}).get(g, math.nan)) for f, g in groups
+    ]
     means = {n: {m: _mean_std([fn(r) for r in by_name[n]]) for m, fn in metrics} for n in names}
-    best = {m: min(names, key=lambda n: means[n][m][0]) for m, _ in metrics}
+    best = {
+        m: min(names, key=lambda n: np.nan_to_num(means[n][m][0], nan=np.inf)) for m, _ in metrics
+    }
     within = all(abs(r["flops_vs_budget"] - 1) <= TOLERANCE for r in records)
     lines = [
         f"# {exp.name}",
@@ -355,6 +451,7 @@ def report_markdown(exp: ExperimentConfig, records: list[dict]) -> str:
         for m, _ in metrics:
             mean, std = means[n][m]
             text = f"{mean:.4f} ± {std:.4f}" if len(rs) > 1 else f"{mean:.4f}"
+            text = "–" if math.isnan(mean) else text
             cells.append(f"**{text}**" if best[m] == n else text)
         ratio = np.mean([r["flops_vs_budget"] for r in rs])
         lines.append(

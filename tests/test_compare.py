@@ -165,3 +165,35 @@ def test_scaling_fit_recovers_a_known_law():
     assert fit["A"] == pytest.approx(A, rel=1e-2) and fit["rmse"] < 1e-6
     with pytest.raises(ValueError, match="3 or more"):
         fit_scaling(records[:2])
+
+
+def test_xelm_and_ifc_variants_are_charged_the_same_budget(tmp_path):
+    variants = [
+        {"name": "dense", "family": "dense"},
+        {
+            "name": "xelm",
+            "family": "xelm",
+            "overrides": ["xelm.grouping=kmeans", "xelm.n_groups=2", "xelm.seed_share=0.5"],
+        },
+        {
+            "name": "ifc",
+            "family": "ifc",
+            "overrides": [
+                "model.moe.num_experts=2",
+                "model.moe.expert_hidden=32",
+                "ifc.domain_field=domain",
+                "ifc.public=literature",
+                "ifc.domains=[legal]",
+            ],
+        },
+    ]
+    records = run_compare(experiment(tmp_path, variants))
+    dense, xelm, ifc = records
+    for r in records:
+        assert abs(r["flops_vs_budget"] - 1) <= 0.01, r["name"]
+    assert xelm["total_params"] == 2 * dense["total_params"]  # two language-group experts
+    assert xelm["inference_flops_per_token"] == dense["inference_flops_per_token"]  # top-1
+    assert set(xelm["groups"]["lang"]) == set(dense["groups"]["lang"])
+    assert ifc["groups"]["domain"].keys() == dense["groups"]["domain"].keys()
+    with pytest.raises(ConfigError, match="xelm.add trains beyond the budget"):
+        run_compare(experiment(tmp_path, [{**variants[1], "overrides": ["xelm.add=[pt]"]}]))
