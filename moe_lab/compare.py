@@ -16,15 +16,16 @@ data, training recipe) and the variants, each a family plus its own ``key=value`
 Families: ``dense`` and ``moe`` (one run of ``train.max_flops`` = the budget), ``cbtm`` (C-BTM:
 ``seed_share`` of the budget on a seed, tf-idf balanced k-means into k clusters, k experts branched
 from the seed share the rest; evaluated as an ensemble routed by the document prefix, or uniformly
-for the random-cluster ablation), ``xelm`` (X-ELM's first round, :mod:`moe_lab.xelm`, routed by
-language; ``xelm.*`` overrides) and ``ifc`` (an information-flow-control model, :mod:`moe_lab.ifc`,
-evaluated by a principal who may use every domain; ``ifc.*`` overrides). Any moe_lab config is a
-``dense`` or ``moe`` variant with overrides. Every variant's token count follows from the budget
-through :mod:`moe_lab.accounting`; before anything trains, each variant's achievable FLOPs are
-checked to lie within 1% of the budget, and variants that change the tokenizer or the evaluation
-data are refused. Each (variant, seed) is an independent resumable job under
-``dir/variants/<name>/seed<s>`` whose ``result.json`` marks it finished: an interrupted compare
-redoes nothing that finished.
+for the random-cluster ablation; ``merge: average`` evaluates the experts' parameter average
+instead, ``merge: btx`` merges them into one MoE trained for ``finetune_share`` of the budget),
+``xelm`` (X-ELM's first round, :mod:`moe_lab.xelm`, routed by language; ``xelm.*`` overrides) and
+``ifc`` (an information-flow-control model, :mod:`moe_lab.ifc`, evaluated by a principal who may
+use every domain; ``ifc.*`` overrides). Any moe_lab config is a ``dense`` or ``moe`` variant with
+overrides. Every variant's token count follows from the budget through :mod:`moe_lab.accounting`;
+before anything trains, each variant's achievable FLOPs are checked to lie within 1% of the budget,
+and variants that change the tokenizer or the evaluation data are refused. Each (variant, seed) is
+an independent resumable job under ``dir/variants/<name>/seed<s>`` whose ``result.json`` marks it
+finished: an interrupted compare redoes nothing that finished.
 
 Outputs in ``dir``: ``results.json`` (one record per variant and seed), ``report.md`` (mean ± std
 over seeds, best per column in bold, links to each variant's resolved config), ``loss_vs_flops.png``
@@ -73,6 +74,10 @@ class VariantConfig:
     seed_share: float = 0.25  # cbtm: share of the budget spent on the seed
     top_k: int | None = None  # cbtm: experts mixed per token; None = all k
     random_clusters: bool = False  # cbtm: the random-cluster ablation (uniform mixing)
+    # cbtm: none (an ensemble) | average (one model, the experts' parameters averaged: BTM) |
+    # btx (Branch-Train-MiX: the experts' FFNs become one MoE, trained for `finetune_share`)
+    merge: str = "none"
+    finetune_share: float = 0.1
 
 
 @dataclass
@@ -164,7 +169,14 @@ def _steps_flops(cfg: Config, flops: float) -> float:
 def _phases(cfg: Config, v: VariantConfig) -> list[tuple[Config, float, int]]:
     """The training runs of a variant: (config, share of the budget, how many such runs)."""
     if v.family == "cbtm":
-        return [(cfg, v.seed_share, 1), (cfg, (1 - v.seed_share) / v.k, v.k)]
+        if v.merge != "btx":
+            return [(cfg, v.seed_share, 1), (cfg, (1 - v.seed_share) / v.k, v.k)]
+        experts = (1 - v.seed_share - v.finetune_share) / v.k
+        return [
+            (cfg, v.seed_share, 1),
+            (cfg, experts, v.k),
+            (_btx_cfg(cfg, v), v.finetune_share, 1),
+        ]
     if v.family == "xelm":
         from moe_lab.data import with_group_field
         from moe_lab.xelm import _plan
@@ -184,6 +196,15 @@ def _phases(cfg: Config, v: VariantConfig) -> list[tuple[Config, float, int]]:
             domain = replace(cfg, model=replace(model, moe=replace(model.moe, top_k=min(k, 2))))
         return [(public, share, 1), (domain, (1 - share) / n, n)]
     return [(cfg, 1.0, 1)]
+
+
+def _btx_cfg(cfg: Config, v: VariantConfig) -> Config:
+    """The config of a BTX variant's merged MoE: expert e of every layer is expert model e's FFN."""
+    from moe_lab.config import MoEConfig
+
+    top_k = min(v.top_k or 2, v.k)
+    moe = MoEConfig(num_experts=v.k, top_k=top_k, expert_hidden=cfg.model.ffn_hidden)
+    return replace(cfg, model=replace(cfg.model, moe=moe))
 
 
 def _achievable(cfg: Config, v: VariantConfig, budget: float) -> float:
@@ -213,6 +234,10 @@ def plan(exp: ExperimentConfig, out: Path) -> dict[str, dict]:
         budget = exp.budget.train_flops
         if v.family == "cbtm" and not 0 < v.seed_share < 1:
             raise ConfigError(f"variant {v.name!r}: seed_share must be in (0, 1)")
+        if v.merge not in ("none", "average", "btx"):
+            raise ConfigError(f"variant {v.name!r}: merge must be none, average or btx")
+        if v.merge == "btx" and not 0 < v.finetune_share < 1 - v.seed_share:
+            raise ConfigError(f"variant {v.name!r}: finetune_share must be in (0, 1 - seed_share)")
         try:
             achieved = _achievable(cfg, v, budget)
         except ConfigError as e:
@@ -342,24 +367,57 @@ def _run_cbtm(cfg: Config, v: VariantConfig, budget: float, job: Path) -> dict:
     shards = {
         f"c{c}": [str(clusters / "shards" / "train" / f"cluster_{c:03d}.jsonl")] for c in range(v.k)
     }
-    template = replace(cfg, train=replace(cfg.train, max_flops=budget * (1 - v.seed_share)))
+    expert_share = 1 - v.seed_share - (v.finetune_share if v.merge == "btx" else 0.0)
+    template = replace(cfg, train=replace(cfg.train, max_flops=budget * expert_share))
     manifest = train_experts(template, shards, job / "experts", seed=seed.run_dir)
-    routing = "uniform" if v.random_clusters else "prefix"
-    ens = replace(cfg.ensemble, clusters_dir=str(clusters), routing=routing, top_k=v.top_k)
-    report = evaluate_experts(job / "experts", replace(cfg, ensemble=ens))
-    est = estimate(cfg.model, cfg.train.seq_len)
-    used = v.k if v.top_k is None or v.random_clusters else v.top_k
     runs = [seed.run_dir] + [job / "experts" / "experts" / n / "run" for n in manifest["experts"]]
-    curve, flops, tokens = _chained(runs)
+    est = estimate(cfg.model, cfg.train.seq_len)
+    if v.merge == "btx":
+        merged = _train_btx(cfg, v, budget, job, runs)
+        curve, flops, tokens = _chained([*runs, merged.run_dir])
+        valid = json.loads((merged.run_dir / "eval.json").read_text())["valid"]
+        est = estimate(_btx_cfg(cfg, v).model, cfg.train.seq_len)
+        total, used = est.total_params, 1
+    else:
+        routing = "uniform" if v.random_clusters else "prefix"
+        routing = "average" if v.merge == "average" else routing
+        ens = replace(cfg.ensemble, clusters_dir=str(clusters), routing=routing, top_k=v.top_k)
+        valid = evaluate_experts(job / "experts", replace(cfg, ensemble=ens))["valid"]
+        curve, flops, tokens = _chained(runs)
+        total = est.total_params if v.merge == "average" else v.k * est.total_params
+        used = v.k if v.top_k is None or v.random_clusters else v.top_k
+        used = 1 if v.merge == "average" else used
     return {
-        "total_params": v.k * est.total_params,
+        "total_params": total,
         "active_params": used * est.active_params,
         "train_flops": flops,
         "tokens": tokens,
         "inference_flops_per_token": used * est.inference_flops_per_token,
         "curve": curve,
-        **_eval_summary(report["valid"]),
+        **_eval_summary(valid),
     }
+
+
+def _train_btx(cfg: Config, v: VariantConfig, budget: float, job: Path, runs: list[Path]):
+    """Merge the experts into one MoE (:func:`moe_lab.btm.btx`) and train it, router included."""
+    from moe_lab.btm import btx
+    from moe_lab.checkpoint import load_run, save_checkpoint
+    from moe_lab.train import train
+
+    merged_cfg = _btx_cfg(cfg, v)
+    start = job / "btx" / "merged"
+    if not (start / "checkpoints").exists():
+        experts = [load_run(run)[1] for run in runs[1:]]
+        model = btx(experts, top_k=merged_cfg.model.moe.top_k, seed=cfg.run.seed)
+        save_checkpoint(start / "checkpoints", 0, model, None, {}, 1)
+        shutil.copytree(runs[0] / "tokenizer", start / "tokenizer", dirs_exist_ok=True)
+    return train(
+        replace(
+            merged_cfg,
+            train=replace(cfg.train, max_flops=budget * v.finetune_share, init_from=str(start)),
+            run=replace(cfg.run, dir=str(job / "btx" / "run"), resume=True),
+        )
+    )
 
 
 def run_variant(exp: ExperimentConfig, v: VariantConfig, seed: int, out: Path) -> dict:

@@ -8,7 +8,7 @@ import pytest
 import moe_lab.train as train_module
 from moe_lab.accounting import estimate
 from moe_lab.compare import fit_scaling, load_experiment, run_compare
-from moe_lab.config import ConfigError, ModelConfig
+from moe_lab.config import ConfigError, ModelConfig, load_config
 from moe_lab.data import CORPUS_DIR, load_documents
 from tests.conftest import write_jsonl
 
@@ -197,3 +197,28 @@ def test_xelm_and_ifc_variants_are_charged_the_same_budget(tmp_path):
     assert ifc["groups"]["domain"].keys() == dense["groups"]["domain"].keys()
     with pytest.raises(ConfigError, match="xelm.add trains beyond the budget"):
         run_compare(experiment(tmp_path, [{**variants[1], "overrides": ["xelm.add=[pt]"]}]))
+
+
+def test_merged_variants_average_or_btx_the_experts_within_the_budget(tmp_path):
+    variants = [
+        {"name": "avg", "family": "cbtm", "k": 2, "merge": "average"},
+        {
+            "name": "btx",
+            "family": "cbtm",
+            "k": 2,
+            "top_k": 1,
+            "merge": "btx",
+            "finetune_share": 0.2,
+        },
+    ]
+    avg, btx = run_compare(experiment(tmp_path, variants))
+    dense_params = estimate(ModelConfig(**MODEL), 32).total_params
+    assert avg["total_params"] == dense_params  # one averaged model
+    assert btx["total_params"] > dense_params and btx["active_params"] < btx["total_params"]
+    for r in (avg, btx):
+        assert abs(r["flops_vs_budget"] - 1) <= 0.01, r["name"]
+    out = Path(tmp_path / "out" / "variants" / "btx" / "seed0" / "btx" / "run")
+    trained = load_config(out / "config.yaml")
+    assert trained.model.moe.num_experts == 2 and trained.train.init_from.endswith("merged")
+    # The averaged model's evaluation differs from the BTX model's: they are different models.
+    assert avg["valid_loss"] != btx["valid_loss"]
