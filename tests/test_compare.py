@@ -222,3 +222,21 @@ def test_merged_variants_average_or_btx_the_experts_within_the_budget(tmp_path):
     assert trained.model.moe.num_experts == 2 and trained.train.init_from.endswith("merged")
     # The averaged model's evaluation differs from the BTX model's: they are different models.
     assert avg["valid_loss"] != btx["valid_loss"]
+
+
+def test_moe_lab_scaling_prints_and_plots_a_fit_per_variant(tmp_path, capsys):
+    from moe_lab.cli import main
+
+    files = []
+    for i, c in enumerate((1e12, 3e12, 1e13, 3e13)):
+        records = [
+            {"name": "dense", "train_flops": c, "valid_loss": 1.7 + 400 * c**-0.28},
+            {"name": "moe", "train_flops": c, "valid_loss": 1.6 + 400 * c**-0.28},
+        ]
+        (tmp_path / f"r{i}").mkdir()
+        files.append(tmp_path / f"r{i}" / "results.json")
+        files[-1].write_text(json.dumps(records))
+    assert main(["scaling", *map(str, files)]) == 0
+    out = capsys.readouterr().out
+    assert "dense: L(C) = 1.7000 + " in out and "moe: L(C) = 1.6000 + " in out
+    assert (tmp_path / "r0" / "scaling.png").is_file()
