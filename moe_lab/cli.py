@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,16 +42,19 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Train a model; without --config, a small model on the corpus shipped with moe_lab."""
+    """Train a model (under torchrun too); without --config, a small model on the shipped corpus."""
     from moe_lab.train import train
 
     cfg = load_config(args.config, args.overrides)
-    _print_config(cfg)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    if main_rank:
+        _print_config(cfg)
     result = train(cfg)
-    print(
-        f"trained {result.steps} steps, {result.tokens:,d} tokens, {result.flops:.3g} FLOPs; "
-        f"valid loss {result.valid_loss:.4f}; run directory {result.run_dir}"
-    )
+    if main_rank:
+        print(
+            f"trained {result.steps} steps, {result.tokens:,d} tokens, {result.flops:.3g} FLOPs; "
+            f"valid loss {result.valid_loss:.4f}; run directory {result.run_dir}"
+        )
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "IFCConfig",
     "ModelConfig",
     "MoEConfig",
+    "ParallelConfig",
     "RopeScalingConfig",
     "RunConfig",
     "TrainConfig",
@@ -266,7 +267,7 @@ class TrainConfig:
     max_steps: int | None = 200
     max_tokens: int | None = None
     max_flops: float | None = None  # training FLOPs, charged by moe_lab.accounting
-    batch_size: int = 8  # sequences per micro-batch
+    batch_size: int = 8  # sequences per micro-batch (per rank under torchrun)
     grad_accum: int = 1  # micro-batches per optimizer step
     seq_len: int = 128
     doc_masking: bool = False  # attention stays inside each packed document (Llama 3)
@@ -430,6 +431,16 @@ class XELMConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Distributed training under torchrun (see moe_lab.distributed)."""
+
+    dp: str = "none"  # none | ddp: replicate the model, each rank trains on its slice of a batch
+
+    def validate(self, prefix: str = "parallel") -> None:
+        _choice(self.dp, ("none", "ddp"), f"{prefix}.dp")
+
+
+@dataclass
 class RunConfig:
     """Where a run writes and how it starts."""
 
@@ -458,6 +469,7 @@ class Config:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     ifc: IFCConfig = field(default_factory=IFCConfig)
     xelm: XELMConfig = field(default_factory=XELMConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
         self.model.validate("model")
@@ -467,6 +479,7 @@ class Config:
         self.ensemble.validate("ensemble")
         self.ifc.validate("ifc")
         self.xelm.validate("xelm")
+        self.parallel.validate("parallel")
         self.run.validate("run")
         _require(
             self.train.seq_len <= self.model.max_seq_len,

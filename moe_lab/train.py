@@ -26,6 +26,8 @@ from moe_lab.accounting import estimate
 from moe_lab.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from moe_lab.config import Config, ConfigError, load_config, save_config
 from moe_lab.data import build_tokenizer, load_splits
+from moe_lab.distributed import Dist
+from moe_lab.distributed import setup as setup_distributed
 from moe_lab.evaluate import evaluate
 from moe_lab.metrics import read_metrics
 from moe_lab.model import build_model
@@ -114,10 +116,11 @@ def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> 
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def planned_steps(cfg: Config) -> int:
-    """Optimizer steps of a run: its budget in FLOPs, tokens or steps (first set wins)."""
+def planned_steps(cfg: Config, world: int = 1) -> int:
+    """Optimizer steps of a run over ``world`` data-parallel ranks: its budget in FLOPs, tokens or
+    steps (first set wins)."""
     t = cfg.train
-    tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
+    tokens_per_step = t.batch_size * world * t.grad_accum * t.seq_len
     if t.max_flops is not None:
         per_step = tokens_per_step * estimate(cfg.model, t.seq_len).train_flops_per_token
         steps = int(t.max_flops // per_step)
@@ -135,9 +138,11 @@ def planned_steps(cfg: Config) -> int:
     return t.max_steps
 
 
-def _device(spec: str) -> torch.device:
+def _device(spec: str, local_rank: int = 0) -> torch.device:
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return (
+            torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        )
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"run.device is {spec!r} but CUDA is not available")
@@ -261,14 +266,23 @@ def train(cfg: Config, scope=None) -> TrainResult:
     ``scope`` (a :class:`moe_lab.ifc.ExpertScope`) restricts which experts route and which train.
     """
     cfg.validate()
+    dist = setup_distributed(cfg.parallel.dp)
+    try:
+        return _train(cfg, scope, dist)
+    finally:
+        dist.close()
+
+
+def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
     t = cfg.train
-    device = _device(cfg.run.device)
+    device = _device(cfg.run.device, dist.local_rank)
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     run_dir = Path(cfg.run.dir)
     resume_from = _prepare_run_dir(cfg)
-    total_steps = planned_steps(cfg)
+    dist.barrier()  # every rank has checked the run directory before rank 0 writes to it
+    total_steps = planned_steps(cfg, dist.world)
 
     # Data first: any problem with it is reported before the run directory is touched.
     train_docs, valid_docs, groups = load_splits(cfg)
@@ -283,10 +297,10 @@ def train(cfg: Config, scope=None) -> TrainResult:
     text = cfg.data.text_field
     train_store = build_store(train_docs, tokenizer, text, groups, cache, cfg.data.sample_by)
     valid_store = build_store(valid_docs, tokenizer, text, groups, cache)
-    batches = TrainBatches(
+    batches = TrainBatches(  # the global batch; each rank trains on its slice
         train_store,
         t.seq_len,
-        t.batch_size,
+        t.batch_size * dist.world,
         cfg.run.seed,
         cfg.data.sample_by,
         cfg.data.sampling_alpha,
@@ -308,21 +322,26 @@ def train(cfg: Config, scope=None) -> TrainResult:
         state = {k: saved[k] for k in state}
         batches.load_state_dict(saved["data"], restore_rng=cfg.run.restore_rng)
         detector.load_state_dict(saved["spike"])
-        _truncate_metrics(run_dir / "metrics.jsonl", state["step"])
+        if dist.is_main:
+            _truncate_metrics(run_dir / "metrics.jsonl", state["step"])
         log.info("resumed %s at step %d", resume_from, state["step"])
     else:
         if t.init_from is not None:
             source = _init_checkpoint(Path(t.init_from))
             load_checkpoint(source, model, restore_rng_state=False)
             log.info("initialised from %s", source)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(run_dir / "metrics.jsonl", 0)  # resume=true before any checkpoint
-        save_config(cfg, run_dir / "config.yaml")
-        tokenizer.save(run_dir / "tokenizer")
-    writer = SummaryWriter(str(run_dir / "tensorboard")) if t.tensorboard else None
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(run_dir / "metrics.jsonl", 0)  # resume=true before any checkpoint
+            save_config(cfg, run_dir / "config.yaml")
+            tokenizer.save(run_dir / "tokenizer")
+    dist.barrier()
+    main = dist.is_main  # rank 0 alone writes metrics, checkpoints and evaluations
+    writer = SummaryWriter(str(run_dir / "tensorboard")) if t.tensorboard and main else None
 
     flops_per_token = estimate(cfg.model, t.seq_len).train_flops_per_token
-    step_loss = torch.compile(model.loss) if t.compile else model.loss
+    step_loss = dist.wrap(model, device)
+    step_loss = torch.compile(step_loss) if t.compile else step_loss
     autocast = _autocast(device, t.precision)
     params = [p for p in model.parameters() if p.requires_grad]
     clip = t.grad_clip if t.grad_clip > 0 else float("inf")
@@ -341,13 +360,13 @@ def train(cfg: Config, scope=None) -> TrainResult:
             t.keep_checkpoints,
         )
 
-    metrics = open(run_dir / "metrics.jsonl", "a")
+    metrics = open(run_dir / "metrics.jsonl", "a") if main else None
     bar = tqdm(
         total=total_steps,
         initial=state["step"],
         desc="training",
         unit="step",
-        disable=None if t.progress else True,
+        disable=None if t.progress and main else True,
     )
     loss_value = float("nan")
     model.train()
@@ -358,26 +377,31 @@ def train(cfg: Config, scope=None) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum, aux_sum = 0.0, 0.0
-        micro = [batches.next_batch(t.doc_masking) for _ in range(t.grad_accum)]
-        # Each micro-batch's mean loss is weighted by its share of scored tokens, so that
-        # accumulation equals one batch of batch_size * grad_accum sequences exactly.
+        micro = [dist.shard(batches.next_batch(t.doc_masking)) for _ in range(t.grad_accum)]
+        # Each micro-batch's mean loss is weighted by its share of the scored tokens of the whole
+        # step (all micro-batches, all ranks), so that accumulation and data parallelism equal one
+        # batch of batch_size * grad_accum * world sequences. DDP averages gradients over ranks:
+        # the factor `world` turns that average back into this sum.
         scored = [(b["targets"] != IGNORE).sum().item() for b in micro]
+        total_scored = max(dist.sum(sum(scored)), 1)
         for batch, n in zip(micro, scored, strict=True):
-            share = n / max(sum(scored), 1)
+            share = n / total_scored
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast:
                 loss, aux, routing = step_loss(
                     batch["input_ids"], batch["targets"], batch.get("doc_ids")
                 )
-            (loss * share + aux / t.grad_accum).backward()
+            (loss * share * dist.world + aux / t.grad_accum).backward()
             loss_sum += loss.item() * share
             aux_sum += aux.item() / t.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
-        loss_value = loss_sum
+        loss_value = dist.sum(loss_sum)
+        aux_sum = dist.sum(aux_sum) / dist.world
         skipped = spike = False
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             if t.on_nonfinite == "raise":
-                metrics.close()
+                if metrics is not None:
+                    metrics.close()
                 raise NonFiniteError(
                     f"step {step}: loss {loss_value} or grad norm {grad_norm} is not finite; "
                     "stopped before the optimizer step, parameters unchanged "
@@ -397,7 +421,7 @@ def train(cfg: Config, scope=None) -> TrainResult:
                 router.update_bias()
         optimizer.zero_grad(set_to_none=True)
 
-        tokens = t.batch_size * t.grad_accum * t.seq_len
+        tokens = t.batch_size * dist.world * t.grad_accum * t.seq_len
         state.update(
             step=step,
             tokens=state["tokens"] + tokens,
@@ -418,12 +442,13 @@ def train(cfg: Config, scope=None) -> TrainResult:
         }
         if routing:
             record["routing"] = _routing_record(routing, cfg)
-        if t.eval_every and step % t.eval_every == 0 and step < total_steps:
+        if t.eval_every and step % t.eval_every == 0 and step < total_steps and main:
             record["valid_loss"] = evaluate(
                 model, valid_store, t.seq_len, t.batch_size, device, t.eval_max_batches
             )["overall"]["loss"]
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        if main:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
         if writer is not None:
             for key in ("loss", "lr", "grad_norm", "tokens_per_s", "valid_loss"):
                 if key in record:
@@ -431,26 +456,30 @@ def train(cfg: Config, scope=None) -> TrainResult:
         bar.update()
         if step % t.log_every == 0:
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if step % t.checkpoint_every == 0 or step == total_steps:
+        if (step % t.checkpoint_every == 0 or step == total_steps) and main:
             checkpoint()
+        dist.barrier()  # a checkpoint is complete before any rank moves on
     bar.close()
 
-    result = evaluate(model, valid_store, t.seq_len, t.batch_size, device, progress=t.progress)
-    summary = {
-        "step": state["step"],
-        "tokens": state["tokens"],
-        "flops": state["flops"],
-        "valid": result,
-    }
-    (run_dir / "eval.json").write_text(json.dumps(summary, indent=2))
-    final = {"step": state["step"], "valid_loss": result["overall"]["loss"], "final": True}
-    metrics.write(json.dumps(final) + "\n")
-    metrics.close()
-    if writer is not None:
-        writer.close()
-    from moe_lab.plots import plot_loss_curve
+    result = None
+    if main:
+        result = evaluate(model, valid_store, t.seq_len, t.batch_size, device, progress=t.progress)
+        summary = {
+            "step": state["step"],
+            "tokens": state["tokens"],
+            "flops": state["flops"],
+            "valid": result,
+        }
+        (run_dir / "eval.json").write_text(json.dumps(summary, indent=2))
+        final = {"step": state["step"], "valid_loss": result["overall"]["loss"], "final": True}
+        metrics.write(json.dumps(final) + "\n")
+        metrics.close()
+        if writer is not None:
+            writer.close()
+        from moe_lab.plots import plot_loss_curve
 
-    plot_loss_curve(run_dir)
+        plot_loss_curve(run_dir)
+    result = dist.broadcast(result)
     return TrainResult(
         run_dir,
         state["step"],
