@@ -13,6 +13,8 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
+
 __all__ = [
     "BPETokenizer",
     "ByteTokenizer",
@@ -61,7 +63,8 @@ class ByteTokenizer(Tokenizer):
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Iterable[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        ids = np.asarray(ids if isinstance(ids, (list, np.ndarray)) else list(ids), dtype=np.int64)
+        return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)

@@ -16,16 +16,12 @@ Shapes: E = experts (clusters), d = SVD dimensions, T = tokens of a document.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 from moe_lab.clustering.clusterer import Clusterer
 from moe_lab.tokenizer import Tokenizer
 
 __all__ = ["ClusterRouter"]
-
-_PARTIAL_WORD = re.compile(r"\w*\Z")  # the trailing run of word characters, maybe still growing
 
 
 class ClusterRouter:
@@ -120,4 +116,7 @@ class ClusterRouter:
         unfinished word too.
         """
         text = text.rstrip("\ufffd")
-        return text[: len(text) - len(_PARTIAL_WORD.search(text).group())]
+        end = len(text)
+        while end and (text[end - 1].isalnum() or text[end - 1] == "_"):  # what \w matches
+            end -= 1
+        return text[:end]
