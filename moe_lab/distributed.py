@@ -82,8 +82,11 @@ class Dist:
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(LossModule(model), device_ids=ids)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Leave the process group; after a failure without waiting for the other ranks."""
         if self.owns_group:
+            if not failed:
+                dist.barrier()  # no rank tears the group down while another still uses it
             dist.destroy_process_group()
 
     @property

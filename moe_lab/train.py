@@ -268,9 +268,12 @@ def train(cfg: Config, scope=None) -> TrainResult:
     cfg.validate()
     dist = setup_distributed(cfg.parallel.dp)
     try:
-        return _train(cfg, scope, dist)
-    finally:
-        dist.close()
+        result = _train(cfg, scope, dist)
+    except BaseException:
+        dist.close(failed=True)
+        raise
+    dist.close()
+    return result
 
 
 def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
