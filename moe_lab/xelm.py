@@ -186,14 +186,16 @@ def train_xelm(cfg: Config) -> dict:
     if plan is None:
         plan = _plan(cfg)
         _write_plan(out, plan)
-    first = sorted({lang for langs in plan["groups"].values() for lang in langs})
+    # The first round only: on a second call, added languages are already in the plan.
+    round1 = {n: langs for n, langs in plan["groups"].items() if n not in plan["added"]}
+    first = sorted({lang for langs in round1.values() for lang in langs})
     if not (out / "seed" / "eval.json").exists():
         seed = _sampled(cfg)
         seed_data = replace(seed.data, include={**seed.data.include, x.lang_field: first})
         seed_train = replace(cfg.train, **_budget(cfg, x.seed_share))
         seed_run = replace(cfg.run, dir=str(out / "seed"), resume=True)
         train(replace(seed, data=seed_data, train=seed_train, run=seed_run))
-    shards = {name: {x.lang_field: langs} for name, langs in plan["groups"].items()}
+    shards = {name: {x.lang_field: langs} for name, langs in round1.items()}
     experts_cfg = replace(cfg, train=replace(cfg.train, **_budget(cfg, 1 - x.seed_share)))
     experts_cfg = _sampled(experts_cfg)
     manifest = train_experts(experts_cfg, shards, out, seed=out / "seed")

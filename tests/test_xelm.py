@@ -165,3 +165,17 @@ def test_the_experiment_reports_every_language_next_to_a_dense_baseline_of_equal
         assert f"| {lang} |" in result["table"]
     assert (tmp_path / "report.json").is_file()
     assert torch.isfinite(torch.tensor(list(result["loss"]["X-ELM + added"].values()))).all()
+
+
+def test_a_second_call_after_adding_a_language_retrains_nothing(xelm, monkeypatch):
+    import moe_lab.train as train_module
+
+    cfg, out, _, _, hashes, _ = xelm
+
+    def fail(*args, **kwargs):
+        raise AssertionError("nothing should train again")
+
+    monkeypatch.setattr(train_module, "train", fail)
+    plan = train_xelm(cfg)
+    assert list(plan["manifest"]["experts"]) == ["romance", "de", "ru", "pt"]
+    assert {k: v for k, v in _hashes(out).items() if k in hashes} == hashes
