@@ -68,6 +68,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.run_dir) / "eval.json"
+    ifc = _load_ifc(args, device)
+    if ifc is not None:  # what one principal may run, evaluated per group
+        from moe_lab.ifc.experiment import evaluate_ifc
+
+        cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
+        report = evaluate_ifc(ifc, cfg, device)
+        out = out.with_name(f"eval-{args.principal}.json")
+        out.write_text(
+            json.dumps(
+                {"principal": args.principal, "permitted": ifc.permitted, "valid": report}, indent=2
+            )
+        )
+        _print_report(report, out)
+        return
     if (Path(args.run_dir) / "manifest.json").exists():  # a directory of experts: an ensemble
         from moe_lab.experts.ensemble import evaluate_experts
 
@@ -110,10 +124,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from moe_lab.checkpoint import load_run
     from moe_lab.generation import generate
 
-    if (Path(args.run_dir) / "manifest.json").exists():  # a directory of experts: an ensemble
+    ifc = _load_ifc(args, "cpu")
+    if ifc is not None and ifc.model is None:  # ensemble form: the permitted experts, uniformly
+        _generate_ensemble(args, ifc.experts, ifc.tokenizer)
+        return
+    if ifc is None and (Path(args.run_dir) / "manifest.json").exists():  # an expert ensemble
         _generate_ensemble(args)
         return
-    cfg, model, tokenizer = load_run(args.run_dir, args.overrides)
+    if ifc is not None:
+        cfg, model, tokenizer = ifc.cfg, ifc.model, ifc.tokenizer
+    else:
+        cfg, model, tokenizer = load_run(args.run_dir, args.overrides)
     prompt = [tokenizer.bos_id, *tokenizer.encode(args.prompt)]
     room = cfg.model.max_seq_len - len(prompt)
     if room <= 0:
@@ -143,8 +164,24 @@ def cmd_cluster(args: argparse.Namespace) -> None:
     print(f"wrote {report['dir']}")
 
 
-def _generate_ensemble(args: argparse.Namespace) -> None:
-    """Generation from a train_experts directory, routed by ``ensemble.*`` (prefix or uniform)."""
+def _load_ifc(args: argparse.Namespace, device: str):
+    """What ``--principal`` may run of an IFC run directory (``moe-lab ifc``, ``train_ifc``), or
+    None for any other directory."""
+    manifest = Path(args.run_dir) / "manifest.json"
+    if not manifest.is_file() or "domain_field" not in json.loads(manifest.read_text()):
+        return None
+    if args.principal is None or args.policy is None:
+        raise ConfigError(
+            f"{args.run_dir} is an information-flow-control run: pass --principal and --policy"
+        )
+    from moe_lab.ifc import AccessPolicy, load_ifc
+
+    return load_ifc(args.run_dir, AccessPolicy.load(args.policy), args.principal, device)
+
+
+def _generate_ensemble(args: argparse.Namespace, experts=None, tokenizer=None) -> None:
+    """Generation from a train_experts directory, routed by ``ensemble.*`` (prefix or uniform),
+    or from given ``experts`` mixed uniformly."""
     import numpy as np
     import torch
 
@@ -155,10 +192,12 @@ def _generate_ensemble(args: argparse.Namespace) -> None:
     from moe_lab.tokenizer import load_tokenizer
 
     cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
-    names, experts = load_experts(args.run_dir)
-    tokenizer = load_tokenizer(Path(args.run_dir) / "experts" / names[0] / "run" / "tokenizer")
     ens = cfg.ensemble
-    if ens.routing == "uniform" or ens.clusters_dir is None:
+    uniform = experts is not None or ens.routing == "uniform" or ens.clusters_dir is None
+    if experts is None:
+        names, experts = load_experts(args.run_dir)
+        tokenizer = load_tokenizer(Path(args.run_dir) / "experts" / names[0] / "run" / "tokenizer")
+    if uniform:
         route = lambda ids: np.full(len(experts), 1.0 / len(experts))  # noqa: E731
     else:
         router = ClusterRouter(
@@ -261,6 +300,8 @@ def _with_config(p: argparse.ArgumentParser) -> None:
 
 def _with_run_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a directory written by moe-lab train")
+    p.add_argument("--principal", help="information-flow-control runs: who is asking")
+    p.add_argument("--policy", help="information-flow-control runs: the access policy file")
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:

@@ -386,3 +386,28 @@ def test_moe_lab_ifc_trains_both_models_and_reports_every_principal_per_domain(t
     assert main(["ifc", *BASE, *args, f"run.dir={tmp_path / 'run2'}"]) == 2
     assert "which have no expert" in capsys.readouterr().err
     assert not (tmp_path / "run2").exists()  # refused before any training
+
+
+def test_moe_lab_eval_and_generate_serve_one_principal(trained, tmp_path, capsys):
+    from moe_lab.cli import main
+
+    out, _, _ = trained
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("principals:\n  alice: [legal]\n")
+    who = ["--principal", "alice", "--policy", str(policy)]
+    assert main(["eval", str(out), *who]) == 0
+    report = json.loads((out / "eval-alice.json").read_text())
+    assert report["permitted"] == ["literature", "legal"]
+    assert set(report["valid"]["groups"]["domain"]) == {"literature", "legal", "code"}
+    capsys.readouterr()
+    prompt = ["--prompt", "The law", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main(["generate", str(out), *who, *prompt]) == 0
+    text = capsys.readouterr().out.rstrip("\n")
+    ifc = load_ifc(out, AccessPolicy.load(policy), "alice")
+    ids = torch.tensor([[ifc.tokenizer.bos_id, *ifc.tokenizer.encode("The law")]])
+    expected = generate(ifc.model, ids, 12, eos_id=ifc.tokenizer.eos_id)
+    assert text == "The law" + ifc.tokenizer.decode(expected[0, ids.shape[1] :].tolist())
+    assert main(["generate", str(out), *prompt]) == 2
+    assert "pass --principal and --policy" in capsys.readouterr().err
+    assert main(["eval", str(out), "--principal", "mallory", "--policy", str(policy)]) == 2
+    assert "unknown principal 'mallory'" in capsys.readouterr().err
