@@ -194,10 +194,16 @@ def _generate_ensemble(args: argparse.Namespace, experts=None, tokenizer=None) -
     cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
     ens = cfg.ensemble
     uniform = experts is not None or ens.routing == "uniform" or ens.clusters_dir is None
+    names = None
     if experts is None:
         names, experts = load_experts(args.run_dir)
         tokenizer = load_tokenizer(Path(args.run_dir) / "experts" / names[0] / "run" / "tokenizer")
-    if uniform:
+    if args.lang is not None:  # X-ELM: the expert of that language, or of its nearest one
+        from moe_lab.xelm import expert_for
+
+        one_hot = np.eye(len(experts))[names.index(expert_for(args.run_dir, args.lang))]
+        route = lambda ids: one_hot  # noqa: E731
+    elif uniform:
         route = lambda ids: np.full(len(experts), 1.0 / len(experts))  # noqa: E731
     else:
         router = ClusterRouter(
@@ -307,6 +313,7 @@ def _with_run_dir(p: argparse.ArgumentParser) -> None:
 def _generate_args(p: argparse.ArgumentParser) -> None:
     _with_run_dir(p)
     p.add_argument("--prompt", required=True)
+    p.add_argument("--lang", help="X-ELM runs: the prompt's language (else the clusterer routes)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95)

@@ -38,6 +38,7 @@ from moe_lab.data import DataError, load_splits, with_group_field
 __all__ = [
     "add_language",
     "evaluate_by_language",
+    "expert_for",
     "group_languages",
     "language_similarity",
     "nearest_expert",
@@ -138,6 +139,16 @@ def nearest_expert(plan: dict, lang: str) -> str:
         for name, members in plan["groups"].items()
     }
     return max(scores, key=scores.get)
+
+
+def expert_for(out_dir: str | Path, lang: str) -> str:
+    """The expert of an X-ELM run that serves ``lang``: its own, else the most similar one."""
+    path = Path(out_dir) / "languages.json"
+    if not path.is_file():
+        raise ConfigError(f"{out_dir} is not an X-ELM run (no languages.json): --lang needs one")
+    plan = json.loads(path.read_text())
+    own = [name for name, langs in plan["groups"].items() if lang in langs]
+    return own[0] if own else nearest_expert(plan, lang)
 
 
 def _budget(cfg: Config, share: float) -> dict:

@@ -179,3 +179,21 @@ def test_a_second_call_after_adding_a_language_retrains_nothing(xelm, monkeypatc
     plan = train_xelm(cfg)
     assert list(plan["manifest"]["experts"]) == ["romance", "de", "ru", "pt"]
     assert {k: v for k, v in _hashes(out).items() if k in hashes} == hashes
+
+
+def test_moe_lab_generate_routes_a_prompt_by_its_language(xelm, capsys):
+    from moe_lab.cli import main
+    from moe_lab.generation import generate
+
+    _, out, _, _, _, _ = xelm
+    names, experts = load_experts(out)
+    tok = ByteTokenizer()
+    ids = torch.tensor([[tok.bos_id, *tok.encode("Olá")]])
+    for lang, expert in (("pt", "pt"), ("es", "romance")):
+        args = ["--lang", lang, "--prompt", "Olá", "--max-new-tokens", "6", "--temperature", "0"]
+        assert main(["generate", str(out), *args]) == 0
+        alone = generate(experts[names.index(expert)], ids, 6, eos_id=tok.eos_id)
+        expected = "Olá" + tok.decode(alone[0, ids.shape[1] :].tolist())
+        assert capsys.readouterr().out.rstrip("\n") == expected
+    assert main(["generate", str(out), "--lang", "xx", "--prompt", "a"]) == 2
+    assert "not in the similarity table" in capsys.readouterr().err
