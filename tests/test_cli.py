@@ -71,3 +71,17 @@ def test_train_eval_generate_on_a_users_jsonl(tmp_path, lang_files):
     assert out.returncode == 0 and out.stdout.startswith("the cat")
     bad = _run("generate", str(run), "--prompt", "x", "--top-p", "0")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "top_p" in bad.stderr
+
+
+def test_ifc_serving_example_runs(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "examples/ifc_serving.py", "--steps", "16", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line.split() for line in out.stdout.splitlines() if "legal loss" in line]
+    assert [(r[0], r[2]) for r in lines] == [
+        ("guest", "literature"),
+        ("lawyer", "literature+legal"),
+    ]
