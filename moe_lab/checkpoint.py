@@ -113,10 +113,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     state: dict,
     keep: int,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically; keep only the newest ``keep`` complete checkpoints.
 
-    ``state`` must be JSON-serialisable; RNG states are added here.
+    ``state`` must be JSON-serialisable; RNG states are added here. ``weights`` replaces
+    ``model.state_dict()`` (FSDP2: the gathered full state dict).
     """
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:08d}"
@@ -124,7 +126,8 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        weights = weights if weights is not None else model.state_dict()
+        weights = {k: v.detach().contiguous() for k, v in weights.items()}
         save_file(weights, tmp / "model.safetensors")
         rng_meta, rng_tensors = capture_rng()
         if optimizer is not None:

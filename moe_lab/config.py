@@ -434,10 +434,12 @@ class XELMConfig:
 class ParallelConfig:
     """Distributed training under torchrun (see moe_lab.distributed)."""
 
-    dp: str = "none"  # none | ddp: replicate the model, each rank trains on its slice of a batch
+    # none | ddp: replicate the model | fsdp2: shard parameters, gradients and optimizer state;
+    # either way each rank trains on its slice of one global batch
+    dp: str = "none"
 
     def validate(self, prefix: str = "parallel") -> None:
-        _choice(self.dp, ("none", "ddp"), f"{prefix}.dp")
+        _choice(self.dp, ("none", "ddp", "fsdp2"), f"{prefix}.dp")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Data parallelism on PyTorch's own engine: ``torchrun`` + ``torch.distributed`` + DDP.
+"""Data parallelism on PyTorch's own engine: ``torchrun`` + ``torch.distributed`` + DDP or FSDP2.
 
 Under ``torchrun --nproc_per_node N`` (one or several nodes) with ``parallel.dp=ddp``, every rank
 draws the same global batch of ``N * train.batch_size`` sequences from the same seeded sampler and
@@ -41,6 +41,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     owns_group: bool = False  # this process group was created here, and is destroyed here
+    mode: str = "none"  # parallel.dp in force: none | ddp | fsdp2
 
     @property
     def is_main(self) -> bool:
@@ -74,13 +75,39 @@ class Dist:
         return {k: v[self.rank * rows : (self.rank + 1) * rows] for k, v in batch.items()}
 
     def wrap(self, model: nn.Module, device: torch.device):
-        """The callable a training step uses: ``model.loss``, or DDP around it."""
+        """The callable a training step uses: ``model.loss``, DDP around it, or FSDP2: every
+        block sharded on its own (gathered just before it runs), the rest with the root."""
         if self.world == 1:
             return model.loss
+        if self.mode == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh(device.type, (self.world,))
+            for layer in model.layers:
+                fully_shard(layer, mesh=mesh)
+            root = LossModule(model)
+            fully_shard(root, mesh=mesh)
+            return root
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(LossModule(model), device_ids=ids)
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, Tensor] | None:
+        """Unsharded weights on CPU (FSDP2: a collective, so every rank calls it); None when the
+        model is not sharded."""
+        if self.mode != "fsdp2" or self.world == 1:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=options)
+
+    @staticmethod
+    def full(value: Tensor) -> Tensor:
+        """A DTensor (e.g. FSDP2's gradient norm) as one ordinary tensor."""
+        return value.full_tensor() if hasattr(value, "full_tensor") else value
 
     def close(self, failed: bool = False) -> None:
         """Leave the process group; after a failure without waiting for the other ranks."""
@@ -101,7 +128,7 @@ def setup(dp: str) -> Dist:
         return Dist()
     if dp == "none":
         raise ConfigError(
-            f"running as one of {world} torchrun processes: set parallel.dp=ddp "
+            f"running as one of {world} torchrun processes: set parallel.dp=ddp or fsdp2 "
             "(or launch a single process)"
         )
     owns = not dist.is_initialized()
@@ -111,4 +138,4 @@ def setup(dp: str) -> Dist:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
-    return Dist(dist.get_rank(), dist.get_world_size(), local, owns)
+    return Dist(dist.get_rank(), dist.get_world_size(), local, owns, dp)

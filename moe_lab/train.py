@@ -34,6 +34,7 @@ from moe_lab.model import build_model
 from moe_lab.packing import IGNORE, TrainBatches, build_store, cache_root
 from moe_lab.routing import RouterStats, TopKRouter, load_balancing_loss
 from moe_lab.tokenizer import load_tokenizer
+from moe_lab.weights import load_weights
 
 __all__ = ["NonFiniteError", "SpikeDetector", "TrainResult", "lr_at", "planned_steps", "train"]
 
@@ -156,7 +157,9 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def _optimizer(model: torch.nn.Module, cfg: Config, scope=None) -> torch.optim.AdamW:
+def _optimizer(
+    model: torch.nn.Module, cfg: Config, scope=None, fused: bool = True
+) -> torch.optim.AdamW:
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     groups = scope.param_groups(t.weight_decay) if scope is not None else None
@@ -165,8 +168,9 @@ def _optimizer(model: torch.nn.Module, cfg: Config, scope=None) -> torch.optim.A
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # norms
     ]
     # The fused kernel updates all parameters in one pass: 4x faster than the default on a 2-core
-    # CPU for a 7M-parameter model (bench/train_step.py), and available on CPU and CUDA.
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    # CPU for a 7M-parameter model (bench/train_step.py), and available on CPU and CUDA (not for
+    # FSDP2's sharded DTensor parameters).
+    fused = fused and all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused)
 
 
@@ -316,8 +320,20 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
 
     model = build_model(cfg.model, device=device)
     if scope is not None:
+        if dist.mode == "fsdp2":
+            raise ConfigError("expert scopes (moe_lab.ifc) need parallel.dp=none or ddp")
         scope.apply(model)
-    optimizer = _optimizer(model, cfg, scope)
+    if resume_from is None and t.init_from is not None:  # weights only, before any sharding
+        source = _init_checkpoint(Path(t.init_from))
+        load_checkpoint(source, model, restore_rng_state=False)
+        log.info("initialised from %s", source)
+    if resume_from is not None and dist.mode == "fsdp2":
+        raise ConfigError(
+            "resuming a parallel.dp=fsdp2 run is not supported yet (its checkpoints hold weights "
+            "only); start a new run with train.init_from, or use parallel.dp=ddp"
+        )
+    step_loss = dist.wrap(model, device)  # FSDP2 shards the parameters: before the optimizer
+    optimizer = _optimizer(model, cfg, scope, fused=dist.mode != "fsdp2")
     detector = SpikeDetector(t.spike_window, t.spike_sigma)
     state = {"step": 0, "tokens": 0, "flops": 0.0, "skipped_nonfinite": 0, "skipped_spikes": 0}
     if resume_from is not None:
@@ -328,22 +344,16 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
         if dist.is_main:
             _truncate_metrics(run_dir / "metrics.jsonl", state["step"])
         log.info("resumed %s at step %d", resume_from, state["step"])
-    else:
-        if t.init_from is not None:
-            source = _init_checkpoint(Path(t.init_from))
-            load_checkpoint(source, model, restore_rng_state=False)
-            log.info("initialised from %s", source)
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _truncate_metrics(run_dir / "metrics.jsonl", 0)  # resume=true before any checkpoint
-            save_config(cfg, run_dir / "config.yaml")
-            tokenizer.save(run_dir / "tokenizer")
+    elif dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(run_dir / "metrics.jsonl", 0)  # resume=true before any checkpoint
+        save_config(cfg, run_dir / "config.yaml")
+        tokenizer.save(run_dir / "tokenizer")
     dist.barrier()
     main = dist.is_main  # rank 0 alone writes metrics, checkpoints and evaluations
     writer = SummaryWriter(str(run_dir / "tensorboard")) if t.tensorboard and main else None
 
     flops_per_token = estimate(cfg.model, t.seq_len).train_flops_per_token
-    step_loss = dist.wrap(model, device)
     step_loss = torch.compile(step_loss) if t.compile else step_loss
     autocast = _autocast(device, t.precision)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -353,15 +363,31 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
     ]
 
     def checkpoint():
+        """Every rank calls this (FSDP2 gathers the weights collectively); rank 0 writes."""
+        weights = dist.full_state_dict(model)
+        if not main:
+            return
         extra = {"data": batches.state_dict(), "spike": detector.state_dict()}
         save_checkpoint(
             run_dir / "checkpoints",
             state["step"],
             model,
-            optimizer,
+            optimizer if dist.mode != "fsdp2" else None,
             {**state, **extra},
             t.keep_checkpoints,
+            weights,
         )
+
+    def evaluation_model():
+        """The model rank 0 evaluates (FSDP2: an unsharded copy); call on every rank."""
+        if dist.mode != "fsdp2":
+            return model
+        weights = dist.full_state_dict(model)
+        if not main:
+            return None
+        copy = build_model(cfg.model, device=device)
+        load_weights(copy, {k: v.to(device) for k, v in weights.items()})
+        return copy
 
     metrics = open(run_dir / "metrics.jsonl", "a") if main else None
     bar = tqdm(
@@ -397,7 +423,8 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
             (loss * share * dist.world + aux / t.grad_accum).backward()
             loss_sum += loss.item() * share
             aux_sum += aux.item() / t.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        grad_norm = dist.full(grad_norm).item()
         loss_value = dist.sum(loss_sum)
         aux_sum = dist.sum(aux_sum) / dist.world
         skipped = spike = False
@@ -445,10 +472,12 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
         }
         if routing:
             record["routing"] = _routing_record(routing, cfg)
-        if t.eval_every and step % t.eval_every == 0 and step < total_steps and main:
-            record["valid_loss"] = evaluate(
-                model, valid_store, t.seq_len, t.batch_size, device, t.eval_max_batches
-            )["overall"]["loss"]
+        if t.eval_every and step % t.eval_every == 0 and step < total_steps:
+            scored_model = evaluation_model()
+            if main:
+                record["valid_loss"] = evaluate(
+                    scored_model, valid_store, t.seq_len, t.batch_size, device, t.eval_max_batches
+                )["overall"]["loss"]
         if main:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
@@ -459,14 +488,17 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
         bar.update()
         if step % t.log_every == 0:
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if (step % t.checkpoint_every == 0 or step == total_steps) and main:
+        if step % t.checkpoint_every == 0 or step == total_steps:
             checkpoint()
         dist.barrier()  # a checkpoint is complete before any rank moves on
     bar.close()
 
     result = None
+    scored_model = evaluation_model()
     if main:
-        result = evaluate(model, valid_store, t.seq_len, t.batch_size, device, progress=t.progress)
+        result = evaluate(
+            scored_model, valid_store, t.seq_len, t.batch_size, device, progress=t.progress
+        )
         summary = {
             "step": state["step"],
             "tokens": state["tokens"],

@@ -43,19 +43,37 @@ def runs(tmp_path_factory):
         "train", *ARGS, "train.batch_size=2", "parallel.dp=ddp", f"run.dir={root / 'ddp'}", world=2
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    fsdp = moe_lab(
+        "train",
+        *ARGS,
+        "train.batch_size=2",
+        "parallel.dp=fsdp2",
+        f"run.dir={root / 'fsdp2'}",
+        world=2,
+    )
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     return root, ddp
 
 
-def test_ddp_on_two_processes_matches_one_process_with_the_global_batch(runs):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_processes_match_one_process_with_the_global_batch(runs, mode):
     root, ddp = runs
-    one, two = losses(root / "single"), losses(root / "ddp")
+    one, two = losses(root / "single"), losses(root / mode)
     assert len(one) == len(two) == 4
     for (l1, g1), (l2, g2) in zip(one, two, strict=True):
         assert abs(l1 - l2) < 1e-6 and abs(g1 - g2) < 1e-5
     w1 = load_file(latest_checkpoint(root / "single" / "checkpoints") / "model.safetensors")
-    w2 = load_file(latest_checkpoint(root / "ddp" / "checkpoints") / "model.safetensors")
+    w2 = load_file(latest_checkpoint(root / mode / "checkpoints") / "model.safetensors")
+    assert w1.keys() == w2.keys()  # FSDP2's sharded weights are gathered into the same format
     for k in w1:  # Adam amplifies rounding in near-zero gradients: compare whole tensors
         assert (w1[k] - w2[k]).norm() <= 1e-4 * w1[k].norm(), k
+    evaluation = json.loads((root / mode / "eval.json").read_text())
+    single = json.loads((root / "single" / "eval.json").read_text())
+    assert abs(evaluation["valid"]["overall"]["loss"] - single["valid"]["overall"]["loss"]) < 1e-5
+
+
+def test_only_rank_0_reports_and_tokens_count_every_rank(runs):
+    root, ddp = runs
     assert ddp.stdout.count("trained 4 steps") == 1  # rank 0 alone reports and writes
     evaluation = json.loads((root / "ddp" / "eval.json").read_text())
     assert evaluation["tokens"] == 4 * 4 * 64  # global tokens: 2 ranks x 2 sequences x 4 steps
@@ -82,3 +100,11 @@ def test_ddp_resumes_exactly_at_equal_world_size(runs):
 def test_torchrun_without_a_parallel_mode_is_a_clear_error(tmp_path):
     out = moe_lab("train", *ARGS, f"run.dir={tmp_path}", world=2)
     assert out.returncode != 0 and "set parallel.dp=ddp" in out.stderr
+
+
+def test_resuming_an_fsdp2_run_is_refused_clearly(runs, tmp_path):
+    root, _ = runs
+    shutil.copytree(root / "fsdp2", tmp_path / "run")
+    args = [*ARGS, "train.batch_size=2", "parallel.dp=fsdp2", "run.resume=true"]
+    out = moe_lab("train", *args, f"run.dir={tmp_path / 'run'}", world=2)
+    assert out.returncode != 0 and "resuming a parallel.dp=fsdp2 run is not supported" in out.stderr
