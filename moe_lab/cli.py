@@ -1,7 +1,9 @@
 """``moe-lab <subcommand> ...``: a table of thin entry points.
 
-Each subcommand takes ``key=value`` overrides of the config; ``train``, ``cluster`` and ``info``
-also take ``--config FILE``; ``eval`` and ``generate`` read the config saved in a run directory.
+Each subcommand takes ``key=value`` overrides of the config; ``train``, ``cluster``, ``info``,
+``ifc``, ``xelm`` and ``compare`` (an experiment file) also take ``--config FILE``; ``eval`` and
+``generate`` read the config saved in a run directory (``--principal``/``--policy`` for an
+information-flow-control run, ``--lang`` for an X-ELM prompt).
 """
 
 from __future__ import annotations
