@@ -83,13 +83,7 @@ def _split_budget(cfg, shards: dict[str, Shard], split: str) -> dict[str, dict]:
     else:  # measuring a shard can mean reading it: only when the split needs it
         sizes = {name: _shard_size(cfg, shard) for name, shard in shards.items()}
         shares = {name: size / sum(sizes.values()) for name, size in sizes.items()}
-    t = cfg.train
-    for key in ("max_flops", "max_tokens", "max_steps"):
-        budget = getattr(t, key)
-        if budget is not None:
-            cast = float if key == "max_flops" else (lambda v: max(1, int(v)))
-            return {n: {key: cast(budget * share)} for n, share in shares.items()}
-    raise ConfigError("set a training budget: train.max_flops, max_tokens or max_steps")
+    return {name: cfg.train.budget_share(share) for name, share in shares.items()}
 
 
 def _write_json(path: Path, obj: object) -> None:
@@ -161,8 +155,7 @@ def train_experts(
         expert_dir = out / "experts" / name
         if (only is not None and name not in only) or (expert_dir / "expert.json").exists():
             continue  # someone else's job, or already finished
-        budget = {"max_flops": None, "max_tokens": None, "max_steps": None} | budgets[name]
-        train_cfg = replace(cfg.train, init_from=str(seed) if seed else None, **budget)
+        train_cfg = replace(cfg.train, init_from=str(seed) if seed else None, **budgets[name])
         valid = list((valid_files or {}).get(name, cfg.data.valid_files))
         data_cfg = replace(_shard_data(cfg, shard), valid_files=valid)
         run_cfg = replace(cfg.run, dir=str(expert_dir / "run"), resume=True)
@@ -177,7 +170,7 @@ def train_experts(
             "data": dict(shard) if isinstance(shard, dict) else list(shard),
             "seed": str(seed) if seed else None,
             "budget_split": budget_split,
-            "budget": budgets[name],
+            "budget": {k: v for k, v in budgets[name].items() if v is not None},
             "steps": result.steps,
             "tokens": result.tokens,
             "flops": result.flops,

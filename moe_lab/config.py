@@ -331,6 +331,17 @@ class TrainConfig:
         _choice(self.on_nonfinite, ("raise", "skip"), f"{prefix}.on_nonfinite")
         _choice(self.spike_action, ("none", "log", "skip"), f"{prefix}.spike_action")
 
+    def budget_share(self, share: float) -> dict[str, float | int | None]:
+        """The three budget fields for ``share`` of this run's budget: its first set field
+        scaled (FLOPs as a float, tokens and steps whole and at least 1), the others None. How a
+        total is split between phases or experts (branch-train-merge, IFC, X-ELM)."""
+        for key in ("max_flops", "max_tokens", "max_steps"):
+            total = getattr(self, key)
+            if total is not None:
+                value = float(total * share) if key == "max_flops" else max(1, int(total * share))
+                return {"max_flops": None, "max_tokens": None, "max_steps": None, key: value}
+        raise ConfigError("set a training budget: train.max_flops, max_tokens or max_steps")
+
 
 @dataclass
 class ClusterConfig:

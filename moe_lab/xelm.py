@@ -151,15 +151,6 @@ def expert_for(out_dir: str | Path, lang: str) -> str:
     return own[0] if own else nearest_expert(plan, lang)
 
 
-def _budget(cfg: Config, share: float) -> dict:
-    for key in ("max_flops", "max_tokens", "max_steps"):
-        total = getattr(cfg.train, key)
-        if total is not None:
-            value = float(total * share) if key == "max_flops" else max(1, int(total * share))
-            return {"max_flops": None, "max_tokens": None, "max_steps": None, key: value}
-    raise ConfigError("set a training budget: train.max_flops, max_tokens or max_steps")
-
-
 def _sampled(cfg: Config) -> Config:
     """``cfg`` sampling its languages with temperature ``xelm.alpha`` (the seed, each expert with
     several languages, and the dense baseline): small languages are not drowned out."""
@@ -203,11 +194,12 @@ def train_xelm(cfg: Config) -> dict:
     if not (out / "seed" / "eval.json").exists():
         seed = _sampled(cfg)
         seed_data = replace(seed.data, include={**seed.data.include, x.lang_field: first})
-        seed_train = replace(cfg.train, **_budget(cfg, x.seed_share))
+        seed_train = replace(cfg.train, **cfg.train.budget_share(x.seed_share))
         seed_run = replace(cfg.run, dir=str(out / "seed"), resume=True)
         train(replace(seed, data=seed_data, train=seed_train, run=seed_run))
     shards = {name: {x.lang_field: langs} for name, langs in round1.items()}
-    experts_cfg = replace(cfg, train=replace(cfg.train, **_budget(cfg, 1 - x.seed_share)))
+    experts_budget = cfg.train.budget_share(1 - x.seed_share)
+    experts_cfg = replace(cfg, train=replace(cfg.train, **experts_budget))
     experts_cfg = _sampled(experts_cfg)
     manifest = train_experts(experts_cfg, shards, out, seed=out / "seed")
     for lang in x.add:
@@ -239,7 +231,7 @@ def add_language(cfg: Config, out_dir: str | Path, lang: str) -> dict:
     shards = {name: {x.lang_field: langs} for name, langs in plan["groups"].items()}
     shards[lang] = {x.lang_field: [lang]}
     per_expert = (1 - x.seed_share) / len([g for g in plan["groups"] if g not in plan["added"]])
-    template = replace(cfg, train=replace(cfg.train, **_budget(cfg, per_expert)))
+    template = replace(cfg, train=replace(cfg.train, **cfg.train.budget_share(per_expert)))
     manifest = train_experts(
         template,
         shards,

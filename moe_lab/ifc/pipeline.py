@@ -76,19 +76,6 @@ def discover_domains(cfg: Config) -> list[str]:
     return domains
 
 
-def _budgets(cfg: Config, n_domains: int) -> tuple[dict, dict]:
-    """The public phase's and each domain phase's training budget (the run's total, split)."""
-    share = cfg.ifc.public_share
-    for key in ("max_flops", "max_tokens", "max_steps"):
-        total = getattr(cfg.train, key)
-        if total is not None:
-            cast = float if key == "max_flops" else (lambda v: max(1, int(v)))
-            none = {"max_flops": None, "max_tokens": None, "max_steps": None}
-            public = none | {key: cast(total * share)}
-            return public, none | {key: cast(total * (1 - share) / n_domains)}
-    raise ConfigError("set a training budget: train.max_flops, max_tokens or max_steps")
-
-
 def _moe_model_cfg(cfg: Config, n_experts: int):
     moe = cfg.model.moe
     if moe is None:
@@ -161,7 +148,9 @@ def train_ifc(cfg: Config, out_dir: str | Path | None = None) -> dict:
     cfg.validate()
     ifc, out = cfg.ifc, Path(out_dir or cfg.run.dir)
     domains = discover_domains(cfg)
-    public_budget, domain_budget = _budgets(cfg, len(domains))
+    share = ifc.public_share  # of the total for the public phase; the rest split over domains
+    public_budget = cfg.train.budget_share(share)
+    domain_budget = cfg.train.budget_share((1 - share) / len(domains))
     moe_form = ifc.form == "moe"
     if moe_form:
         model_cfg = _moe_model_cfg(cfg, 1 + len(domains))
