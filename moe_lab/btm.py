@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moe_lab.checkpoint import write_json, write_safetensors
 from moe_lab.config import ConfigError, MoEConfig
 from moe_lab.model import Transformer, build_model
 
@@ -86,12 +87,6 @@ def _split_budget(cfg, shards: dict[str, Shard], split: str) -> dict[str, dict]:
     return {name: cfg.train.budget_share(share) for name, share in shares.items()}
 
 
-def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.rename(path)  # atomic: readers see the old file or the new one
-
-
 def collect_manifest(out_dir: str | Path) -> dict:
     """Rebuild ``manifest.json`` from the finished experts' ``expert.json`` files.
 
@@ -101,7 +96,7 @@ def collect_manifest(out_dir: str | Path) -> dict:
     entries = [json.loads(p.read_text()) for p in (out / "experts").glob("*/expert.json")]
     entries.sort(key=lambda e: e["index"])
     manifest = {"experts": {e["name"]: e for e in entries}}
-    _write_json(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest)
     return manifest
 
 
@@ -137,7 +132,7 @@ def train_experts(
     Returns:
         The manifest: per expert its files, seed, budget, steps, tokens, FLOPs, validation loss.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from moe_lab.checkpoint import latest_checkpoint
     from moe_lab.config import save_config
@@ -162,8 +157,7 @@ def train_experts(
         result = train(replace(cfg, data=data_cfg, train=train_cfg, run=run_cfg))
         ckpt = latest_checkpoint(result.run_dir / "checkpoints")
         weights = expert_dir / "expert.safetensors"
-        save_file(load_file(ckpt / "model.safetensors"), weights.with_suffix(".tmp"))
-        weights.with_suffix(".tmp").rename(weights)
+        write_safetensors(weights, load_file(ckpt / "model.safetensors"))
         entry = {
             "name": name,
             "index": index,
@@ -177,7 +171,7 @@ def train_experts(
             "valid_loss": result.valid_loss,
             "weights": str(weights),
         }
-        _write_json(expert_dir / "expert.json", entry)  # the marker of a finished job
+        write_json(expert_dir / "expert.json", entry)  # the marker of a finished job
     return collect_manifest(out)
 
 

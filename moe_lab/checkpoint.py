@@ -30,10 +30,26 @@ __all__ = [
     "load_run",
     "restore_rng",
     "save_checkpoint",
+    "write_json",
+    "write_safetensors",
 ]
 
 _STEP_DIR = re.compile(r"step-(\d{8})")
 MARKER = "COMPLETE"
+
+
+def write_json(path: Path, obj: object) -> None:
+    """Write ``obj`` as JSON atomically: readers see the old file or the new one, never a part."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.rename(path)
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` as one safetensors file atomically (see :func:`write_json`)."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp)
+    tmp.rename(path)
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

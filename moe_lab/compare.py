@@ -46,6 +46,7 @@ import numpy as np
 from omegaconf import MISSING, OmegaConf
 
 from moe_lab.accounting import estimate
+from moe_lab.checkpoint import write_json
 from moe_lab.config import Config, ConfigError, load_config, save_config
 
 __all__ = ["ExperimentConfig", "VariantConfig", "load_experiment", "plan", "run_compare"]
@@ -450,9 +451,7 @@ def run_variant(exp: ExperimentConfig, v: VariantConfig, seed: int, out: Path) -
         "tokens_per_s": record["tokens"] / wall,
         **record,
     }
-    tmp = job / "result.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.rename(job / "result.json")
+    write_json(job / "result.json", record)
     return record
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_lab.checkpoint import write_json
 from moe_lab.config import Config, ConfigError
 from moe_lab.data import DataError, load_splits, with_group_field
 
@@ -158,12 +159,6 @@ def _sampled(cfg: Config) -> Config:
     return replace(cfg, data=replace(cfg.data, sample_by=x.lang_field, sampling_alpha=x.alpha))
 
 
-def _write_plan(out: Path, plan: dict) -> None:
-    tmp = out / "languages.json.tmp"
-    tmp.write_text(json.dumps(plan, indent=2))
-    tmp.rename(out / "languages.json")
-
-
 def train_xelm(cfg: Config) -> dict:
     """Seed, first-round experts, then each language of ``xelm.add`` (module docstring).
 
@@ -187,7 +182,7 @@ def train_xelm(cfg: Config) -> dict:
     )
     if plan is None:
         plan = _plan(cfg)
-        _write_plan(out, plan)
+        write_json(out / "languages.json", plan)
     # The first round only: on a second call, added languages are already in the plan.
     round1 = {n: langs for n, langs in plan["groups"].items() if n not in plan["added"]}
     first = sorted({lang for langs in round1.values() for lang in langs})
@@ -241,7 +236,7 @@ def add_language(cfg: Config, out_dir: str | Path, lang: str) -> dict:
         only=[lang],
     )
     plan["groups"][lang], plan["added"][lang] = [lang], parent
-    _write_plan(out, plan)
+    write_json(out / "languages.json", plan)
     return manifest
 
 

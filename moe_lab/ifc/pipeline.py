@@ -32,8 +32,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from moe_lab.checkpoint import write_json, write_safetensors
 from moe_lab.config import Config, ConfigError, load_config, save_config
 from moe_lab.data import DataError, load_splits, with_group_field
 from moe_lab.experts.moe import MoE
@@ -112,12 +113,6 @@ def _phase(cfg: Config, out: Path, domain: str, budget: dict, **train) -> Config
         train=replace(cfg.train, **budget, **train),
         run=replace(cfg.run, dir=str(out), resume=True),
     )
-
-
-def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.rename(path)
 
 
 def _final_weights(run_dir: Path) -> Path:
@@ -203,8 +198,7 @@ def train_ifc(cfg: Config, out_dir: str | Path | None = None) -> dict:
             else:
                 result = train(phase)
                 weights = load_file(_final_weights(run_dir))
-            save_file(weights, expert_dir / "expert.tmp")
-            (expert_dir / "expert.tmp").rename(expert_dir / "expert.safetensors")
+            write_safetensors(expert_dir / "expert.safetensors", weights)
             entry = {
                 "domain": domain,
                 "index": i,
@@ -215,7 +209,7 @@ def train_ifc(cfg: Config, out_dir: str | Path | None = None) -> dict:
                 "flops": result.flops,
                 "valid_loss": result.valid_loss,
             }
-            _write_json(expert_dir / "expert.json", entry)
+            write_json(expert_dir / "expert.json", entry)
         experts[domain] = json.loads((expert_dir / "expert.json").read_text())
 
     tokenizer_kind = cfg.data.tokenizer
@@ -239,7 +233,7 @@ def train_ifc(cfg: Config, out_dir: str | Path | None = None) -> dict:
         "train_flops": json.loads((public_run / "eval.json").read_text())["flops"]
         + sum(e["flops"] for e in experts.values()),
     }
-    _write_json(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest)
     return manifest
 
 
