@@ -24,6 +24,7 @@ from moe_lab.accounting import estimate
 from moe_lab.config import MoEConfig
 from moe_lab.experts import MoE
 from moe_lab.generation import generate
+from moe_lab.ifc import restrict_experts
 
 SHAPES = {  # name: (dim, layers, heads, kv heads, dense FFN width)
     "ifc experiment (d=128)": (128, 4, 4, 2, 352),
@@ -42,18 +43,12 @@ def models(dim, layers, heads, kv, ffn):
     return base, dense, ifc
 
 
-def restrict(model, experts):
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.router.restrict(experts)
-
-
 def call(fn, model, experts=None):
     """``fn(model)`` with the IFC model's routers restricted to ``experts`` first."""
 
     def run():
         if any(isinstance(m, MoE) for m in model.modules()):
-            restrict(model, experts)
+            restrict_experts(model, experts)
         fn(model)
 
     return run

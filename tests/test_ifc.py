@@ -16,7 +16,15 @@ from moe_lab.config import ConfigError, ModelConfig, MoEConfig, load_config
 from moe_lab.data import CORPUS_DIR, DataError, load_documents
 from moe_lab.experts.moe import MoE
 from moe_lab.generation import generate
-from moe_lab.ifc import AccessPolicy, ExpertScope, PolicyError, expert_rows, load_ifc, train_ifc
+from moe_lab.ifc import (
+    AccessPolicy,
+    ExpertScope,
+    PolicyError,
+    expert_rows,
+    load_ifc,
+    restrict_experts,
+    train_ifc,
+)
 from moe_lab.model import build_model
 from moe_lab.routing.topk import TopKRouter
 from tests.conftest import write_jsonl
@@ -132,8 +140,7 @@ def _scramble(model, expert, value=None):
 @pytest.mark.parametrize("value", [None, float("nan")], ids=["randomised", "nan"])
 def test_outputs_do_not_depend_on_a_forbidden_experts_weights(value):
     model = tiny_moe().eval()
-    for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        moe.router.restrict([0, 1])
+    restrict_experts(model, [0, 1])
     x = torch.randint(0, 64, (3, 24))
     logits = model(x).logits
     tokens = generate(
@@ -145,8 +152,7 @@ def test_outputs_do_not_depend_on_a_forbidden_experts_weights(value):
         model, x[:, :5], 8, temperature=1.0, generator=torch.Generator().manual_seed(1)
     )
     assert torch.equal(again, tokens)
-    for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        moe.router.restrict(None)  # the guard: with expert 2 permitted the change shows
+    restrict_experts(model, None)  # the guard: with expert 2 permitted the change shows
     assert not torch.equal(model(x).logits, logits)
 
 
@@ -259,8 +265,7 @@ def test_a_principal_without_grants_gets_exactly_the_public_model(trained):
     x = torch.randint(0, 256, (2, 32))
     public = build_model(load_config(out / "public" / "run" / "config.yaml").model).eval()
     public.load_state_dict(load_file(pipeline._final_weights(out / "public" / "run")))
-    for moe in (m for m in public.modules() if isinstance(m, MoE)):
-        moe.router.restrict([0])
+    restrict_experts(public, [0])
     assert torch.equal(restricted_logits(out, "guest", x), public(x).logits)
     assert not torch.equal(restricted_logits(out, "alice", x), public(x).logits)
 

@@ -10,7 +10,7 @@ guarantees, :mod:`moe_lab.ifc.policy` for policies and provenance.
 
 from moe_lab.ifc.pipeline import IFCModel, discover_domains, load_ifc, train_ifc
 from moe_lab.ifc.policy import AccessPolicy, PolicyError
-from moe_lab.ifc.scope import ExpertScope, expert_rows
+from moe_lab.ifc.scope import ExpertScope, expert_rows, restrict_experts
 
 __all__ = [
     "AccessPolicy",
@@ -20,5 +20,6 @@ __all__ = [
     "discover_domains",
     "expert_rows",
     "load_ifc",
+    "restrict_experts",
     "train_ifc",
 ]

@@ -39,7 +39,7 @@ from moe_lab.config import Config, ConfigError, load_config, save_config
 from moe_lab.data import DataError, load_splits, with_group_field
 from moe_lab.experts.moe import MoE
 from moe_lab.ifc.policy import AccessPolicy
-from moe_lab.ifc.scope import ExpertScope, expert_rows
+from moe_lab.ifc.scope import ExpertScope, expert_rows, restrict_experts
 from moe_lab.model import Transformer, build_model
 from moe_lab.tokenizer import Tokenizer, load_tokenizer
 from moe_lab.weights import load_weights
@@ -316,9 +316,7 @@ def load_ifc(
                 path = out / "domains" / entry["domain"] / entry["weights"]
                 for key, rows in _read(path, device).items():
                     params[key][_row_slice(model, key, entry["index"])] = rows
-        visible = [0] + [e["index"] for e in granted]
-        for moe in (m for m in model.modules() if isinstance(m, MoE)):
-            moe.router.restrict(visible)
+        restrict_experts(model, [0] + [e["index"] for e in granted])
         result.model = model.eval()
         return result
     experts = []

@@ -21,7 +21,22 @@ from torch import Tensor, nn
 
 from moe_lab.experts.moe import MoE
 
-__all__ = ["ExpertScope", "expert_rows"]
+__all__ = ["ExpertScope", "expert_rows", "restrict_experts"]
+
+
+def restrict_experts(model: nn.Module, experts: Sequence[int] | None) -> list[MoE]:
+    """Route every MoE layer of ``model`` to ``experts`` only (None: to all again; see
+    :meth:`~moe_lab.routing.topk.TopKRouter.restrict`); returns those layers.
+
+    Raises:
+        ValueError: the model has no MoE layers.
+    """
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    if not moes:
+        raise ValueError("restricting experts needs a model with MoE layers")
+    for moe in moes:
+        moe.router.restrict(None if experts is None else list(experts))
+    return moes
 
 
 def expert_rows(moe: MoE, expert: int) -> dict[str, tuple[Tensor, slice]]:
@@ -50,11 +65,7 @@ class ExpertScope:
         self._rows: list[tuple[Tensor, slice]] = []
 
     def apply(self, model: nn.Module) -> None:
-        moes = [m for m in model.modules() if isinstance(m, MoE)]
-        if not moes:
-            raise ValueError("an expert scope needs a model with MoE layers")
-        for moe in moes:
-            moe.router.restrict(self.visible)
+        moes = restrict_experts(model, self.visible)
         if self.trained is None:
             return
         model.requires_grad_(False)
