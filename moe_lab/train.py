@@ -295,9 +295,9 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
     train_docs, valid_docs, groups = load_splits(cfg)
     if resume_from is not None:
         tokenizer = load_tokenizer(run_dir / "tokenizer")
-    elif t.init_from is not None and _init_tokenizer_dir(Path(t.init_from)) is not None:
+    elif t.init_from is not None and (init_tokenizer := _init_tokenizer_dir(Path(t.init_from))):
         # The weights are tied to their run's token ids: a branched run keeps that tokenizer.
-        tokenizer = load_tokenizer(_init_tokenizer_dir(Path(t.init_from)))
+        tokenizer = load_tokenizer(init_tokenizer)
     else:
         tokenizer = build_tokenizer(cfg, train_docs)
     cache = cache_root(cfg.data.cache_dir)
