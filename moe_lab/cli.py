@@ -64,9 +64,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import torch
 
     from moe_lab.checkpoint import load_run
-    from moe_lab.data import load_splits
-    from moe_lab.evaluate import evaluate
-    from moe_lab.packing import build_store, cache_root
+    from moe_lab.evaluate import evaluate, validation_store
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.run_dir) / "eval.json"
@@ -93,10 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         _print_report(report["valid"], out)
         return
     cfg, model, tokenizer = load_run(args.run_dir, args.overrides, device=device)
-    _, valid_docs, groups = load_splits(cfg)
-    store = build_store(
-        valid_docs, tokenizer, cfg.data.text_field, groups, cache_root(cfg.data.cache_dir)
-    )
+    store = validation_store(cfg, tokenizer)
     result = evaluate(model, store, cfg.train.seq_len, cfg.train.batch_size, device, progress=True)
     previous = json.loads(out.read_text()) if out.exists() else {}  # keeps step, tokens, FLOPs
     out.write_text(json.dumps(previous | {"valid": result}, indent=2))

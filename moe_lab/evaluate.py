@@ -19,7 +19,17 @@ from moe_lab.losses import token_nll
 from moe_lab.model import Transformer
 from moe_lab.packing import IGNORE, TokenStore, eval_rows
 
-__all__ = ["document_nll", "evaluate", "summarize"]
+__all__ = ["document_nll", "evaluate", "summarize", "validation_store"]
+
+
+def validation_store(cfg, tokenizer) -> TokenStore:
+    """The (cached) token store of ``cfg``'s validation documents, with its group fields."""
+    from moe_lab.data import load_splits
+    from moe_lab.packing import build_store, cache_root
+
+    _, valid, groups = load_splits(cfg)
+    data = cfg.data
+    return build_store(valid, tokenizer, data.text_field, groups, cache_root(data.cache_dir))
 
 
 @torch.no_grad()

@@ -175,12 +175,9 @@ def train_xelm(cfg: Config) -> dict:
     cfg = with_group_field(cfg, x.lang_field)
     cfg.validate()
     out.mkdir(parents=True, exist_ok=True)
-    plan = (
-        json.loads((out / "languages.json").read_text())
-        if (out / "languages.json").exists()
-        else None
-    )
-    if plan is None:
+    if (out / "languages.json").exists():
+        plan = json.loads((out / "languages.json").read_text())
+    else:
         plan = _plan(cfg)
         write_json(out / "languages.json", plan)
     # The first round only: on a second call, added languages are already in the plan.
@@ -249,8 +246,8 @@ def evaluate_by_language(
     A language without an expert among ``experts`` (default: all) goes to its most similar one.
     """
     from moe_lab.btm import load_experts
+    from moe_lab.evaluate import validation_store
     from moe_lab.experts.ensemble import ExpertEnsemble, ensemble_document_nll
-    from moe_lab.packing import build_store, cache_root
     from moe_lab.tokenizer import load_tokenizer
 
     x, out = cfg.xelm, Path(out_dir)
@@ -263,10 +260,7 @@ def evaluate_by_language(
     tokenizer = load_tokenizer(out / "seed" / "tokenizer")
     cfg = with_group_field(cfg, x.lang_field)
     cfg = replace(cfg, data=replace(cfg.data, include={x.lang_field: plan["languages"]}))
-    _, valid, groups = load_splits(cfg)
-    store = build_store(
-        valid, tokenizer, cfg.data.text_field, groups, cache_root(cfg.data.cache_dir)
-    )
+    store = validation_store(cfg, tokenizer)
     g = store.group_fields.index(x.lang_field)
     by_plan = {**plan, "groups": chosen}
 
@@ -292,8 +286,7 @@ def run_xelm_experiment(cfg: Config) -> dict:
     languages routed to their nearest expert) and of all experts; writes ``report.json``.
     """
     from moe_lab.checkpoint import load_run
-    from moe_lab.evaluate import evaluate
-    from moe_lab.packing import build_store, cache_root
+    from moe_lab.evaluate import evaluate, validation_store
     from moe_lab.train import train
 
     x, out = cfg.xelm, Path(cfg.run.dir)
@@ -313,10 +306,7 @@ def run_xelm_experiment(cfg: Config) -> dict:
     dense = train(dense_cfg)
     _, model, tokenizer = load_run(dense.run_dir)
     eval_cfg = replace(cfg, data=replace(cfg.data, include={x.lang_field: plan["languages"]}))
-    _, valid, groups = load_splits(eval_cfg)
-    store = build_store(
-        valid, tokenizer, cfg.data.text_field, groups, cache_root(cfg.data.cache_dir)
-    )
+    store = validation_store(eval_cfg, tokenizer)
     columns = {
         "dense (joint, alpha sampling)": evaluate(
             model, store, cfg.train.seq_len, cfg.train.batch_size

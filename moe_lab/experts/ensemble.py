@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from moe_lab.evaluate import summarize
+from moe_lab.evaluate import summarize, validation_store
 from moe_lab.model import Transformer
 from moe_lab.packing import IGNORE, TokenStore, eval_rows
 
@@ -146,8 +146,6 @@ def evaluate_experts(experts_dir, cfg, device="cpu") -> dict:
     from moe_lab.btm import load_experts
     from moe_lab.clustering import Clusterer
     from moe_lab.config import ConfigError
-    from moe_lab.data import load_splits
-    from moe_lab.packing import build_store, cache_root
     from moe_lab.routing.cluster import ClusterRouter
     from moe_lab.tokenizer import load_tokenizer
 
@@ -155,10 +153,7 @@ def evaluate_experts(experts_dir, cfg, device="cpu") -> dict:
     names, experts = load_experts(experts_dir, device=device)
     first_run = Path(experts_dir) / "experts" / names[0] / "run"
     tokenizer = load_tokenizer(first_run / "tokenizer")
-    _, valid, groups = load_splits(cfg)
-    store = build_store(
-        valid, tokenizer, cfg.data.text_field, groups, cache_root(cfg.data.cache_dir)
-    )
+    store = validation_store(cfg, tokenizer)
     E = len(experts)
     if ens.routing == "average":
         from moe_lab.btm import average

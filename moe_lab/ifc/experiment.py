@@ -18,8 +18,7 @@ import numpy as np
 
 from moe_lab.checkpoint import load_run
 from moe_lab.config import Config, ConfigError
-from moe_lab.data import load_splits
-from moe_lab.evaluate import evaluate
+from moe_lab.evaluate import evaluate, validation_store
 from moe_lab.experts.ensemble import ExpertEnsemble, ensemble_document_nll
 from moe_lab.ifc.pipeline import (
     IFCModel,
@@ -29,8 +28,6 @@ from moe_lab.ifc.pipeline import (
     train_ifc,
 )
 from moe_lab.ifc.policy import AccessPolicy
-from moe_lab.packing import build_store, cache_root
-from moe_lab.tokenizer import Tokenizer
 
 __all__ = ["dense_baseline", "evaluate_ifc", "run_ifc_experiment"]
 
@@ -40,7 +37,7 @@ def evaluate_ifc(ifc: IFCModel, cfg: Config, device: str = "cpu") -> dict:
 
     ``form=ensemble`` mixes the permitted experts' probabilities with equal weights.
     """
-    store = _valid_store(cfg, ifc.tokenizer)
+    store = validation_store(_with_domain_field(cfg), ifc.tokenizer)
     t = cfg.train
     if ifc.model is not None:
         return evaluate(ifc.model.to(device), store, t.seq_len, t.batch_size, device)
@@ -51,14 +48,6 @@ def evaluate_ifc(ifc: IFCModel, cfg: Config, device: str = "cpu") -> dict:
         return np.full((store.offsets[d + 1] - store.offsets[d] - 1, E), 1.0 / E)
 
     return ensemble_document_nll(ensemble, store, uniform, t.seq_len, t.batch_size, device)
-
-
-def _valid_store(cfg: Config, tokenizer: Tokenizer):
-    cfg = _with_domain_field(cfg)
-    _, valid, groups = load_splits(cfg)
-    return build_store(
-        valid, tokenizer, cfg.data.text_field, groups, cache_root(cfg.data.cache_dir)
-    )
 
 
 def dense_baseline(cfg: Config, train_flops: float, out_dir: Path):
@@ -87,7 +76,7 @@ def run_ifc_experiment(cfg: Config, policy: AccessPolicy, device: str = "cpu") -
     dense = dense_baseline(cfg, manifest["train_flops"], out / "dense")
     field = cfg.ifc.domain_field
     _, model, tokenizer = load_run(dense.run_dir, device=device)
-    store = _valid_store(cfg, tokenizer)
+    store = validation_store(_with_domain_field(cfg), tokenizer)
     columns = {
         "dense (all data)": evaluate(model, store, cfg.train.seq_len, cfg.train.batch_size, device)
     }
