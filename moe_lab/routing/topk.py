@@ -51,7 +51,7 @@ class TopKRouter(nn.Module):
         # bias_update_rate > 0): input to that update and telemetry, not checkpoint state.
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
         self.register_buffer("allowed", None, persistent=False)  # bool [E]; None: every expert
-        self.n_allowed = cfg.num_experts
+        self.n_allowed = cfg.num_experts  # a Python int, so forward needs no host sync
 
     def restrict(self, experts: list[int] | None) -> None:
         """Route only to ``experts`` (indices), or to every expert again with None."""
