@@ -101,3 +101,21 @@ def test_missing_file_and_bad_python_values_are_config_errors(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match=r"model\.dim must be a positive integer, got '64'"):
         ModelConfig(dim="64").validate()
+
+
+def test_the_shipped_experiments_and_policy_load():
+    from moe_lab.compare import load_experiment
+    from moe_lab.config import PRESET_DIR
+    from moe_lab.ifc import AccessPolicy
+
+    experiments = PRESET_DIR.parent / "experiments"
+    ifc = load_config(experiments / "ifc.yaml")
+    assert ifc.model.moe is not None and ifc.ifc.policy == "ifc_policy.yaml"
+    policy = AccessPolicy.load(experiments / ifc.ifc.policy)
+    domains = list(ifc.ifc.domains)
+    assert policy.permitted("admin", ifc.ifc.public, domains) == [ifc.ifc.public, *domains]
+    xelm = load_config(experiments / "xelm.yaml")
+    assert xelm.xelm.add == ["pt"] and "pt" not in xelm.xelm.languages
+    default = load_experiment(experiments / "default.yaml")
+    families = {v.family for v in default.variants}
+    assert {"dense", "moe", "cbtm"} <= families
