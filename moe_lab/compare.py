@@ -35,6 +35,7 @@ and ``groups.png``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -50,6 +51,8 @@ from moe_lab.checkpoint import write_json
 from moe_lab.config import Config, ConfigError, load_config, save_config
 
 __all__ = ["ExperimentConfig", "VariantConfig", "load_experiment", "plan", "run_compare"]
+
+log = logging.getLogger(__name__)
 
 FAMILIES = ("dense", "moe", "cbtm", "xelm", "ifc")
 TOLERANCE = 0.01  # achieved training FLOPs must lie within 1% of the budget
@@ -426,6 +429,7 @@ def run_variant(exp: ExperimentConfig, v: VariantConfig, seed: int, out: Path) -
     job = out / "variants" / v.name / f"seed{seed}"
     if (job / "result.json").exists():
         return json.loads((job / "result.json").read_text())
+    log.info("variant %s (%s), seed %d: training in %s", v.name, v.family, seed, job)
     cfg = variant_config(exp, v, seed, job)
     cfg = replace(cfg, run=replace(cfg.run, resume=True))
     job.mkdir(parents=True, exist_ok=True)
@@ -452,6 +456,9 @@ def run_variant(exp: ExperimentConfig, v: VariantConfig, seed: int, out: Path) -
         **record,
     }
     write_json(job / "result.json", record)
+    log.info(
+        "variant %s, seed %d: valid loss %.4f in %.0f s", v.name, seed, record["valid_loss"], wall
+    )
     return record
 
 
