@@ -30,7 +30,7 @@ from moe_lab.config import MoEConfig
 from moe_lab.experts.dense import SwiGLU
 from moe_lab.routing.topk import RouterStats, TopKRouter
 
-__all__ = ["MoE", "capacity", "expert_slots"]
+__all__ = ["MoE", "capacity", "expert_slots", "run_experts"]
 
 # The fp32 CPU kernel of torch._grouped_mm exists since torch 2.11; its CUDA kernel wants bf16 on
 # recent GPUs and its fake kernel (torch.compile) bf16 too: elsewhere the expert loop runs.
@@ -91,40 +91,49 @@ class MoE(nn.Module):
         dropped = 1.0 - kept_TK.float().mean()
         return y_TD.view_as(x), self.router.stats(probs_TE, logits_TE, indices_TK, dropped)
 
-    def _use_grouped_mm(self, x: Tensor) -> bool:
-        return (
-            self.grouped_mm
-            and _CPU_GROUPED_MM
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and not torch.compiler.is_compiling()
-        )
-
     def _experts(
         self, x_TD: Tensor, weights_TK: Tensor, indices_TK: Tensor, kept_TK: Tensor
     ) -> Tensor:
         """Run each expert once on its contiguous segment of slots, then scatter back."""
-        E, Fh, K = self.cfg.num_experts, self.cfg.expert_hidden, indices_TK.shape[1]
+        K = indices_TK.shape[1]
         slot_S = kept_TK.flatten().nonzero().squeeze(1)  # kept slots, s = t * K + k
         expert_S = indices_TK.flatten()[slot_S]
         order = expert_S.argsort(stable=True)
         slot_S, expert_S = slot_S[order], expert_S[order]
         token_S = slot_S // K
-        counts_E = torch.bincount(expert_S, minlength=E)
-        x_SD = x_TD[token_S]
-        w1_EFD, v1_EFD = self.w1.view(E, Fh, -1), self.v1.view(E, Fh, -1)
-        w2_EFD = self.w2.view(E, Fh, -1)  # w2 holds down.T: [F, D] per expert
-        if self._use_grouped_mm(x_SD):
-            offs = counts_E.cumsum(0).to(torch.int32)  # end of each expert's segment
-            gate_SF = torch._grouped_mm(x_SD, w1_EFD.transpose(1, 2), offs=offs)
-            up_SF = torch._grouped_mm(x_SD, v1_EFD.transpose(1, 2), offs=offs)
-            y_SD = torch._grouped_mm(F.silu(gate_SF) * up_SF, w2_EFD, offs=offs)
-        else:
-            outs, start = [], 0
-            for e, n in enumerate(counts_E.tolist()):  # one host sync per layer
-                seg_nD = x_SD[start : start + n]
-                outs.append((F.silu(seg_nD @ w1_EFD[e].t()) * (seg_nD @ v1_EFD[e].t())) @ w2_EFD[e])
-                start += n
-            y_SD = torch.cat(outs)
+        counts_E = torch.bincount(expert_S, minlength=self.cfg.num_experts)
+        y_SD = run_experts(x_TD[token_S], counts_E, self.w1, self.v1, self.w2, self.grouped_mm)
         y_SD = y_SD * weights_TK.flatten()[slot_S, None].to(x_TD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_S, y_SD)
+
+
+def _use_grouped_mm(x: Tensor) -> bool:
+    return (
+        _CPU_GROUPED_MM
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+    )
+
+
+def run_experts(
+    x_SD: Tensor, counts_E: Tensor, w1: Tensor, v1: Tensor, w2: Tensor, grouped_mm: bool = True
+) -> Tensor:
+    """SwiGLU expert e on segment e of ``x_SD`` (rows sorted by expert, ``counts_E[e]`` each).
+
+    ``w1``, ``v1``, ``w2`` are ``[E * F, D]`` in MegaBlocks' layout, E = ``len(counts_E)``: all
+    experts, or the local ones of an expert-parallel rank.
+    """
+    E = len(counts_E)
+    w1_EFD, v1_EFD, w2_EFD = (w.view(E, -1, w.shape[1]) for w in (w1, v1, w2))  # w2: down.T
+    if grouped_mm and _use_grouped_mm(x_SD):
+        offs = counts_E.cumsum(0).to(torch.int32)  # end of each expert's segment
+        gate_SF = torch._grouped_mm(x_SD, w1_EFD.transpose(1, 2), offs=offs)
+        up_SF = torch._grouped_mm(x_SD, v1_EFD.transpose(1, 2), offs=offs)
+        return torch._grouped_mm(F.silu(gate_SF) * up_SF, w2_EFD, offs=offs)
+    outs, start = [], 0
+    for e, n in enumerate(counts_E.tolist()):  # one host sync per layer
+        seg_nD = x_SD[start : start + n]
+        outs.append((F.silu(seg_nD @ w1_EFD[e].t()) * (seg_nD @ v1_EFD[e].t())) @ w2_EFD[e])
+        start += n
+    return torch.cat(outs) if outs else x_SD.new_zeros(0, w2.shape[1])
