@@ -69,6 +69,7 @@ class MoE(nn.Module):
         self.v1 = nn.Parameter(torch.empty(E * Fh, dim))
         self.w2 = nn.Parameter(torch.empty(E * Fh, dim))
         self.grouped_mm = True  # torch._grouped_mm where it applies (_use_grouped_mm); False: loop
+        self.ep_group = None  # expert parallelism: this rank holds E / W experts (experts.parallel)
         self.shared = None
         if cfg.shared_expert_hidden > 0:
             self.shared = SwiGLU(dim, cfg.shared_expert_hidden, n_layers, init_std)
@@ -102,7 +103,12 @@ class MoE(nn.Module):
         slot_S, expert_S = slot_S[order], expert_S[order]
         token_S = slot_S // K
         counts_E = torch.bincount(expert_S, minlength=self.cfg.num_experts)
-        y_SD = run_experts(x_TD[token_S], counts_E, self.w1, self.v1, self.w2, self.grouped_mm)
+        if self.ep_group is not None:
+            from moe_lab.experts.parallel import dispatch_to_experts
+
+            y_SD = dispatch_to_experts(self, x_TD[token_S], counts_E, self.ep_group)
+        else:
+            y_SD = run_experts(x_TD[token_S], counts_E, self.w1, self.v1, self.w2, self.grouped_mm)
         y_SD = y_SD * weights_TK.flatten()[slot_S, None].to(x_TD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_S, y_SD)
 

@@ -1,0 +1,97 @@
+"""Expert parallelism for the reference MoE: each rank holds E / W experts, tokens travel to them.
+
+Every rank routes its own tokens with the full (replicated) router, then two all-to-alls move each
+kept (token, slot) row to the rank that holds its expert and the expert outputs back (GShard,
+MegaBlocks' ``parallel_forward_once``, torchtitan's ``AllToAllTokenDispatcher``):
+
+1. sort the rows by expert, as the single-process layer does; expert e lives on rank
+   ``e // (E / W)``, so the rows for each rank are one contiguous run;
+2. exchange the per-expert row counts, then the rows (``all_to_all_single`` with uneven splits,
+   differentiable: its backward is the reverse all-to-all);
+3. the received rows arrive grouped by source rank; a stable sort groups them by local expert, each
+   local expert runs once on its segment (:func:`~moe_lab.experts.moe.run_experts`), and the
+   inverse permutation restores the arrival order for the return trip.
+
+The result equals the single-process layer on the union of all ranks' tokens (tested with gloo, two
+processes). Capacity, when set, counts each rank's own tokens (GShard's per-group capacity).
+Gradients of an expert's weights sum the contributions of every rank's tokens: the training loop
+divides them by W, as DDP does for the replicated parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.nn.functional import all_to_all_single
+
+from moe_lab.config import ConfigError
+from moe_lab.experts.moe import MoE, run_experts
+
+__all__ = ["dispatch_to_experts", "expert_parameters", "gather_experts", "shard_experts"]
+
+EXPERT_WEIGHTS = ("w1", "v1", "w2")
+
+
+def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
+    """Keep only this rank's experts in every MoE layer of ``model``; return how many layers.
+
+    Rank r of W keeps experts ``[r * E / W, (r + 1) * E / W)``: their rows of ``w1``, ``v1`` and
+    ``w2``. Call it after the (rank-identical) initialisation or loading of the full model.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    for layer in layers:
+        E = layer.cfg.num_experts
+        if E % world:
+            raise ConfigError(
+                f"expert parallelism over {world} ranks needs model.moe.num_experts divisible "
+                f"by {world}; got {E}"
+            )
+        rows = layer.cfg.expert_hidden * (E // world)
+        for name in EXPERT_WEIGHTS:
+            full = getattr(layer, name)
+            local = full.detach()[rank * rows : (rank + 1) * rows].clone()
+            setattr(layer, name, nn.Parameter(local, requires_grad=full.requires_grad))
+        layer.ep_group = group if group is not None else dist.group.WORLD
+    return len(layers)
+
+
+def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The expert-parallel (rank-local) parameters of ``model`` by name."""
+    found = {}
+    for prefix, m in model.named_modules():
+        if isinstance(m, MoE) and m.ep_group is not None:
+            for name in EXPERT_WEIGHTS:
+                found[f"{prefix}.{name}" if prefix else name] = getattr(m, name)
+    return found
+
+
+def gather_experts(local: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """The full ``[E * F, ...]`` tensor from each rank's ``[E / W * F, ...]`` rows; a collective."""
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def dispatch_to_experts(
+    layer: MoE, x_SD: Tensor, counts_E: Tensor, group: dist.ProcessGroup
+) -> Tensor:
+    """Expert outputs for rows ``x_SD`` sorted by expert (``counts_E`` rows per expert, all E),
+    computed on the ranks that hold the experts; same order as ``x_SD``."""
+    world = dist.get_world_size(group)
+    E = len(counts_E)
+    local_E = E // world
+    # How many rows of each of its local experts every rank receives from every other.
+    recv_WL = torch.empty_like(counts_E).view(world, local_E)
+    dist.all_to_all_single(recv_WL, counts_E.view(world, local_E).contiguous(), group=group)
+    send = counts_E.view(world, local_E).sum(1).tolist()
+    recv = recv_WL.sum(1).tolist()  # one host sync for both split lists
+    x_RD = all_to_all_single(x_SD.new_empty(sum(recv), x_SD.shape[1]), x_SD, recv, send, group)
+    local_R = torch.repeat_interleave(
+        torch.arange(local_E, device=x_SD.device).repeat(world), recv_WL.flatten()
+    )
+    order = local_R.argsort(stable=True)  # arrival order (by source rank) -> by local expert
+    y_RD = run_experts(x_RD[order], recv_WL.sum(0), layer.w1, layer.v1, layer.w2, layer.grouped_mm)
+    y_RD = torch.empty_like(y_RD).index_copy(0, order, y_RD)  # back to arrival order
+    return all_to_all_single(y_RD.new_empty(x_SD.shape), y_RD, send, recv, group)
