@@ -28,6 +28,8 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "load_run",
+    "read_optimizer_state",
+    "read_training_state",
     "restore_rng",
     "save_checkpoint",
     "write_json",
@@ -93,9 +95,8 @@ def restore_rng(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+def _optimizer_parts(sd: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     """Split an optimizer state dict into JSON (groups, scalars) and tensors."""
-    sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, state in sd["state"].items():
         for name, value in state.items():
@@ -126,7 +127,7 @@ def save_checkpoint(
     directory: Path,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: torch.optim.Optimizer | dict | None,
     state: dict,
     keep: int,
     weights: dict[str, torch.Tensor] | None = None,
@@ -134,7 +135,8 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically; keep only the newest ``keep`` complete checkpoints.
 
     ``state`` must be JSON-serialisable; RNG states are added here. ``weights`` replaces
-    ``model.state_dict()`` (FSDP2: the gathered full state dict).
+    ``model.state_dict()`` and a state dict may stand for ``optimizer``: the full tensors gathered
+    from the ranks of a sharded run (moe_lab.distributed).
     """
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:08d}"
@@ -147,6 +149,8 @@ def save_checkpoint(
         save_file(weights, tmp / "model.safetensors")
         rng_meta, rng_tensors = capture_rng()
         if optimizer is not None:
+            if isinstance(optimizer, torch.optim.Optimizer):
+                optimizer = optimizer.state_dict()
             opt_meta, opt_tensors = _optimizer_parts(optimizer)
             save_file(opt_tensors, tmp / "optimizer.safetensors")
             (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
@@ -178,19 +182,36 @@ def load_checkpoint(
         FileNotFoundError: ``path`` is not a complete checkpoint.
         WeightsMismatchError: the weights do not fit ``model``.
     """
-    if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+    _require_complete(path)
     device = next(model.parameters()).device
     weights = load_file(path / "model.safetensors", device=str(device))
     load_weights(model, weights, source=str(path / "model.safetensors"), assign=False)
-    if optimizer is not None:  # loaded on CPU: the optimizer moves moments to their parameters
-        opt_tensors = load_file(path / "optimizer.safetensors")
-        opt_meta = json.loads((path / "optimizer.json").read_text())
-        optimizer.load_state_dict(_optimizer_state(opt_meta, opt_tensors))
+    if optimizer is not None:
+        optimizer.load_state_dict(read_optimizer_state(path))
+    return read_training_state(path, restore_rng_state)
+
+
+def read_optimizer_state(path: Path) -> dict:
+    """The optimizer state dict of checkpoint ``path``, on CPU (the optimizer moves its moments
+    to their parameters when it loads them)."""
+    _require_complete(path)
+    return _optimizer_state(
+        json.loads((path / "optimizer.json").read_text()), load_file(path / "optimizer.safetensors")
+    )
+
+
+def read_training_state(path: Path, restore_rng_state: bool = True) -> dict:
+    """Checkpoint ``path``'s ``state.json`` (step, data position, ...); optionally restore RNGs."""
+    _require_complete(path)
     state = json.loads((path / "state.json").read_text())
     if restore_rng_state:
         restore_rng(state["rng"], load_file(path / "rng.safetensors"))
     return state
+
+
+def _require_complete(path: Path) -> None:
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
 
 
 def load_run(run_dir: Path | str, overrides: list[str] | tuple[str, ...] = (), device="cpu"):

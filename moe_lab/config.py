@@ -448,9 +448,17 @@ class ParallelConfig:
     # none | ddp: replicate the model | fsdp2: shard parameters, gradients and optimizer state;
     # either way each rank trains on its slice of one global batch
     dp: str = "none"
+    # expert parallelism: each rank holds num_experts / world of every MoE layer's experts and
+    # tokens travel to them by all-to-all (moe_lab.experts.parallel); needs dp=ddp
+    ep: bool = False
 
     def validate(self, prefix: str = "parallel") -> None:
         _choice(self.dp, ("none", "ddp", "fsdp2"), f"{prefix}.dp")
+        _require(
+            not self.ep or self.dp == "ddp",
+            f"{prefix}.ep=true shards the experts over the data-parallel ranks: it needs "
+            f"{prefix}.dp=ddp, got {self.dp}",
+        )
 
 
 @dataclass
@@ -494,6 +502,10 @@ class Config:
         self.xelm.validate("xelm")
         self.parallel.validate("parallel")
         self.run.validate("run")
+        _require(
+            not self.parallel.ep or self.model.moe is not None,
+            "parallel.ep=true needs an MoE model (model.moe)",
+        )
         _require(
             self.train.seq_len <= self.model.max_seq_len,
             f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "

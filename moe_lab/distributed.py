@@ -8,12 +8,17 @@ Gradients are averaged by :class:`~torch.nn.parallel.DistributedDataParallel`; t
 by each rank's share of the scored tokens so that the average is the global token mean. Rank 0
 alone writes metrics, checkpoints and evaluation; every rank resumes from the same checkpoint.
 NCCL on CUDA, gloo on CPU.
+
+With ``parallel.ep=true`` (and ``dp=ddp``) the MoE experts are split over the ranks instead of
+replicated (:mod:`moe_lab.experts.parallel`): DDP leaves their gradients alone, they are averaged
+here, the gradient norm adds every rank's experts, and checkpoints gather them into the
+single-process format, so an expert-parallel checkpoint loads anywhere.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -42,6 +47,7 @@ class Dist:
     local_rank: int = 0
     owns_group: bool = False  # this process group was created here, and is destroyed here
     mode: str = "none"  # parallel.dp in force: none | ddp | fsdp2
+    experts: dict[str, nn.Parameter] = field(default_factory=dict)  # rank-local (ep) by name
 
     @property
     def is_main(self) -> bool:
@@ -91,18 +97,84 @@ class Dist:
             return root
         from torch.nn.parallel import DistributedDataParallel
 
+        root = LossModule(model)
+        if self.experts:  # each rank's experts are its own: never averaged with another rank's
+            ignored = [f"model.{name}" for name in self.experts]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(root, ignored)
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(LossModule(model), device_ids=ids)
+        return DistributedDataParallel(root, device_ids=ids)
+
+    def shard_experts(self, model: nn.Module) -> None:
+        """Expert parallelism: keep this rank's E / W experts of every MoE layer (before wrap)."""
+        from moe_lab.experts.parallel import expert_parameters, shard_experts
+
+        if self.world > 1:
+            shard_experts(model)
+            self.experts = expert_parameters(model)
+
+    def clip_grad_norm_(self, params: list[nn.Parameter], max_norm: float) -> float:
+        """Average the expert gradients, then clip all gradients by their global norm.
+
+        The experts' gradients already sum over every rank's tokens (the loss is scaled by
+        ``world`` for DDP's average), hence the division; their squared norms add over ranks.
+        """
+        if not self.experts:
+            return self.full(torch.nn.utils.clip_grad_norm_(params, max_norm)).item()
+        local = {id(p) for p in self.experts.values()}
+        for p in self.experts.values():
+            if p.grad is not None:
+                p.grad.div_(self.world)
+        mine = [p.grad for p in params if p.grad is not None and id(p) in local]
+        shared = [p.grad for p in params if p.grad is not None and id(p) not in local]
+        sq = torch.stack([torch.nn.utils.get_total_norm(g).double() ** 2 for g in (mine, shared)])
+        dist.all_reduce(sq[:1])
+        total = sq.sum().sqrt()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.float())
+        return total.item()
 
     def full_state_dict(self, model: nn.Module) -> dict[str, Tensor] | None:
-        """Unsharded weights on CPU (FSDP2: a collective, so every rank calls it); None when the
-        model is not sharded."""
+        """Unsharded weights on CPU (a collective, so every rank calls it); None when the model
+        is not sharded."""
+        if self.experts:
+            from moe_lab.experts.parallel import gather_experts
+
+            return {
+                k: gather_experts(v, dist.group.WORLD).cpu() if k in self.experts else v.cpu()
+                for k, v in model.state_dict().items()
+            }
         if self.mode != "fsdp2" or self.world == 1:
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(model, options=options)
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer state dict with every rank's expert moments gathered (a collective)."""
+        from moe_lab.experts.parallel import gather_experts
+
+        sd = optimizer.state_dict()
+        for pid in self._expert_pids(optimizer):
+            sd["state"][pid] = {
+                k: gather_experts(v, dist.group.WORLD) if _is_rows(v) else v
+                for k, v in sd["state"].get(pid, {}).items()
+            }
+        return sd
+
+    def local_optimizer_state(self, sd: dict, optimizer: torch.optim.Optimizer) -> dict:
+        """This rank's rows of a full optimizer state dict's expert moments."""
+        for pid in self._expert_pids(optimizer):
+            sd["state"][pid] = {
+                k: v.chunk(self.world)[self.rank].clone() if _is_rows(v) else v
+                for k, v in sd["state"].get(pid, {}).items()
+            }
+        return sd
+
+    def _expert_pids(self, optimizer: torch.optim.Optimizer) -> list[int]:
+        """Indices of the expert parameters in the optimizer's state dict numbering."""
+        local = {id(p) for p in self.experts.values()}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return [i for i, p in enumerate(params) if id(p) in local]
 
     @staticmethod
     def full(value: Tensor) -> Tensor:
@@ -119,6 +191,10 @@ class Dist:
     @property
     def _device(self) -> torch.device:
         return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else "cpu"
+
+
+def _is_rows(value) -> bool:
+    return isinstance(value, Tensor) and value.ndim > 0  # not AdamW's scalar step
 
 
 def setup(dp: str) -> Dist:

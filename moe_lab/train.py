@@ -23,7 +23,13 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from moe_lab.accounting import estimate
-from moe_lab.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moe_lab.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_optimizer_state,
+    read_training_state,
+    save_checkpoint,
+)
 from moe_lab.config import Config, ConfigError, load_config, save_config
 from moe_lab.data import build_tokenizer, load_splits
 from moe_lab.distributed import Dist
@@ -320,8 +326,8 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
 
     model = build_model(cfg.model, device=device)
     if scope is not None:
-        if dist.mode == "fsdp2":
-            raise ConfigError("expert scopes (moe_lab.ifc) need parallel.dp=none or ddp")
+        if dist.mode == "fsdp2" or cfg.parallel.ep:
+            raise ConfigError("expert scopes (moe_lab.ifc) need parallel.dp=none or ddp, no ep")
         scope.apply(model)
     if resume_from is None and t.init_from is not None:  # weights only, before any sharding
         source = _init_checkpoint(Path(t.init_from))
@@ -332,12 +338,18 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
             "resuming a parallel.dp=fsdp2 run is not supported yet (its checkpoints hold weights "
             "only); start a new run with train.init_from, or use parallel.dp=ddp"
         )
+    if resume_from is not None:  # full weights, before any sharding
+        load_checkpoint(resume_from, model, restore_rng_state=False)
+    if cfg.parallel.ep:
+        dist.shard_experts(model)
     step_loss = dist.wrap(model, device)  # FSDP2 shards the parameters: before the optimizer
     optimizer = _optimizer(model, cfg, scope, fused=dist.mode != "fsdp2")
     detector = SpikeDetector(t.spike_window, t.spike_sigma)
     state = {"step": 0, "tokens": 0, "flops": 0.0, "skipped_nonfinite": 0, "skipped_spikes": 0}
     if resume_from is not None:
-        saved = load_checkpoint(resume_from, model, optimizer, cfg.run.restore_rng)
+        full = read_optimizer_state(resume_from)
+        optimizer.load_state_dict(dist.local_optimizer_state(full, optimizer))
+        saved = read_training_state(resume_from, cfg.run.restore_rng)
         state = {k: saved[k] for k in state}
         batches.load_state_dict(saved["data"], restore_rng=cfg.run.restore_rng)
         detector.load_state_dict(saved["spike"])
@@ -363,8 +375,9 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
     ]
 
     def checkpoint():
-        """Every rank calls this (FSDP2 gathers the weights collectively); rank 0 writes."""
+        """Every rank calls this (sharded weights are gathered collectively); rank 0 writes."""
         weights = dist.full_state_dict(model)
+        moments = dist.full_optimizer_state(optimizer) if dist.mode != "fsdp2" else None
         if not main:
             return
         extra = {"data": batches.state_dict(), "spike": detector.state_dict()}
@@ -372,17 +385,17 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
             run_dir / "checkpoints",
             state["step"],
             model,
-            optimizer if dist.mode != "fsdp2" else None,
+            moments,
             {**state, **extra},
             t.keep_checkpoints,
             weights,
         )
 
     def evaluation_model():
-        """The model rank 0 evaluates (FSDP2: an unsharded copy); call on every rank."""
-        if dist.mode != "fsdp2":
-            return model
+        """The model rank 0 evaluates (an unsharded copy if sharded); call on every rank."""
         weights = dist.full_state_dict(model)
+        if weights is None:
+            return model
         if not main:
             return None
         copy = build_model(cfg.model, device=device)
@@ -423,8 +436,7 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
             (loss * share * dist.world + aux / t.grad_accum).backward()
             loss_sum += loss.item() * share
             aux_sum += aux.item() / t.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        grad_norm = dist.full(grad_norm).item()
+        grad_norm = dist.clip_grad_norm_(params, clip)
         loss_value = dist.sum(loss_sum)
         aux_sum = dist.sum(aux_sum) / dist.world
         skipped = spike = False

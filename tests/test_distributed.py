@@ -21,6 +21,14 @@ ARGS = [
     "train.keep_checkpoints=3",
 ]
 
+MOE = [  # 4 experts, so each of 2 expert-parallel ranks holds 2
+    "model.moe.num_experts=4",
+    "model.moe.top_k=2",
+    "model.moe.expert_hidden=32",
+    "train.batch_size=2",
+    "parallel.dp=ddp",
+]
+
 
 def moe_lab(*args, world=1):
     launcher = [sys.executable, "-m", "moe_lab"]
@@ -52,6 +60,9 @@ def runs(tmp_path_factory):
         world=2,
     )
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    for mode, extra in (("moe-ddp", []), ("moe-ep", ["parallel.ep=true"])):
+        out = moe_lab("train", *ARGS, *MOE, *extra, f"run.dir={root / mode}", world=2)
+        assert out.returncode == 0, out.stderr[-3000:]
     return root, ddp
 
 
@@ -108,3 +119,28 @@ def test_resuming_an_fsdp2_run_is_refused_clearly(runs, tmp_path):
     args = [*ARGS, "train.batch_size=2", "parallel.dp=fsdp2", "run.resume=true"]
     out = moe_lab("train", *args, f"run.dir={tmp_path / 'run'}", world=2)
     assert out.returncode != 0 and "resuming a parallel.dp=fsdp2 run is not supported" in out.stderr
+
+
+def test_expert_parallel_training_equals_replicated_experts(runs):
+    root, _ = runs
+    replicated, sharded = losses(root / "moe-ddp"), losses(root / "moe-ep")
+    assert len(replicated) == len(sharded) == 4
+    for (l1, g1), (l2, g2) in zip(replicated, sharded, strict=True):
+        assert abs(l1 - l2) < 1e-6 and abs(g1 - g2) < 1e-5
+    w1 = load_file(latest_checkpoint(root / "moe-ddp" / "checkpoints") / "model.safetensors")
+    w2 = load_file(latest_checkpoint(root / "moe-ep" / "checkpoints") / "model.safetensors")
+    assert w1.keys() == w2.keys()  # every rank's experts gathered into the one-file format
+    for k in w1:
+        assert w1[k].shape == w2[k].shape
+        assert (w1[k] - w2[k]).norm() <= 1e-4 * w1[k].norm(), k
+
+
+def test_expert_parallel_resumes_exactly(runs):
+    root, _ = runs
+    resumed = root / "moe-ep-resumed"
+    shutil.copytree(root / "moe-ep", resumed)
+    shutil.rmtree(latest_checkpoint(resumed / "checkpoints"))  # interrupted after step 2
+    args = [*ARGS, *MOE, "parallel.ep=true", "run.resume=true"]
+    out = moe_lab("train", *args, f"run.dir={resumed}", world=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert losses(resumed) == losses(root / "moe-ep")

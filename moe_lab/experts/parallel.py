@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.nn.functional import all_to_all_single
 
 from moe_lab.config import ConfigError
 from moe_lab.experts.moe import MoE, run_experts
@@ -74,6 +73,23 @@ def gather_experts(local: Tensor, group: dist.ProcessGroup) -> Tensor:
     return torch.cat(parts)
 
 
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` with uneven splits; its gradient is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, recv: list[int], send: list[int], group) -> Tensor:
+        ctx.recv, ctx.send, ctx.group = recv, send, group
+        out = x.new_empty(sum(recv), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out = grad.new_empty(sum(ctx.send), *grad.shape[1:])
+        dist.all_to_all_single(out, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        return out, None, None, None
+
+
 def dispatch_to_experts(
     layer: MoE, x_SD: Tensor, counts_E: Tensor, group: dist.ProcessGroup
 ) -> Tensor:
@@ -87,11 +103,11 @@ def dispatch_to_experts(
     dist.all_to_all_single(recv_WL, counts_E.view(world, local_E).contiguous(), group=group)
     send = counts_E.view(world, local_E).sum(1).tolist()
     recv = recv_WL.sum(1).tolist()  # one host sync for both split lists
-    x_RD = all_to_all_single(x_SD.new_empty(sum(recv), x_SD.shape[1]), x_SD, recv, send, group)
+    x_RD = _AllToAll.apply(x_SD, recv, send, group)
     local_R = torch.repeat_interleave(
         torch.arange(local_E, device=x_SD.device).repeat(world), recv_WL.flatten()
     )
     order = local_R.argsort(stable=True)  # arrival order (by source rank) -> by local expert
     y_RD = run_experts(x_RD[order], recv_WL.sum(0), layer.w1, layer.v1, layer.w2, layer.grouped_mm)
     y_RD = torch.empty_like(y_RD).index_copy(0, order, y_RD)  # back to arrival order
-    return all_to_all_single(y_RD.new_empty(x_SD.shape), y_RD, send, recv, group)
+    return _AllToAll.apply(y_RD, send, recv, group)
