@@ -5,6 +5,12 @@ A checkpoint is a directory ``checkpoints/step-00000100/`` holding ``model.safet
 states, detector windows) and, written last, ``COMPLETE``. Everything is first written into a hidden
 temporary directory that is renamed into place, so a crash mid-write leaves the previous checkpoints
 intact and no partial one is ever listed.
+
+A ``parallel.dp=fsdp2`` run never gathers its weights for a checkpoint: every rank writes its shards
+of the weights and optimizer state with ``torch.distributed.checkpoint`` (DCP) into ``sharded/``
+instead of the two safetensors files, inside the same temporary directory, before rank 0 adds the
+rest and renames it. :func:`load_checkpoint` reads such a checkpoint's weights in one process, and
+:func:`convert_checkpoint` (``moe-lab convert``) writes them out as ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe_lab.weights import load_weights
+from moe_lab.weights import WeightsMismatchError, load_weights
 
 __all__ = [
     "capture_rng",
+    "convert_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -32,12 +39,14 @@ __all__ = [
     "read_training_state",
     "restore_rng",
     "save_checkpoint",
+    "staging_dir",
     "write_json",
     "write_safetensors",
 ]
 
 _STEP_DIR = re.compile(r"step-(\d{8})")
 MARKER = "COMPLETE"
+SHARDED = "sharded"  # DCP directory of a sharded (FSDP2) checkpoint
 
 
 def write_json(path: Path, obj: object) -> None:
@@ -123,30 +132,42 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def staging_dir(directory: Path, step: int, create: bool = False) -> Path:
+    """The hidden directory checkpoint ``step`` is written into before it is renamed into place;
+    with ``create``, a new empty one (any leftover of an interrupted write is removed)."""
+    tmp = directory / f".tmp-step-{step:08d}"
+    if create:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    return tmp
+
+
 def save_checkpoint(
     directory: Path,
     step: int,
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer | dict | None,
     state: dict,
     keep: int,
     weights: dict[str, torch.Tensor] | None = None,
+    staged: bool = False,
 ) -> Path:
     """Write checkpoint ``step`` atomically; keep only the newest ``keep`` complete checkpoints.
 
     ``state`` must be JSON-serialisable; RNG states are added here. ``weights`` replaces
     ``model.state_dict()`` and a state dict may stand for ``optimizer``: the full tensors gathered
-    from the ranks of a sharded run (moe_lab.distributed).
+    from the ranks of a sharded run (moe_lab.distributed). With ``staged``, the ranks have already
+    written the sharded weights and optimizer state into :func:`staging_dir` (``model`` and
+    ``optimizer`` are then None).
     """
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:08d}"
-    tmp = directory / f".tmp-step-{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging_dir(directory, step, create=not staged)
     try:
-        weights = weights if weights is not None else model.state_dict()
-        weights = {k: v.detach().contiguous() for k, v in weights.items()}
-        save_file(weights, tmp / "model.safetensors")
+        if model is not None:
+            weights = weights if weights is not None else model.state_dict()
+            weights = {k: v.detach().contiguous() for k, v in weights.items()}
+            save_file(weights, tmp / "model.safetensors")
         rng_meta, rng_tensors = capture_rng()
         if optimizer is not None:
             if isinstance(optimizer, torch.optim.Optimizer):
@@ -184,8 +205,11 @@ def load_checkpoint(
     """
     _require_complete(path)
     device = next(model.parameters()).device
-    weights = load_file(path / "model.safetensors", device=str(device))
-    load_weights(model, weights, source=str(path / "model.safetensors"), assign=False)
+    if (path / "model.safetensors").is_file():
+        weights = load_file(path / "model.safetensors", device=str(device))
+        load_weights(model, weights, source=str(path / "model.safetensors"), assign=False)
+    else:
+        model.load_state_dict(_sharded_weights(path, model))
     if optimizer is not None:
         optimizer.load_state_dict(read_optimizer_state(path))
     return read_training_state(path, restore_rng_state)
@@ -207,6 +231,45 @@ def read_training_state(path: Path, restore_rng_state: bool = True) -> dict:
     if restore_rng_state:
         restore_rng(state["rng"], load_file(path / "rng.safetensors"))
     return state
+
+
+def _sharded_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full weights of a sharded checkpoint, read by this process alone, shaped by ``model``."""
+    import torch.distributed.checkpoint as dcp
+
+    if not (path / SHARDED).is_dir():
+        raise FileNotFoundError(f"{path} has neither model.safetensors nor {SHARDED}/")
+    template = {"model": {k: torch.empty_like(v) for k, v in model.state_dict().items()}}
+    try:
+        dcp.load(template, checkpoint_id=path / SHARDED, no_dist=True)
+    except Exception as e:  # DCP reports a mismatch deep inside its planner
+        raise WeightsMismatchError(f"{path / SHARDED} does not fit the model: {e}") from e
+    return template["model"]
+
+
+def convert_checkpoint(path: Path | str) -> Path:
+    """Write a sharded checkpoint's weights as ``model.safetensors`` next to them; return it.
+
+    ``path`` is a checkpoint directory or a run directory (its latest checkpoint).
+    """
+    from moe_lab.config import load_config
+    from moe_lab.model import build_model
+
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        latest = latest_checkpoint(path / "checkpoints")
+        if latest is None:
+            raise FileNotFoundError(f"{path} is neither a checkpoint nor a run with one")
+        path = latest
+    out = path / "model.safetensors"
+    if out.is_file():
+        return out
+    config = path.parent.parent / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} (the run's config, for the model's shape) is missing")
+    model = build_model(load_config(config).model, device="meta").to_empty(device="cpu")
+    write_safetensors(out, _sharded_weights(path, model))
+    return out
 
 
 def _require_complete(path: Path) -> None:

@@ -149,6 +149,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(args.prompt + tokenizer.decode(out[0, len(prompt) :].tolist()))
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    """Write a sharded (FSDP2) checkpoint's weights as one model.safetensors file."""
+    from moe_lab.checkpoint import convert_checkpoint
+
+    print(f"wrote {convert_checkpoint(args.checkpoint)}")
+
+
 def cmd_cluster(args: argparse.Namespace) -> None:
     """Discover domains: fit tf-idf + balanced k-means on the training documents."""
     from moe_lab.clustering.run import cluster_documents
@@ -333,6 +340,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable]] = {
     "compare": (cmd_compare, _with_config),
     "scaling": (cmd_scaling, lambda p: p.add_argument("results", nargs="+", help="results.json")),
     "presets": (cmd_presets, lambda p: None),
+    "convert": (
+        cmd_convert,
+        lambda p: p.add_argument("checkpoint", help="a checkpoint, or a run (its latest one)"),
+    ),
 }
 
 

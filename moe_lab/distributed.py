@@ -149,6 +149,26 @@ class Dist:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(model, options=options)
 
+    def save_sharded(self, path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """FSDP2: every rank writes its shards of the weights and optimizer state (DCP)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        weights, moments = get_state_dict(model, optimizer)
+        dcp.save({"model": weights, "optim": moments}, checkpoint_id=path)
+
+    def load_sharded(self, path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """FSDP2: every rank reads its shards of :meth:`save_sharded`'s state (DCP)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        weights, moments = get_state_dict(model, optimizer)
+        state = {"model": weights, "optim": moments}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """The optimizer state dict with every rank's expert moments gathered (a collective)."""
         from moe_lab.experts.parallel import gather_experts

@@ -24,11 +24,13 @@ from tqdm.auto import tqdm
 
 from moe_lab.accounting import estimate
 from moe_lab.checkpoint import (
+    SHARDED,
     latest_checkpoint,
     load_checkpoint,
     read_optimizer_state,
     read_training_state,
     save_checkpoint,
+    staging_dir,
 )
 from moe_lab.config import Config, ConfigError, load_config, save_config
 from moe_lab.data import build_tokenizer, load_splits
@@ -333,12 +335,7 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
         source = _init_checkpoint(Path(t.init_from))
         load_checkpoint(source, model, restore_rng_state=False)
         log.info("initialised from %s", source)
-    if resume_from is not None and dist.mode == "fsdp2":
-        raise ConfigError(
-            "resuming a parallel.dp=fsdp2 run is not supported yet (its checkpoints hold weights "
-            "only); start a new run with train.init_from, or use parallel.dp=ddp"
-        )
-    if resume_from is not None:  # full weights, before any sharding
+    if resume_from is not None and dist.mode != "fsdp2":  # full weights, before any sharding
         load_checkpoint(resume_from, model, restore_rng_state=False)
     if cfg.parallel.ep:
         dist.shard_experts(model)
@@ -347,8 +344,11 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
     detector = SpikeDetector(t.spike_window, t.spike_sigma)
     state = {"step": 0, "tokens": 0, "flops": 0.0, "skipped_nonfinite": 0, "skipped_spikes": 0}
     if resume_from is not None:
-        full = read_optimizer_state(resume_from)
-        optimizer.load_state_dict(dist.local_optimizer_state(full, optimizer))
+        if dist.mode == "fsdp2":
+            dist.load_sharded(resume_from / SHARDED, model, optimizer)
+        else:
+            full = read_optimizer_state(resume_from)
+            optimizer.load_state_dict(dist.local_optimizer_state(full, optimizer))
         saved = read_training_state(resume_from, cfg.run.restore_rng)
         state = {k: saved[k] for k in state}
         batches.load_state_dict(saved["data"], restore_rng=cfg.run.restore_rng)
@@ -375,21 +375,26 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
     ]
 
     def checkpoint():
-        """Every rank calls this (sharded weights are gathered collectively); rank 0 writes."""
-        weights = dist.full_state_dict(model)
-        moments = dist.full_optimizer_state(optimizer) if dist.mode != "fsdp2" else None
-        if not main:
+        """Every rank calls this (sharded state is written or gathered collectively); rank 0
+        writes the rest and commits the checkpoint."""
+        directory = run_dir / "checkpoints"
+        extra = {**state, "data": batches.state_dict(), "spike": detector.state_dict()}
+        if dist.mode == "fsdp2":  # each rank writes its shards; nothing is gathered
+            staged = staging_dir(directory, state["step"], create=main)
+            dist.barrier()
+            dist.save_sharded(staged / SHARDED, model, optimizer)
+            dist.barrier()
+            if main:
+                save_checkpoint(
+                    directory, state["step"], None, None, extra, t.keep_checkpoints, staged=True
+                )
             return
-        extra = {"data": batches.state_dict(), "spike": detector.state_dict()}
-        save_checkpoint(
-            run_dir / "checkpoints",
-            state["step"],
-            model,
-            moments,
-            {**state, **extra},
-            t.keep_checkpoints,
-            weights,
-        )
+        weights = dist.full_state_dict(model)
+        moments = dist.full_optimizer_state(optimizer)
+        if main:
+            save_checkpoint(
+                directory, state["step"], model, moments, extra, t.keep_checkpoints, weights
+            )
 
     def evaluation_model():
         """The model rank 0 evaluates (an unsharded copy if sharded); call on every rank."""

@@ -74,8 +74,12 @@ def test_two_processes_match_one_process_with_the_global_batch(runs, mode):
     for (l1, g1), (l2, g2) in zip(one, two, strict=True):
         assert abs(l1 - l2) < 1e-6 and abs(g1 - g2) < 1e-5
     w1 = load_file(latest_checkpoint(root / "single" / "checkpoints") / "model.safetensors")
+    if mode == "fsdp2":  # sharded (DCP) checkpoints, converted into the one-file format
+        assert not (latest_checkpoint(root / mode / "checkpoints") / "model.safetensors").exists()
+        converted = moe_lab("convert", str(root / mode))
+        assert converted.returncode == 0, converted.stderr[-3000:]
     w2 = load_file(latest_checkpoint(root / mode / "checkpoints") / "model.safetensors")
-    assert w1.keys() == w2.keys()  # FSDP2's sharded weights are gathered into the same format
+    assert w1.keys() == w2.keys()
     for k in w1:  # Adam amplifies rounding in near-zero gradients: compare whole tensors
         assert (w1[k] - w2[k]).norm() <= 1e-4 * w1[k].norm(), k
     evaluation = json.loads((root / mode / "eval.json").read_text())
@@ -90,35 +94,21 @@ def test_only_rank_0_reports_and_tokens_count_every_rank(runs):
     assert evaluation["tokens"] == 4 * 4 * 64  # global tokens: 2 ranks x 2 sequences x 4 steps
 
 
-def test_ddp_resumes_exactly_at_equal_world_size(runs):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_resume_is_exact_at_equal_world_size(runs, mode):
     root, _ = runs
-    resumed = root / "resumed"
-    shutil.copytree(root / "ddp", resumed)
+    resumed = root / f"{mode}-resumed"
+    shutil.copytree(root / mode, resumed)
     shutil.rmtree(latest_checkpoint(resumed / "checkpoints"))  # interrupted after step 2
-    out = moe_lab(
-        "train",
-        *ARGS,
-        "train.batch_size=2",
-        "parallel.dp=ddp",
-        f"run.dir={resumed}",
-        "run.resume=true",
-        world=2,
-    )
+    args = [*ARGS, "train.batch_size=2", f"parallel.dp={mode}", "run.resume=true"]
+    out = moe_lab("train", *args, f"run.dir={resumed}", world=2)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert losses(resumed) == losses(root / "ddp")
+    assert losses(resumed) == losses(root / mode)
 
 
 def test_torchrun_without_a_parallel_mode_is_a_clear_error(tmp_path):
     out = moe_lab("train", *ARGS, f"run.dir={tmp_path}", world=2)
     assert out.returncode != 0 and "set parallel.dp=ddp" in out.stderr
-
-
-def test_resuming_an_fsdp2_run_is_refused_clearly(runs, tmp_path):
-    root, _ = runs
-    shutil.copytree(root / "fsdp2", tmp_path / "run")
-    args = [*ARGS, "train.batch_size=2", "parallel.dp=fsdp2", "run.resume=true"]
-    out = moe_lab("train", *args, f"run.dir={tmp_path / 'run'}", world=2)
-    assert out.returncode != 0 and "resuming a parallel.dp=fsdp2 run is not supported" in out.stderr
 
 
 def test_expert_parallel_training_equals_replicated_experts(runs):
