@@ -65,6 +65,12 @@ class Dist:
         dist.all_reduce(t)
         return float(t.item())
 
+    def sum_(self, t: Tensor) -> Tensor:
+        """Sum a tensor over ranks in place (nothing when alone)."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every rank."""
         if self.world == 1:
@@ -102,7 +108,9 @@ class Dist:
             ignored = [f"model.{name}" for name in self.experts]
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(root, ignored)
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(root, device_ids=ids)
+        # No buffer broadcast: each rank's router counts its own tokens (summed before a balancing
+        # bias update, so every rank's bias stays identical); the rest are constants.
+        return DistributedDataParallel(root, device_ids=ids, broadcast_buffers=False)
 
     def shard_experts(self, model: nn.Module) -> None:
         """Expert parallelism: keep this rank's E / W experts of every MoE layer (before wrap)."""

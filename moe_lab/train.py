@@ -464,7 +464,8 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
             if scope is not None:
                 scope.before_step(lr)
             optimizer.step()
-            for router in biased_routers:  # aux-loss-free balancing follows the observed load
+            for router in biased_routers:  # aux-loss-free balancing follows the global load
+                dist.sum_(router.tokens_per_expert)
                 router.update_bias()
         optimizer.zero_grad(set_to_none=True)
 
