@@ -153,12 +153,16 @@ def _corpus_files(split: str) -> list[str]:
     return [str(path)]
 
 
-def load_splits(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+def load_splits(
+    cfg: Config, need_train: bool = True
+) -> tuple[datasets.Dataset | None, datasets.Dataset, list[str]]:
     """The training and validation documents of a run, and the group fields in force.
 
     With no ``data.train_files`` the corpus shipped with moe_lab is used, with its own validation
     split and the group fields ``domain`` and ``lang``. Otherwise validation comes from
     ``data.valid_files`` or, failing that, a seeded ``data.valid_fraction`` of whole documents.
+    Without ``need_train`` the training documents are loaded only when validation is cut from
+    them (else None is returned in their place).
     """
     data: DataConfig = cfg.data
     datasets.disable_progress_bars()
@@ -169,7 +173,10 @@ def load_splits(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset, list[s
     if data.sample_by is not None and data.sample_by not in groups:
         raise DataError(f"data.sample_by ({data.sample_by!r}) is not a group field ({groups})")
     load = lambda files: load_documents(files, data.text_field, groups, data.include)  # noqa: E731
-    train = load(_corpus_files("train") if shipped else list(data.train_files))
+    split_off = not data.valid_files and not shipped
+    train = None
+    if need_train or split_off:
+        train = load(_corpus_files("train") if shipped else list(data.train_files))
     if data.valid_files:
         valid = load(list(data.valid_files))
     elif shipped:

@@ -27,7 +27,7 @@ def validation_store(cfg, tokenizer) -> TokenStore:
     from moe_lab.data import load_splits
     from moe_lab.packing import build_store, cache_root
 
-    _, valid, groups = load_splits(cfg)
+    _, valid, groups = load_splits(cfg, need_train=False)
     data = cfg.data
     return build_store(valid, tokenizer, data.text_field, groups, cache_root(data.cache_dir))
 

@@ -44,3 +44,19 @@ def test_per_group_evaluation_equals_scoring_each_document_alone(lang_files, tmp
     assert report["overall"]["loss"] == pytest.approx(total, rel=1e-5)
     assert report["overall"]["documents"] == store.n_docs == len(ds)
     assert np.isfinite(report["overall"]["perplexity"])
+
+
+def test_validation_needs_no_training_data_unless_cut_from_it(lang_files, tmp_path):
+    from moe_lab.config import load_config
+    from moe_lab.data import DataError
+    from moe_lab.evaluate import validation_store
+
+    gone = str(tmp_path / "moved-away.jsonl")  # a run's training file, no longer there
+    cfg = load_config(
+        overrides=[f"data.train_files=[{gone}]", f"data.valid_files=[{lang_files[1]}]"]
+    )
+    store = validation_store(cfg, ByteTokenizer())
+    assert store.n_docs == len(load_documents([str(lang_files[1])], "text", []))
+    cut = load_config(overrides=[f"data.train_files=[{gone}]"])  # valid_fraction of the train files
+    with pytest.raises((DataError, FileNotFoundError), match="moved-away"):
+        validation_store(cut, ByteTokenizer())
