@@ -164,54 +164,29 @@ def cmd_cluster(args: argparse.Namespace) -> None:
 def _load_ifc(args: argparse.Namespace, device: str):
     """What ``--principal`` may run of an IFC run directory (``moe-lab ifc``, ``train_ifc``), or
     None for any other directory."""
-    manifest = Path(args.run_dir) / "manifest.json"
-    if not manifest.is_file() or "domain_field" not in json.loads(manifest.read_text()):
-        return None
-    if args.principal is None or args.policy is None:
-        raise ConfigError(
-            f"{args.run_dir} is an information-flow-control run: pass --principal and --policy"
-        )
-    from moe_lab.ifc import AccessPolicy, load_ifc
+    from moe_lab.scoring import load_ifc_dir
 
-    return load_ifc(args.run_dir, AccessPolicy.load(args.policy), args.principal, device)
+    return load_ifc_dir(args.run_dir, args.principal, args.policy, device)
 
 
 def _generate_ensemble(args: argparse.Namespace, experts=None, tokenizer=None) -> None:
     """Generation from a train_experts directory, routed by ``ensemble.*`` (prefix or uniform),
     or from given ``experts`` mixed uniformly."""
-    import numpy as np
     import torch
 
     from moe_lab.btm import load_experts
-    from moe_lab.clustering import Clusterer
     from moe_lab.experts.ensemble import ExpertEnsemble, generate_ensemble
-    from moe_lab.routing.cluster import ClusterRouter
+    from moe_lab.scoring import FixedRouting, ensemble_routing
     from moe_lab.tokenizer import load_tokenizer
 
     cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
     ens = cfg.ensemble
-    uniform = experts is not None or ens.routing == "uniform" or ens.clusters_dir is None
-    names = None
     if experts is None:
         names, experts = load_experts(args.run_dir)
         tokenizer = load_tokenizer(Path(args.run_dir) / "experts" / names[0] / "run" / "tokenizer")
-    if args.lang is not None:  # X-ELM: the expert of that language, or of its nearest one
-        from moe_lab.xelm import expert_for
-
-        one_hot = np.eye(len(experts))[names.index(expert_for(args.run_dir, args.lang))]
-        route = lambda ids: one_hot  # noqa: E731
-    elif uniform:
-        route = lambda ids: np.full(len(experts), 1.0 / len(experts))  # noqa: E731
+        routing = ensemble_routing(args.run_dir, cfg, names, tokenizer, args.lang)
     else:
-        router = ClusterRouter(
-            Clusterer.load(Path(ens.clusters_dir) / "clusterer"),
-            ens.temperature,
-            ens.top_k,
-            ens.distance,
-        )
-
-        def route(ids: list[int]) -> np.ndarray:  # the text generated so far, without BOS
-            return router.weights([router.routing_text(tokenizer.decode(ids[1:]))])[0]
+        routing = FixedRouting.uniform(len(experts))
 
     prompt = [tokenizer.bos_id, *tokenizer.encode(args.prompt)]
     room = min(e.cfg.max_seq_len for e in experts) - len(prompt)
@@ -221,7 +196,7 @@ def _generate_ensemble(args: argparse.Namespace, experts=None, tokenizer=None) -
         ExpertEnsemble(experts, ens.mix),
         prompt,
         min(args.max_new_tokens, room),
-        route,
+        routing.last,
         args.temperature,
         args.top_p,
         tokenizer.eos_id,
