@@ -3,7 +3,8 @@
 Each subcommand takes ``key=value`` overrides of the config; ``train``, ``cluster``, ``info``,
 ``ifc``, ``xelm`` and ``compare`` (an experiment file) also take ``--config FILE``; ``eval`` and
 ``generate`` read the config saved in a run directory (``--principal``/``--policy`` for an
-information-flow-control run, ``--lang`` for an X-ELM prompt).
+information-flow-control run, ``--lang`` for an X-ELM prompt); ``eval --tasks`` adds few-shot
+multiple-choice accuracy (:mod:`moe_lab.fewshot`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.run_dir) / "eval.json"
+    fewshot = _fewshot(args, device)  # {} without --tasks
     ifc = _load_ifc(args, device)
     if ifc is not None:  # what one principal may run, evaluated per group
         from moe_lab.ifc.experiment import evaluate_ifc
@@ -75,11 +77,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
         report = evaluate_ifc(ifc, cfg, device)
         out = out.with_name(f"eval-{args.principal}.json")
-        out.write_text(
-            json.dumps(
-                {"principal": args.principal, "permitted": ifc.permitted, "valid": report}, indent=2
-            )
-        )
+        result = {"principal": args.principal, "permitted": ifc.permitted, "valid": report}
+        out.write_text(json.dumps(result | fewshot, indent=2))
         _print_report(report, out)
         return
     if (Path(args.run_dir) / "manifest.json").exists():  # a directory of experts: an ensemble
@@ -87,15 +86,49 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
         cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
         report = evaluate_experts(args.run_dir, cfg, device)
-        out.write_text(json.dumps(report, indent=2))
+        out.write_text(json.dumps(report | fewshot, indent=2))
         _print_report(report["valid"], out)
         return
     cfg, model, tokenizer = load_run(args.run_dir, args.overrides, device=device)
     store = validation_store(cfg, tokenizer)
     result = evaluate(model, store, cfg.train.seq_len, cfg.train.batch_size, device, progress=True)
     previous = json.loads(out.read_text()) if out.exists() else {}  # keeps step, tokens, FLOPs
-    out.write_text(json.dumps(previous | {"valid": result}, indent=2))
+    out.write_text(json.dumps(previous | {"valid": result} | fewshot, indent=2))
     _print_report(result, out)
+
+
+def _fewshot(args: argparse.Namespace, device: str) -> dict:
+    """``{"fewshot": {task: result}}`` for ``--tasks`` (moe_lab.fewshot), with a printed table."""
+    tasks = [t for t in args.tasks if "=" not in t or Path(t).exists()]
+    args.overrides += [t for t in args.tasks if t not in tasks]  # key=value after --tasks
+    if not tasks:
+        return {}
+    from moe_lab.fewshot import evaluate_task, load_task
+    from moe_lab.scoring import load_scorer
+
+    scorer = load_scorer(
+        args.run_dir,
+        args.overrides,
+        principal=args.principal,
+        policy=args.policy,
+        lang=args.lang,
+        device=device,
+    )
+    results = {}
+    print(f"{'task':24s} {'group':24s} {'acc':>7s} {'acc_norm':>8s} {'items':>6s}")
+    for task in tasks:
+        name = Path(task).stem if Path(task).stem not in results else task
+        records = load_task(task)[: args.limit]
+        r = evaluate_task(scorer, records, args.shots, args.seed, progress=True)
+        results[name] = {"file": str(task), **r}
+        rows = [("overall", r["overall"])] + [
+            (f"{field}={value}", m) for field, v in r["groups"].items() for value, m in v.items()
+        ]
+        for group, m in rows:
+            print(f"{name:24s} {group:24s} {m['acc']:7.4f} {m['acc_norm']:8.4f} {m['n']:6d}")
+        if r["truncated"]:
+            print(f"{name}: {r['truncated']} of {r['n']} {args.shots}-shot prompts lost priming")
+    return {"fewshot": results}
 
 
 def _print_report(result: dict, out: Path) -> None:
@@ -292,6 +325,17 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _with_run_dir(p)
+    p.add_argument(
+        "--tasks", nargs="+", default=[], help="multiple-choice jsonl files, or corpus-cloze"
+    )
+    p.add_argument("--shots", type=int, default=0, help="priming examples per item")
+    p.add_argument("--seed", type=int, default=0, help="picks the priming examples")
+    p.add_argument("--limit", type=int, help="score only the first N items of each task")
+    p.add_argument("--lang", help="X-ELM runs: score the tasks with this language's expert")
+
+
 def _info_args(p: argparse.ArgumentParser) -> None:
     _with_config(p)
     p.add_argument("--seq-len", type=int, default=None, help="context (default: max)")
@@ -300,7 +344,7 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable]] = {
     "train": (cmd_train, _with_config),
     "cluster": (cmd_cluster, _with_config),
-    "eval": (cmd_eval, _with_run_dir),
+    "eval": (cmd_eval, _eval_args),
     "generate": (cmd_generate, _generate_args),
     "info": (cmd_info, _info_args),
     "ifc": (cmd_ifc, _with_config),

@@ -212,29 +212,49 @@ def evaluate_task(
     }
 
 
-def _word_cut(text: str, at: int, reach: int = 16) -> int:
-    """The start of the word at or after character ``at``, looking at most ``reach`` characters
-    ahead (text without spaces, such as Chinese, is cut at ``at``)."""
-    for end in range(max(at, 1), min(at + reach, len(text)) + 1):
-        if end == len(text) or text[end - 1].isspace():
-            return end
+def _word_start(text: str, at: int, reach: int = 16) -> int:
+    """The first word start at or after ``at``, within ``reach`` characters; else ``at`` (text
+    without spaces, such as Chinese, is cut anywhere)."""
+    for i in range(at, min(at + reach, len(text)) + 1):
+        if i in (0, len(text)) or text[i - 1].isspace():
+            return i
     return at
+
+
+def _word_end(text: str, at: int, reach: int = 16) -> int:
+    """The last word end at or before ``at``, within ``reach`` characters; else ``at``."""
+    for i in range(at, max(at - reach, 0), -1):
+        if i == len(text) or text[i].isspace():
+            return i
+    return at
+
+
+def _utf8_reach(text: str, start: int, n_bytes: int, step: int) -> int:
+    """The index ``n_bytes`` of UTF-8 away from ``start``, forwards (``step=1``) or backwards."""
+    end, used = start, 0
+    while 0 <= end + min(step, 0) < len(text):
+        used += len(text[end + min(step, 0)].encode("utf-8"))
+        if used > n_bytes:
+            break
+        end += step
+    return end
 
 
 def corpus_cloze(
     n_choices: int = 4,
-    context_chars: int = 160,
-    continuation_chars: int = 40,
+    context_bytes: int = 160,
+    continuation_bytes: int = 48,
     seed: int = 0,
     split: str = "valid",
 ) -> list[dict]:
     """A cloze task from the shipped corpus' held-out documents, one item per document.
 
-    Each document is cut at a word boundary at a seeded position; the query is up to
-    ``context_chars`` characters before the cut (from a word start), the answer the next
-    ``continuation_chars`` or so (to a word end). Distractors are passages of other documents of
-    the same domain and language where there are enough, else of the same language, else of any.
-    Each record carries the document's ``domain`` and ``lang`` as group fields.
+    Each document is cut at a seeded position; the query is the ``context_bytes`` (UTF-8) before
+    the cut, the answer the ``continuation_bytes`` after it, both trimmed to word boundaries where
+    the text has spaces; so an item fits a byte-level model of 256 positions in any language.
+    Distractors are passages of other documents of the same domain and language where there are
+    enough, else of the same language, else of any. Each record carries the document's
+    ``domain`` and ``lang`` as group fields.
     """
     import gzip
 
@@ -244,12 +264,12 @@ def corpus_cloze(
         docs = [json.loads(line) for line in f]
     rng = np.random.default_rng(seed)
 
-    def passage(text: str) -> tuple[str, str]:  # (context, continuation)
-        lo = min(context_chars, len(text) // 2)
-        cut = _word_cut(text, int(rng.integers(lo, max(lo + 1, len(text) - continuation_chars))))
-        start = _word_cut(text, max(1, cut - context_chars)) if cut > context_chars else 0
-        end = _word_cut(text, min(len(text), cut + continuation_chars))
-        return text[start:cut].rstrip(), text[cut:end].strip()
+    def passage(text: str) -> tuple[str, str]:  # (context, continuation), each within budget
+        lo, hi = min(context_bytes, len(text) // 2), max(1, len(text) - continuation_bytes)
+        cut = _word_start(text, int(rng.integers(lo, max(lo + 1, hi))))
+        first = _word_start(text, _utf8_reach(text, cut, context_bytes, -1))
+        end = _word_end(text, _utf8_reach(text, cut, continuation_bytes, 1))
+        return text[min(first, cut) : cut].strip(), text[cut : max(end, cut)].strip()
 
     cut = [passage(d["text"]) for d in docs]
     records = []

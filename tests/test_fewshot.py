@@ -155,4 +155,8 @@ def test_corpus_cloze_is_a_fair_offline_task_with_group_fields():
         assert r["query"] + " " + r["choices"][r["label"]] not in json.dumps(r["choices"])
     labels = np.bincount([r["label"] for r in records], minlength=4)
     assert labels.min() > len(records) / 8  # the answer's position is not a giveaway
+    longest = max(
+        len(r["query"].encode()) + max(len(c.encode()) for c in r["choices"]) for r in records
+    )
+    assert longest <= 160 + 48  # fits a byte-level model of 256 positions, in every language
     assert load_task("corpus-cloze") == records
