@@ -97,10 +97,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _print_report(result, out)
 
 
+def _split_tasks(args: argparse.Namespace) -> list[str]:
+    """``--tasks``, less the ``key=value`` overrides that followed it (they join the others)."""
+    tasks = [t for t in args.tasks if "=" not in t or Path(t).exists()]
+    args.overrides += [t for t in args.tasks if t not in tasks]
+    return tasks
+
+
 def _fewshot(args: argparse.Namespace, device: str) -> dict:
     """``{"fewshot": {task: result}}`` for ``--tasks`` (moe_lab.fewshot), with a printed table."""
-    tasks = [t for t in args.tasks if "=" not in t or Path(t).exists()]
-    args.overrides += [t for t in args.tasks if t not in tasks]  # key=value after --tasks
+    tasks = _split_tasks(args)
     if not tasks:
         return {}
     from moe_lab.fewshot import evaluate_task, load_task
@@ -144,6 +150,36 @@ def _print_report(result: dict, out: Path) -> None:
             f"{name:24s} {m['loss']:8.4f} {m['perplexity']:9.2f} {m['bits_per_byte']:7.4f} "
             f"{m['tokens']:10,d}"
         )
+    print(f"wrote {out}")
+
+
+def cmd_harness(args: argparse.Namespace) -> None:
+    """Run lm-evaluation-harness tasks on a run, experts or IFC directory (moe_lab[eval])."""
+    import torch
+
+    try:
+        from moe_lab.harness import MoeLabLM, evaluate_harness
+    except ImportError as e:  # lm-eval is an optional extra: one line saying how to install it
+        raise ConfigError(str(e)) from e
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tasks = _split_tasks(args)
+    lm = MoeLabLM(
+        run_dir=args.run_dir,
+        principal=args.principal,
+        policy=args.policy,
+        lang=args.lang,
+        device=device,
+        overrides=args.overrides,
+    )
+    result = evaluate_harness(lm, tasks, args.shots, args.limit, args.include_path)
+    name = "harness.json" if args.principal is None else f"harness-{args.principal}.json"
+    out = Path(args.run_dir) / name
+    keep = ("results", "groups", "versions", "n-shot", "n-samples")
+    out.write_text(json.dumps({k: result[k] for k in keep if k in result}, indent=2, default=str))
+    from lm_eval.utils import make_table
+
+    print(make_table(result))
     print(f"wrote {out}")
 
 
@@ -336,6 +372,15 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lang", help="X-ELM runs: score the tasks with this language's expert")
 
 
+def _harness_args(p: argparse.ArgumentParser) -> None:
+    _with_run_dir(p)
+    p.add_argument("--tasks", nargs="+", required=True, help="lm-eval task names")
+    p.add_argument("--shots", type=int, help="num_fewshot (default: each task's own)")
+    p.add_argument("--limit", type=int, help="score only the first N documents of each task")
+    p.add_argument("--include-path", help="a directory of task YAML files (local tasks)")
+    p.add_argument("--lang", help="X-ELM runs: evaluate this language's expert")
+
+
 def _info_args(p: argparse.ArgumentParser) -> None:
     _with_config(p)
     p.add_argument("--seq-len", type=int, default=None, help="context (default: max)")
@@ -346,6 +391,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable]] = {
     "cluster": (cmd_cluster, _with_config),
     "eval": (cmd_eval, _eval_args),
     "generate": (cmd_generate, _generate_args),
+    "harness": (cmd_harness, _harness_args),
     "info": (cmd_info, _info_args),
     "ifc": (cmd_ifc, _with_config),
     "xelm": (cmd_xelm, _with_config),

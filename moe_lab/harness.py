@@ -19,6 +19,9 @@ continuation token is the argmax of the model's distribution at its position.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 from moe_lab.scoring import Scorer, encode_pair, load_scorer, rolling_windows
 
 try:
@@ -30,7 +33,7 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
         "(or pip install 'lm-eval>=0.4')"
     ) from e
 
-__all__ = ["MoeLabLM"]
+__all__ = ["MoeLabLM", "evaluate_harness"]
 
 
 @register_model("moe_lab")
@@ -42,6 +45,8 @@ class MoeLabLM(LM):
         run_dir: a run, experts or information-flow-control directory (see
             :func:`~moe_lab.scoring.load_scorer`), loaded with ``principal``, ``policy``, ``lang``.
         max_gen_toks: the generation length when a request does not set ``max_gen_toks``.
+        overrides: ``key=value`` changes to the saved config; as one string (``--model_args``),
+            separated by ``;`` since lm-eval splits its model arguments at commas.
     """
 
     def __init__(
@@ -54,16 +59,18 @@ class MoeLabLM(LM):
         device: str = "cpu",
         batch_size: int | str = 8,
         max_gen_toks: int = 256,
-        overrides: str = "",
+        overrides: str | Sequence[str] = (),
     ) -> None:
         super().__init__()
         if (scorer is None) == (run_dir is None):
             raise ValueError("pass exactly one of scorer and run_dir")
         if scorer is None:
             batch = int(batch_size) if str(batch_size).isdigit() else 8  # lm-eval may say "auto"
+            if isinstance(overrides, str):
+                overrides = [o for o in overrides.split(";") if o]
             scorer = load_scorer(
                 run_dir,
-                [o for o in overrides.split(";") if o],  # ";": lm-eval splits model_args at ","
+                overrides,
                 principal=principal,
                 policy=policy,
                 lang=lang,
@@ -135,3 +142,30 @@ class MoeLabLM(LM):
                 text = text.split(u, 1)[0]
             out.append(text)
         return out
+
+
+def evaluate_harness(
+    lm: MoeLabLM,
+    tasks: Sequence[str],
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    include_path: str | Path | None = None,
+) -> dict:
+    """``lm_eval.simple_evaluate`` of ``lm`` on ``tasks``: its result dict.
+
+    Args:
+        include_path: a directory of task YAML files (e.g. ``dataset_path: json`` with local
+            ``data_files``). lm-eval's ~10k built-in tasks are indexed only if a task is not
+            found there: indexing them takes tens of seconds.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = None
+    if include_path is not None:
+        manager = TaskManager(include_path=str(include_path), include_defaults=False)
+        if not all(manager.match_tasks([t]) for t in tasks):
+            manager = TaskManager(include_path=str(include_path))
+    return lm_eval.simple_evaluate(
+        model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager
+    )

@@ -114,7 +114,9 @@ def test_registered_as_moe_lab_and_loads_a_run_directory(tmp_path):
         MoeLabLM()
 
 
-def test_simple_evaluate_runs_a_local_jsonl_task_offline(tmp_path, monkeypatch):
+def test_moe_lab_harness_runs_a_local_jsonl_task_offline(tmp_path, monkeypatch, capsys):
+    from moe_lab.cli import main
+
     records = [
         {"query": f"{a} plus {b} is", "choices": [str(a + b), str(a + b + 1)], "label": i % 2}
         for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 1), (2, 2), (6, 3), (4, 4)])
@@ -132,19 +134,16 @@ def test_simple_evaluate_runs_a_local_jsonl_task_offline(tmp_path, monkeypatch):
         "metric_list:\n  - metric: acc\n"
     )
     import lm_eval.evaluator
-    from lm_eval.tasks import TaskManager
 
     # Not what is tested, and slow here: the environment report runs `pip list` in a subprocess.
     monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
-    model = tiny_model()
-    lm = MoeLabLM(TransformerScorer(model, TOK))
-    tasks = TaskManager(include_path=str(tmp_path), include_defaults=False)  # skip indexing ~10k
-    result = lm_eval.simple_evaluate(
-        model=lm, tasks=["tiny_sums"], task_manager=tasks, bootstrap_iters=0, log_samples=False
-    )
-    acc = result["results"]["tiny_sums"]["acc,none"]
+    model = write_run(tmp_path / "run")
+    args = ["harness", str(tmp_path / "run"), "--tasks", "tiny_sums", "--include-path"]
+    assert main([*args, str(tmp_path), "--limit", "5"]) == 0
+    acc = json.loads((tmp_path / "run" / "harness.json").read_text())["results"]["tiny_sums"]
     picks = []  # the reference: argmax of the manual sums, item by item
-    for r in records:
+    for r in records[:5]:
         lls = [_manual(model, r["query"], " " + c)[0] for c in r["choices"]]
         picks.append(int(np.argmax(lls)) == r["label"])
-    assert math.isclose(acc, np.mean(picks))
+    assert math.isclose(acc["acc,none"], np.mean(picks))
+    assert "tiny_sums" in capsys.readouterr().out
