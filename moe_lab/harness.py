@@ -29,8 +29,8 @@ try:
     from lm_eval.api.registry import register_model
 except ImportError as e:  # pragma: no cover - exercised without the extra
     raise ImportError(
-        "moe_lab.harness needs lm-evaluation-harness: pip install 'moe_lab[eval]' "
-        "(or pip install 'lm-eval>=0.4')"
+        "moe_lab.harness needs lm-evaluation-harness: pip install 'lm-eval>=0.4' "
+        "(moe_lab's extra: pip install -e '.[eval]')"
     ) from e
 
 __all__ = ["MoeLabLM", "evaluate_harness"]

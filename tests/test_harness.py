@@ -146,4 +146,10 @@ def test_moe_lab_harness_runs_a_local_jsonl_task_offline(tmp_path, monkeypatch, 
         lls = [_manual(model, r["query"], " " + c)[0] for c in r["choices"]]
         picks.append(int(np.argmax(lls)) == r["label"])
     assert math.isclose(acc["acc,none"], np.mean(picks))
+    # lm-eval builds its prompts its own way; moe_lab.fewshot agrees with it on the same items
+    from moe_lab.fewshot import evaluate_task
+    from moe_lab.scoring import load_scorer
+
+    ours = evaluate_task(load_scorer(tmp_path / "run"), records[:5])["overall"]
+    assert math.isclose(acc["acc,none"], ours["acc"]) and 0 < ours["acc"] < 1
     assert "tiny_sums" in capsys.readouterr().out
