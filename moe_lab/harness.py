@@ -19,6 +19,7 @@ continuation token is the argmax of the model's distribution at its position.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +35,8 @@ except ImportError as e:  # pragma: no cover - exercised without the extra
     ) from e
 
 __all__ = ["MoeLabLM", "evaluate_harness"]
+
+log = logging.getLogger(__name__)
 
 
 @register_model("moe_lab")
@@ -132,6 +135,8 @@ class MoeLabLM(LM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+            if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0) > 0:
+                log.warning("moe_lab generates greedily; ignoring sampling arguments %s", kwargs)
             prompt = [self.tokenizer.bos_id, *self.tokenizer.encode(context)]
             # Keep room for the generation: drop the oldest context tokens, as lm-eval's HFLM does.
             keep = max(1, self.scorer.max_len - max_new)

@@ -214,21 +214,18 @@ class PrefixRouting(Routing):
         self.router, self.tokenizer = router, tokenizer
         self.n_experts = router.n_experts
 
-    def _text_ids(self, seq: Sequence[int]) -> list[int]:
-        seq = list(seq)
-        return seq[1:] if seq and seq[0] == self.tokenizer.bos_id else seq
-
     def weights(self, seq: Sequence[int]) -> np.ndarray:
-        rows = []
-        if seq and seq[0] == self.tokenizer.bos_id:  # the empty context routes the first token
-            rows.append(self.router.weights([""]))
-        if len(self._text_ids(seq)):
-            rows.append(self.router.prefix_weights(self._text_ids(seq), self.tokenizer))
+        seq, rows = list(seq), []
+        if seq and seq[0] == self.tokenizer.bos_id:  # BOS is no text; it routes the first token
+            seq, rows = seq[1:], [self.router.weights([""])]
+        if seq:
+            rows.append(self.router.prefix_weights(seq, self.tokenizer))
         return np.concatenate(rows)
 
     def last(self, seq: Sequence[int]) -> np.ndarray:
-        text = self.tokenizer.decode(self._text_ids(seq))
-        return self.router.weights([self.router.routing_text(text)])[0]
+        seq = list(seq)[1:] if len(seq) and seq[0] == self.tokenizer.bos_id else list(seq)
+        text = self.router.routing_text(self.tokenizer.decode(seq))
+        return self.router.weights([text])[0]
 
 
 class EnsembleScorer(Scorer):
