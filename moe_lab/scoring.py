@@ -65,8 +65,8 @@ class Scorer:
 
     Subclasses implement :meth:`_log_probs` (and may override :meth:`_greedy`). Sequences are
     scored in batches of right-padded sequences of similar length: the models are causal, so
-    padding after a sequence never changes its scores (the exception: an MoE with a capacity factor,
-    where padding competes for expert capacity; dropless MoEs are exact).
+    padding after a sequence never changes its scores (an MoE with a capacity factor, where tokens
+    compete for expert capacity, is scored one sequence at a time).
     """
 
     tokenizer: Tokenizer
@@ -152,6 +152,9 @@ class TransformerScorer(Scorer):
     """A single dense or MoE :class:`~moe_lab.model.Transformer`, run in eval mode."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, batch_size: int = 8) -> None:
+        moe = model.cfg.moe
+        if moe is not None and moe.capacity_factor is not None:
+            batch_size = 1  # tokens compete for capacity: a score must not depend on its batch
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
         self.max_len = model.cfg.max_seq_len
         self.device = next(model.parameters()).device
@@ -287,11 +290,9 @@ def ensemble_routing(
 
 
 def load_ifc_dir(run_dir: str | Path, principal: str | None, policy, device: str = "cpu"):
-    """What ``principal`` may run of an information-flow-control directory (an
-    :class:`~moe_lab.ifc.IFCModel`), or None for any other directory.
-
-    Args:
-        policy: an :class:`~moe_lab.ifc.AccessPolicy` or the path of its file.
+    """What ``principal`` may run under ``policy`` (an :class:`~moe_lab.ifc.AccessPolicy` or its
+    file) of an information-flow-control directory (an :class:`~moe_lab.ifc.IFCModel`), or None
+    for any other directory.
 
     Raises:
         ConfigError: an IFC directory without a principal and a policy.

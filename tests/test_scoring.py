@@ -32,7 +32,9 @@ def _seqs(lengths, seed=0):
     return [[TOK.bos_id, *torch.randint(0, 256, (n - 1,), generator=gen).tolist()] for n in lengths]
 
 
-@pytest.mark.parametrize("kind", [[], MOE], ids=["dense", "moe"])
+@pytest.mark.parametrize(
+    "kind", [[], MOE, [*MOE, "model.moe.capacity_factor=1.0"]], ids=["dense", "moe", "capacity"]
+)
 def test_batched_padded_scores_equal_one_forward_per_sequence(kind):
     model = tiny_model(*kind)
     seqs = _seqs([2, 97, 40, 41, 5, 97, 13])  # 97 = max_len + 1: the longest scorable sequence
