@@ -147,6 +147,12 @@ def test_load_scorer_recognises_runs_experts_and_their_routing(tmp_path):
 def test_encode_pair_moves_trailing_space_to_the_continuation():
     assert encode_pair(TOK, "Q: a b ", "c") == (TOK.encode("Q: a b"), TOK.encode(" c"))
     assert encode_pair(TOK, "", "xy") == ([], TOK.encode("xy"))
+    from moe_lab.tokenizer import train_bpe
+
+    bpe = train_bpe(iter(["the world is the world of the words"] * 50), vocab_size=300)
+    ctx, cont = encode_pair(bpe, "hello the ", "world")  # BPE merges " world" into one token
+    assert ctx + cont == bpe.encode("hello the world") and cont == bpe.encode(" world")
+    assert len(cont) == 1
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 8, 9, 20])
