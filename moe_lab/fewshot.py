@@ -39,7 +39,8 @@ __all__ = [
     "load_task",
 ]
 
-CORPUS_CLOZE = "corpus-cloze"  # the task name that builds corpus_cloze() instead of reading a file
+# task names that build corpus_cloze() instead of reading a file
+CORPUS_CLOZE = {"corpus-cloze": {"similar": True}, "corpus-cloze-easy": {"similar": False}}
 
 
 @dataclass
@@ -54,7 +55,8 @@ class TaskFormat:
 
 
 def load_task(path: str | Path, fmt: TaskFormat | None = None) -> list[dict]:
-    """The validated records of a jsonl task, or of :func:`corpus_cloze` for ``"corpus-cloze"``.
+    """The validated records of a jsonl task, or of :func:`corpus_cloze` for ``"corpus-cloze"``
+    (distractors of the same domain and language) or ``"corpus-cloze-easy"`` (of any document).
 
     Raises:
         FileNotFoundError: no such file.
@@ -62,8 +64,8 @@ def load_task(path: str | Path, fmt: TaskFormat | None = None) -> list[dict]:
             has fewer than two choices, or a label that is not an index into them.
     """
     fmt = fmt or TaskFormat()
-    if str(path) == CORPUS_CLOZE and not Path(path).exists():
-        return corpus_cloze()
+    if str(path) in CORPUS_CLOZE and not Path(path).exists():
+        return corpus_cloze(**CORPUS_CLOZE[str(path)])
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task file {path} does not exist")
@@ -246,15 +248,17 @@ def corpus_cloze(
     continuation_bytes: int = 48,
     seed: int = 0,
     split: str = "valid",
+    similar: bool = True,
 ) -> list[dict]:
     """A cloze task from the shipped corpus' held-out documents, one item per document.
 
     Each document is cut at a seeded position; the query is the ``context_bytes`` (UTF-8) before
     the cut, the answer the ``continuation_bytes`` after it, both trimmed to word boundaries where
     the text has spaces; so an item fits a byte-level model of 256 positions in any language.
-    Distractors are passages of other documents of the same domain and language where there are
-    enough, else of the same language, else of any. Each record carries the document's
-    ``domain`` and ``lang`` as group fields.
+    With ``similar``, distractors are passages of other documents of the same domain and language
+    where there are enough, else of the same language, else of any; without, of any other
+    document (an easier task, which models too small for the first can separate by domain and
+    language). Each record carries the document's ``domain`` and ``lang`` as group fields.
     """
     import gzip
 
@@ -275,7 +279,7 @@ def corpus_cloze(
     records = []
     for i, d in enumerate(docs):
         pool = [j for j in range(len(docs)) if j != i]
-        for keys in (("domain", "lang"), ("lang",)):  # the most similar documents with enough
+        for keys in (("domain", "lang"), ("lang",)) if similar else ():  # most similar, if enough
             same = [j for j in pool if all(docs[j][k] == d[k] for k in keys)]
             if len(same) >= n_choices - 1:
                 pool = same

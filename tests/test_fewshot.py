@@ -160,3 +160,10 @@ def test_corpus_cloze_is_a_fair_offline_task_with_group_fields():
     )
     assert longest <= 160 + 48  # fits a byte-level model of 256 positions, in every language
     assert load_task("corpus-cloze") == records
+    easy = load_task("corpus-cloze-easy")
+    assert easy == corpus_cloze(similar=False) and len(easy) >= 100
+
+    def foreign(task):  # English items with a non-ASCII choice: mostly other languages' passages
+        return sum(not all(c.isascii() for c in r["choices"]) for r in task if r["lang"] == "en")
+
+    assert foreign(records) < 10 < 30 < foreign(easy)
