@@ -3,7 +3,8 @@
 Each subcommand takes ``key=value`` overrides of the config; ``train``, ``cluster``, ``info``,
 ``ifc``, ``xelm`` and ``compare`` (an experiment file) also take ``--config FILE``; ``eval`` and
 ``generate`` read the config saved in a run directory (``--principal``/``--policy`` for an
-information-flow-control run, ``--lang`` for an X-ELM prompt).
+information-flow-control run, ``--lang`` for an X-ELM prompt); ``eval --tasks`` adds few-shot
+multiple-choice accuracy (:mod:`moe_lab.fewshot`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.run_dir) / "eval.json"
+    fewshot = _fewshot(args, device)  # {} without --tasks
     ifc = _load_ifc(args, device)
     if ifc is not None:  # what one principal may run, evaluated per group
         from moe_lab.ifc.experiment import evaluate_ifc
@@ -75,11 +77,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
         report = evaluate_ifc(ifc, cfg, device)
         out = out.with_name(f"eval-{args.principal}.json")
-        out.write_text(
-            json.dumps(
-                {"principal": args.principal, "permitted": ifc.permitted, "valid": report}, indent=2
-            )
-        )
+        result = {"principal": args.principal, "permitted": ifc.permitted, "valid": report}
+        out.write_text(json.dumps(result | fewshot, indent=2))
         _print_report(report, out)
         return
     if (Path(args.run_dir) / "manifest.json").exists():  # a directory of experts: an ensemble
@@ -87,15 +86,55 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
         cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
         report = evaluate_experts(args.run_dir, cfg, device)
-        out.write_text(json.dumps(report, indent=2))
+        out.write_text(json.dumps(report | fewshot, indent=2))
         _print_report(report["valid"], out)
         return
     cfg, model, tokenizer = load_run(args.run_dir, args.overrides, device=device)
     store = validation_store(cfg, tokenizer)
     result = evaluate(model, store, cfg.train.seq_len, cfg.train.batch_size, device, progress=True)
     previous = json.loads(out.read_text()) if out.exists() else {}  # keeps step, tokens, FLOPs
-    out.write_text(json.dumps(previous | {"valid": result}, indent=2))
+    out.write_text(json.dumps(previous | {"valid": result} | fewshot, indent=2))
     _print_report(result, out)
+
+
+def _split_tasks(args: argparse.Namespace) -> list[str]:
+    """``--tasks``, less the ``key=value`` overrides that followed it (they join the others)."""
+    tasks = [t for t in args.tasks if "=" not in t or Path(t).exists()]
+    args.overrides += [t for t in args.tasks if t not in tasks]
+    return tasks
+
+
+def _fewshot(args: argparse.Namespace, device: str) -> dict:
+    """``{"fewshot": {task: result}}`` for ``--tasks`` (moe_lab.fewshot), with a printed table."""
+    tasks = _split_tasks(args)
+    if not tasks:
+        return {}
+    from moe_lab.fewshot import evaluate_task, load_task
+    from moe_lab.scoring import load_scorer
+
+    scorer = load_scorer(
+        args.run_dir,
+        args.overrides,
+        principal=args.principal,
+        policy=args.policy,
+        lang=args.lang,
+        device=device,
+    )
+    results = {}
+    print(f"{'task':24s} {'group':24s} {'acc':>7s} {'acc_norm':>8s} {'items':>6s}")
+    for task in tasks:
+        name = Path(task).stem if Path(task).stem not in results else task
+        records = load_task(task)[: args.limit]
+        r = evaluate_task(scorer, records, args.shots, args.seed, progress=True)
+        results[name] = {"file": str(task), **r}
+        rows = [("overall", r["overall"])] + [
+            (f"{field}={value}", m) for field, v in r["groups"].items() for value, m in v.items()
+        ]
+        for group, m in rows:
+            print(f"{name:24s} {group:24s} {m['acc']:7.4f} {m['acc_norm']:8.4f} {m['n']:6d}")
+        if r["truncated"]:
+            print(f"{name}: {r['truncated']} of {r['n']} {args.shots}-shot prompts lost priming")
+    return {"fewshot": results}
 
 
 def _print_report(result: dict, out: Path) -> None:
@@ -111,6 +150,36 @@ def _print_report(result: dict, out: Path) -> None:
             f"{name:24s} {m['loss']:8.4f} {m['perplexity']:9.2f} {m['bits_per_byte']:7.4f} "
             f"{m['tokens']:10,d}"
         )
+    print(f"wrote {out}")
+
+
+def cmd_harness(args: argparse.Namespace) -> None:
+    """Run lm-evaluation-harness tasks on a run, experts or IFC directory (moe_lab[eval])."""
+    import torch
+
+    try:
+        from moe_lab.harness import MoeLabLM, evaluate_harness
+    except ImportError as e:  # lm-eval is an optional extra: one line saying how to install it
+        raise ConfigError(str(e)) from e
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tasks = _split_tasks(args)
+    lm = MoeLabLM(
+        run_dir=args.run_dir,
+        principal=args.principal,
+        policy=args.policy,
+        lang=args.lang,
+        device=device,
+        overrides=args.overrides,
+    )
+    result = evaluate_harness(lm, tasks, args.shots, args.limit, args.include_path)
+    name = "harness.json" if args.principal is None else f"harness-{args.principal}.json"
+    out = Path(args.run_dir) / name
+    keep = ("results", "groups", "versions", "n-shot", "n-samples")
+    out.write_text(json.dumps({k: result[k] for k in keep if k in result}, indent=2, default=str))
+    from lm_eval.utils import make_table
+
+    print(make_table(result))
     print(f"wrote {out}")
 
 
@@ -171,54 +240,29 @@ def cmd_cluster(args: argparse.Namespace) -> None:
 def _load_ifc(args: argparse.Namespace, device: str):
     """What ``--principal`` may run of an IFC run directory (``moe-lab ifc``, ``train_ifc``), or
     None for any other directory."""
-    manifest = Path(args.run_dir) / "manifest.json"
-    if not manifest.is_file() or "domain_field" not in json.loads(manifest.read_text()):
-        return None
-    if args.principal is None or args.policy is None:
-        raise ConfigError(
-            f"{args.run_dir} is an information-flow-control run: pass --principal and --policy"
-        )
-    from moe_lab.ifc import AccessPolicy, load_ifc
+    from moe_lab.scoring import load_ifc_dir
 
-    return load_ifc(args.run_dir, AccessPolicy.load(args.policy), args.principal, device)
+    return load_ifc_dir(args.run_dir, args.principal, args.policy, device)
 
 
 def _generate_ensemble(args: argparse.Namespace, experts=None, tokenizer=None) -> None:
     """Generation from a train_experts directory, routed by ``ensemble.*`` (prefix or uniform),
     or from given ``experts`` mixed uniformly."""
-    import numpy as np
     import torch
 
     from moe_lab.btm import load_experts
-    from moe_lab.clustering import Clusterer
     from moe_lab.experts.ensemble import ExpertEnsemble, generate_ensemble
-    from moe_lab.routing.cluster import ClusterRouter
+    from moe_lab.scoring import FixedRouting, ensemble_routing
     from moe_lab.tokenizer import load_tokenizer
 
     cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
     ens = cfg.ensemble
-    uniform = experts is not None or ens.routing == "uniform" or ens.clusters_dir is None
-    names = None
     if experts is None:
         names, experts = load_experts(args.run_dir)
         tokenizer = load_tokenizer(Path(args.run_dir) / "experts" / names[0] / "run" / "tokenizer")
-    if args.lang is not None:  # X-ELM: the expert of that language, or of its nearest one
-        from moe_lab.xelm import expert_for
-
-        one_hot = np.eye(len(experts))[names.index(expert_for(args.run_dir, args.lang))]
-        route = lambda ids: one_hot  # noqa: E731
-    elif uniform:
-        route = lambda ids: np.full(len(experts), 1.0 / len(experts))  # noqa: E731
+        routing = ensemble_routing(args.run_dir, cfg, names, tokenizer, args.lang)
     else:
-        router = ClusterRouter(
-            Clusterer.load(Path(ens.clusters_dir) / "clusterer"),
-            ens.temperature,
-            ens.top_k,
-            ens.distance,
-        )
-
-        def route(ids: list[int]) -> np.ndarray:  # the text generated so far, without BOS
-            return router.weights([router.routing_text(tokenizer.decode(ids[1:]))])[0]
+        routing = FixedRouting.uniform(len(experts))
 
     prompt = [tokenizer.bos_id, *tokenizer.encode(args.prompt)]
     room = min(e.cfg.max_seq_len for e in experts) - len(prompt)
@@ -228,7 +272,7 @@ def _generate_ensemble(args: argparse.Namespace, experts=None, tokenizer=None) -
         ExpertEnsemble(experts, ens.mix),
         prompt,
         min(args.max_new_tokens, room),
-        route,
+        routing.last,
         args.temperature,
         args.top_p,
         tokenizer.eos_id,
@@ -324,6 +368,26 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _with_run_dir(p)
+    p.add_argument(
+        "--tasks", nargs="+", default=[], help="multiple-choice jsonl files, or corpus-cloze"
+    )
+    p.add_argument("--shots", type=int, default=0, help="priming examples per item")
+    p.add_argument("--seed", type=int, default=0, help="picks the priming examples")
+    p.add_argument("--limit", type=int, help="score only the first N items of each task")
+    p.add_argument("--lang", help="X-ELM runs: score the tasks with this language's expert")
+
+
+def _harness_args(p: argparse.ArgumentParser) -> None:
+    _with_run_dir(p)
+    p.add_argument("--tasks", nargs="+", required=True, help="lm-eval task names")
+    p.add_argument("--shots", type=int, help="num_fewshot (default: each task's own)")
+    p.add_argument("--limit", type=int, help="score only the first N documents of each task")
+    p.add_argument("--include-path", help="a directory of task YAML files (local tasks)")
+    p.add_argument("--lang", help="X-ELM runs: evaluate this language's expert")
+
+
 def _info_args(p: argparse.ArgumentParser) -> None:
     _with_config(p)
     p.add_argument("--seq-len", type=int, default=None, help="context (default: max)")
@@ -332,8 +396,9 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable]] = {
     "train": (cmd_train, _with_config),
     "cluster": (cmd_cluster, _with_config),
-    "eval": (cmd_eval, _with_run_dir),
+    "eval": (cmd_eval, _eval_args),
     "generate": (cmd_generate, _generate_args),
+    "harness": (cmd_harness, _harness_args),
     "info": (cmd_info, _info_args),
     "ifc": (cmd_ifc, _with_config),
     "xelm": (cmd_xelm, _with_config),

@@ -85,3 +85,59 @@ def test_ifc_serving_example_runs(tmp_path):
         ("guest", "literature"),
         ("lawyer", "literature+legal"),
     ]
+
+
+def test_eval_tasks_adds_few_shot_accuracy_for_a_run_and_an_experts_directory(
+    tmp_path, lang_files, capsys
+):
+    from moe_lab.cli import main
+    from moe_lab.fewshot import evaluate_task, load_task
+    from moe_lab.scoring import EnsembleScorer, TransformerScorer
+    from moe_lab.tokenizer import ByteTokenizer
+    from tests.conftest import write_jsonl
+    from tests.tiny import write_experts, write_run
+
+    data = [f"data.train_files=[{lang_files[0]}]", f"data.valid_files=[{lang_files[1]}]"]
+    data += ["data.group_fields=[lang]", "model.max_seq_len=256"]  # a corpus-cloze item fits
+    items = [
+        {"query": f"the {w} sat on the", "choices": ["mat", "dog", "straße"], "label": i % 3}
+        for i, w in enumerate(["cat", "dog", "hund", "katze", "mat", "sun"])
+    ]
+    for r, lang in zip(items, ["en", "en", "de", "de", "en", "de"], strict=True):
+        r["lang"] = lang
+    task = write_jsonl(tmp_path / "sat.jsonl", items)
+    model = write_run(tmp_path / "run", *data)
+    experts = write_experts(tmp_path / "x", 2, *data, "ensemble.routing=uniform")
+    tok = ByteTokenizer()
+    from moe_lab.experts.ensemble import ExpertEnsemble
+    from moe_lab.scoring import FixedRouting
+
+    scorers = {
+        "run": TransformerScorer(model, tok),
+        "x": EnsembleScorer(ExpertEnsemble(experts), FixedRouting.uniform(2), tok),
+    }
+    for name, scorer in scorers.items():
+        args = ["eval", str(tmp_path / name), "--tasks", str(task), "--shots", "1"]
+        assert main(args) == 0
+        report = json.loads((tmp_path / name / "eval.json").read_text())
+        assert "valid" in report and set(report["fewshot"]) == {"sat"}
+        expected = evaluate_task(scorer, load_task(task), shots=1)
+        assert report["fewshot"]["sat"] == {"file": str(task), **expected}
+        assert set(report["fewshot"]["sat"]["groups"]["lang"]) == {"de", "en"}
+        assert "sat" in capsys.readouterr().out
+    args = [
+        "eval",
+        str(tmp_path / "run"),
+        "--tasks",
+        "corpus-cloze",
+        "--shots",
+        "1",
+        "--limit",
+        "8",
+    ]
+    assert main(args) == 0
+    cloze = json.loads((tmp_path / "run" / "eval.json").read_text())["fewshot"]["corpus-cloze"]
+    assert cloze["n"] == 8 and cloze["truncated"] > 0  # 1 shot overflows 256 tokens
+    assert "domain=code" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "run"), "--tasks", str(tmp_path / "no.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -400,10 +400,21 @@ def test_moe_lab_eval_and_generate_serve_one_principal(trained, tmp_path, capsys
     policy = tmp_path / "policy.yaml"
     policy.write_text("principals:\n  alice: [legal]\n")
     who = ["--principal", "alice", "--policy", str(policy)]
-    assert main(["eval", str(out), *who]) == 0
+    records = [
+        {"query": q, "choices": [" the court", " the function", " the king"], "label": i % 3}
+        for i, q in enumerate(["The appeal went to", "Call it inside", "Long live", "Ask"])
+    ]
+    task = write_jsonl(tmp_path / "who.jsonl", records)
+    assert main(["eval", str(out), *who, "--tasks", str(task)]) == 0
     report = json.loads((out / "eval-alice.json").read_text())
     assert report["permitted"] == ["literature", "legal"]
     assert set(report["valid"]["groups"]["domain"]) == {"literature", "legal", "code"}
+    from moe_lab.fewshot import evaluate_task
+    from moe_lab.scoring import TransformerScorer
+
+    alice = load_ifc(out, AccessPolicy.load(policy), "alice")
+    expected = evaluate_task(TransformerScorer(alice.model, alice.tokenizer), records)
+    assert report["fewshot"]["who"] == {"file": str(task), **expected}
     capsys.readouterr()
     prompt = ["--prompt", "The law", "--max-new-tokens", "12", "--temperature", "0"]
     assert main(["generate", str(out), *who, *prompt]) == 0
@@ -416,3 +427,25 @@ def test_moe_lab_eval_and_generate_serve_one_principal(trained, tmp_path, capsys
     assert "pass --principal and --policy" in capsys.readouterr().err
     assert main(["eval", str(out), "--principal", "mallory", "--policy", str(policy)]) == 2
     assert "unknown principal 'mallory'" in capsys.readouterr().err
+
+
+def test_the_scorer_runs_only_what_the_principal_may(trained, monkeypatch):
+    from moe_lab.scoring import load_scorer
+
+    out, _, _ = trained
+    with pytest.raises(ConfigError, match="pass --principal and --policy"):
+        load_scorer(out)
+    opened = []
+    real = pipeline._read
+    monkeypatch.setattr(
+        pipeline, "_read", lambda path, device: opened.append(path) or real(path, device)
+    )
+    scorer = load_scorer(out, principal="alice", policy=POLICY)
+    assert opened and "code" not in {p.parent.name for p in opened}  # never opened
+    model = load_ifc(out, POLICY, "alice").model
+    tok = scorer.tokenizer
+    seq = [tok.bos_id, *tok.encode("The court held that the contract was void")]
+    with torch.no_grad():
+        ref = model(torch.tensor([seq[:-1]])).logits.double().log_softmax(-1)[0]
+    ref = ref.gather(-1, torch.tensor(seq[1:])[:, None])[:, 0].numpy()
+    torch.testing.assert_close(scorer.token_logprobs([seq])[0], ref.astype("float32"))

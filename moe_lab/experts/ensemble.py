@@ -23,7 +23,13 @@ from moe_lab.evaluate import summarize, validation_store
 from moe_lab.model import Transformer
 from moe_lab.packing import IGNORE, TokenStore, eval_rows
 
-__all__ = ["ExpertEnsemble", "ensemble_document_nll", "evaluate_experts", "generate_ensemble"]
+__all__ = [
+    "ExpertEnsemble",
+    "cluster_router",
+    "ensemble_document_nll",
+    "evaluate_experts",
+    "generate_ensemble",
+]
 
 
 class ExpertEnsemble(nn.Module):
@@ -136,6 +142,22 @@ def ensemble_document_nll(
     return summarize(nll, count, store)
 
 
+def cluster_router(ens, n_experts: int):
+    """The :class:`~moe_lab.routing.cluster.ClusterRouter` of ``ensemble.clusters_dir``, checked
+    to have one cluster per expert."""
+    from moe_lab.clustering import Clusterer
+    from moe_lab.config import ConfigError
+    from moe_lab.routing.cluster import ClusterRouter
+
+    if ens.clusters_dir is None:
+        raise ConfigError(f"ensemble.routing={ens.routing} needs ensemble.clusters_dir")
+    clusterer = Clusterer.load(Path(ens.clusters_dir) / "clusterer")
+    router = ClusterRouter(clusterer, ens.temperature, ens.top_k, ens.distance)
+    if router.n_experts != n_experts:
+        raise ConfigError(f"the clusterer has {router.n_experts} clusters for {n_experts} experts")
+    return router
+
+
 def evaluate_experts(experts_dir, cfg, device="cpu") -> dict:
     """``moe-lab eval`` of a :func:`~moe_lab.btm.train_experts` directory, per ``cfg.ensemble``.
 
@@ -144,9 +166,6 @@ def evaluate_experts(experts_dir, cfg, device="cpu") -> dict:
     upper bound on routing), ``average`` evaluates one model with the experts' parameters averaged.
     """
     from moe_lab.btm import load_experts
-    from moe_lab.clustering import Clusterer
-    from moe_lab.config import ConfigError
-    from moe_lab.routing.cluster import ClusterRouter
     from moe_lab.tokenizer import load_tokenizer
 
     ens = cfg.ensemble
@@ -161,18 +180,7 @@ def evaluate_experts(experts_dir, cfg, device="cpu") -> dict:
 
         report = evaluate(average(experts), store, cfg.train.seq_len, cfg.train.batch_size, device)
         return {"experts": names, "ensemble": asdict(ens), "valid": report}
-    router = None
-    if ens.routing != "uniform":
-        if ens.clusters_dir is None:
-            raise ConfigError(f"ensemble.routing={ens.routing} needs ensemble.clusters_dir")
-        router = ClusterRouter(
-            Clusterer.load(Path(ens.clusters_dir) / "clusterer"),
-            ens.temperature,
-            ens.top_k,
-            ens.distance,
-        )
-        if router.n_experts != E:
-            raise ConfigError(f"the clusterer has {router.n_experts} clusters for {E} experts")
+    router = None if ens.routing == "uniform" else cluster_router(ens, E)
 
     def doc_weights(d: int) -> np.ndarray:
         doc = store.tokens[store.offsets[d] : store.offsets[d + 1]].tolist()
@@ -206,12 +214,14 @@ def generate_ensemble(
     top_p: float = 1.0,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    stop: Callable[[list[int]], bool] | None = None,
 ) -> list[int]:
     """Continue ``prompt`` (token ids, BOS first) with the ensemble, re-routing at every step.
 
     ``route(ids) -> [E]`` gives the weights for the next token after ``ids`` (e.g. the router's
-    weights for the decoded text so far). Each step recomputes the chosen experts on the whole
-    sequence (no KV cache): simple, and cheap at the lengths small experts are used for.
+    weights for the decoded text so far). ``stop(new_ids)``, if given, ends generation when it
+    returns True for the tokens generated so far. Each step recomputes the chosen experts on the
+    whole sequence (no KV cache): simple, and cheap at the lengths small experts are used for.
     """
     from moe_lab.generation import sample_next
 
@@ -224,6 +234,6 @@ def generate_ensemble(
         lp = ensemble.log_probs(x, weights)[:, -1]
         token = int(sample_next(lp, temperature, top_p, generator)[0])
         ids.append(token)
-        if token == eos_id:
+        if token == eos_id or (stop is not None and stop(ids[len(prompt) :])):
             break
     return ids
