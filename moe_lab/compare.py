@@ -90,10 +90,20 @@ class BudgetConfig:
 
 
 @dataclass
+class FewshotConfig:
+    """Few-shot multiple-choice tasks every variant is scored on (moe_lab.fewshot)."""
+
+    tasks: list[str] = field(default_factory=list)  # jsonl files, or corpus-cloze(-easy)
+    shots: int = 0
+    limit: int | None = None  # score the first N items of each task; None = all
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     dir: str = "runs/compare"
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    fewshot: FewshotConfig = field(default_factory=FewshotConfig)
     seeds: list[int] = field(default_factory=lambda: [0])
     base: dict[str, Any] = field(default_factory=dict)  # a moe_lab config shared by all variants
     variants: list[VariantConfig] = field(default_factory=list)
@@ -280,6 +290,7 @@ def _run_single(cfg: Config) -> dict:
         "tokens": result.tokens,
         "inference_flops_per_token": est.inference_flops_per_token,
         "curve": _curve(result.run_dir / "metrics.jsonl", 0.0),
+        "scorer": {"run_dir": str(result.run_dir)},
         **_eval_summary(valid),
     }
 
@@ -321,6 +332,7 @@ def _run_ifc(cfg: Config, job: Path) -> dict:
         "tokens": tokens,
         "inference_flops_per_token": n * est.inference_flops_per_token,
         "curve": curve,
+        "scorer": {"run_dir": str(job / "ifc"), "principal": "all", "policy": policy},
         **_eval_summary(valid),
     }
 
@@ -382,6 +394,7 @@ def _run_cbtm(cfg: Config, v: VariantConfig, budget: float, job: Path) -> dict:
         valid = json.loads((merged.run_dir / "eval.json").read_text())["valid"]
         est = estimate(_btx_cfg(cfg, v).model, cfg.train.seq_len)
         total, used = est.total_params, 1
+        scorer = {"run_dir": str(merged.run_dir)}
     else:
         routing = "uniform" if v.random_clusters else "prefix"
         routing = "average" if v.merge == "average" else routing
@@ -391,6 +404,12 @@ def _run_cbtm(cfg: Config, v: VariantConfig, budget: float, job: Path) -> dict:
         total = est.total_params if v.merge == "average" else v.k * est.total_params
         used = v.k if v.top_k is None or v.random_clusters else v.top_k
         used = 1 if v.merge == "average" else used
+        top_k = "null" if v.top_k is None else v.top_k
+        overrides = [f"ensemble.clusters_dir={clusters}", f"ensemble.routing={routing}"]
+        scorer = {
+            "run_dir": str(job / "experts"),
+            "overrides": [*overrides, f"ensemble.top_k={top_k}"],
+        }
     return {
         "total_params": total,
         "active_params": used * est.active_params,
@@ -398,6 +417,7 @@ def _run_cbtm(cfg: Config, v: VariantConfig, budget: float, job: Path) -> dict:
         "tokens": tokens,
         "inference_flops_per_token": used * est.inference_flops_per_token,
         "curve": curve,
+        "scorer": scorer,
         **_eval_summary(valid),
     }
 
@@ -444,6 +464,9 @@ def run_variant(exp: ExperimentConfig, v: VariantConfig, seed: int, out: Path) -
     else:
         record = _run_single(cfg)
     wall = time.perf_counter() - started
+    scorer = record.pop("scorer", None)  # X-ELM routes by a document's language: none here
+    if exp.fewshot.tasks:
+        record["fewshot"] = _fewshot(exp.fewshot, scorer, v)
     record = {
         "name": v.name,
         "family": v.family,
@@ -460,6 +483,22 @@ def run_variant(exp: ExperimentConfig, v: VariantConfig, seed: int, out: Path) -
         "variant %s, seed %d: valid loss %.4f in %.0f s", v.name, seed, record["valid_loss"], wall
     )
     return record
+
+
+def _fewshot(fs: FewshotConfig, scorer: dict | None, v: VariantConfig) -> dict:
+    """``{task: {"acc", "acc_norm", "n"}}`` of a trained variant; {} where none can be scored."""
+    from moe_lab.fewshot import evaluate_task, load_task
+    from moe_lab.scoring import load_scorer
+
+    if scorer is None:
+        log.warning("variant %s (%s): no few-shot scoring for this family", v.name, v.family)
+        return {}
+    model = load_scorer(**scorer)
+    results = {}
+    for task in fs.tasks:
+        items = load_task(task)[: fs.limit]
+        results[task] = evaluate_task(model, items, fs.shots)["overall"]
+    return results
 
 
 def run_compare(exp: ExperimentConfig) -> list[dict]:
@@ -491,10 +530,20 @@ def report_markdown(exp: ExperimentConfig, records: list[dict]) -> str:
     metrics += [
         (f"{f}={g}", lambda r, f=f, g=g: r["groups"].get(f, {}).get(g, math.nan)) for f, g in groups
     ]
+    n_losses = len(metrics)  # lower is better; the accuracies after them: higher is better
+    metrics += [
+        (
+            f"{Path(t).stem} {a}",
+            lambda r, t=t, a=a: r.get("fewshot", {}).get(t, {}).get(a, math.nan),
+        )
+        for t in exp.fewshot.tasks
+        for a in ("acc", "acc_norm")
+    ]
     means = {n: {m: _mean_std([fn(r) for r in by_name[n]]) for m, fn in metrics} for n in names}
-    best = {
-        m: min(names, key=lambda n: np.nan_to_num(means[n][m][0], nan=np.inf)) for m, _ in metrics
-    }
+    best = {}
+    for i, (m, _) in enumerate(metrics):
+        sign = 1 if i < n_losses else -1
+        best[m] = min(names, key=lambda n: np.nan_to_num(sign * means[n][m][0], nan=np.inf))
     within = all(abs(r["flops_vs_budget"] - 1) <= TOLERANCE for r in records)
     lines = [
         f"# {exp.name}",
@@ -502,7 +551,9 @@ def report_markdown(exp: ExperimentConfig, records: list[dict]) -> str:
         f"Budget: {exp.budget.train_flops:.4g} training FLOPs per variant; seeds {exp.seeds}. "
         f"Every variant's achieved training FLOPs {'lie' if within else 'do NOT all lie'} within "
         f"{TOLERANCE:.0%} of the budget. Losses in nats per token (mean ± std over seeds), lower "
-        "is better; the best of each column in bold.",
+        "is better; few-shot accuracies"
+        + (f" ({exp.fewshot.shots}-shot)" if exp.fewshot.tasks else "")
+        + ", higher is better; the best of each column in bold.",
         "",
         "| variant | family | params (total / active) | train FLOPs (× budget) | tokens | "
         "inference FLOPs/token | wall s | tokens/s | " + " | ".join(m for m, _ in metrics) + " |",

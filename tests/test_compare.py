@@ -7,9 +7,12 @@ import pytest
 
 import moe_lab.train as train_module
 from moe_lab.accounting import estimate
+from moe_lab.checkpoint import load_run
 from moe_lab.compare import fit_scaling, load_experiment, run_compare
 from moe_lab.config import ConfigError, ModelConfig, load_config
 from moe_lab.data import CORPUS_DIR, load_documents
+from moe_lab.fewshot import corpus_cloze, evaluate_task, load_task
+from moe_lab.scoring import TransformerScorer
 from tests.conftest import write_jsonl
 
 MODEL = {
@@ -75,7 +78,8 @@ VARIANTS = [
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compare")
-    exp = experiment(tmp, VARIANTS)
+    task = write_jsonl(tmp / "cloze.jsonl", corpus_cloze(3, context_bytes=24, continuation_bytes=12)[::40])
+    exp = experiment(tmp, VARIANTS, fewshot={"tasks": [str(task)], "shots": 1})
     return exp, run_compare(exp)
 
 
@@ -105,9 +109,25 @@ def test_the_report_holds_every_variant_and_group_value(compared):
             for value in values:
                 assert f"{field}={value}" in report
     assert {"domain", "lang"} <= set(records[0]["groups"])
-    assert report.count("**") == 2 * (2 + sum(len(v) for v in records[0]["groups"].values()))
+    n_groups = sum(len(v) for v in records[0]["groups"].values())
+    assert report.count("**") == 2 * (2 + n_groups + 2)  # + acc and acc_norm of the task
+    assert "cloze acc | cloze acc_norm" in report
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(records))
     assert (out / "loss_vs_flops.png").stat().st_size > 0 and (out / "groups.png").is_file()
+
+
+def test_every_variant_is_scored_on_the_fewshot_task(compared):
+    exp, records = compared
+    task = exp.fewshot.tasks[0]
+    items = load_task(task)
+    for r in records:
+        assert r["fewshot"][task]["n"] == len(items) > 0, r["name"]
+    # the dense variant scored again from its run directory, by hand
+    run = Path(exp.dir) / "variants" / "dense" / "seed0"
+    run = next(p.parent for p in run.rglob("config.yaml") if (p.parent / "checkpoints").is_dir())
+    _, model, tokenizer = load_run(run)
+    alone = evaluate_task(TransformerScorer(model, tokenizer), items, shots=1)["overall"]
+    assert records[0]["fewshot"][task] == alone
 
 
 def test_an_interrupted_compare_redoes_only_unfinished_variants(compared, monkeypatch):
