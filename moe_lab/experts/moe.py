@@ -103,13 +103,16 @@ class MoE(nn.Module):
         slot_S, expert_S = slot_S[order], expert_S[order]
         token_S = slot_S // K
         counts_E = torch.bincount(expert_S, minlength=self.cfg.num_experts)
+        # index_select, not x_TD[token_S]: the gradient of advanced indexing is an accumulating
+        # index_put, 8x slower on CPU than index_select's index_add (2.8 vs 0.35 ms at T=2048).
+        x_SD = x_TD.index_select(0, token_S)
         if self.ep_group is not None:
             from moe_lab.experts.parallel import dispatch_to_experts
 
-            y_SD = dispatch_to_experts(self, x_TD[token_S], counts_E, self.ep_group)
+            y_SD = dispatch_to_experts(self, x_SD, counts_E, self.ep_group)
         else:
-            y_SD = run_experts(x_TD[token_S], counts_E, self.w1, self.v1, self.w2, self.grouped_mm)
-        y_SD = y_SD * weights_TK.flatten()[slot_S, None].to(x_TD.dtype)
+            y_SD = run_experts(x_SD, counts_E, self.w1, self.v1, self.w2, self.grouped_mm)
+        y_SD = y_SD * weights_TK.flatten().index_select(0, slot_S)[:, None].to(x_TD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_S, y_SD)
 
 
