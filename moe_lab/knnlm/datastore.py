@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_lab.checkpoint import write_json
+from moe_lab.ifc.policy import AccessPolicy
 from moe_lab.knnlm.index import IndexSpec, KnnIndex
 from moe_lab.model import Transformer
 from moe_lab.packing import IGNORE, TokenStore, eval_rows
@@ -139,6 +140,24 @@ class Datastore:
         for field, values in (where or {}).items():
             mask |= np.isin(self.entry_groups(field), list(values))
         return mask
+
+    def permitted(
+        self,
+        policy: AccessPolicy,
+        principal: str,
+        field: str = "security_domain",
+        public: str = "public",
+    ) -> np.ndarray:
+        """``[N]`` bool: the entries ``principal`` may retrieve, by their documents' ``field``.
+
+        Pass it as ``allowed`` to :meth:`search`. Fails closed like the policy: an unknown
+        principal, or a grant of a domain the datastore's documents never had, raises.
+        """
+        g = self.group_fields.index(field) if field in self.group_fields else None
+        if g is None:
+            raise ValueError(f"datastore has no group field {field!r}; it has {self.group_fields}")
+        domains = [v for v in self.manifest["group_values"][g] if v != public]
+        return np.isin(self.entry_groups(field), policy.permitted(principal, public, domains))
 
     def index(self, kind: str) -> KnnIndex:
         """The saved index of ``kind`` (see :meth:`add_index`)."""
