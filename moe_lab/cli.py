@@ -3,7 +3,8 @@
 Each subcommand takes ``key=value`` overrides of the config; ``train``, ``cluster``, ``info``,
 ``ifc``, ``xelm`` and ``compare`` (an experiment file) also take ``--config FILE``; ``eval`` and
 ``generate`` read the config saved in a run directory (``--principal``/``--policy`` for an
-information-flow-control run, ``--lang`` for an X-ELM prompt).
+information-flow-control run, ``--lang`` for an X-ELM prompt, ``eval --knn`` for the kNN-LM of
+``knn build``).
 """
 
 from __future__ import annotations
@@ -94,8 +95,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
     store = validation_store(cfg, tokenizer)
     result = evaluate(model, store, cfg.train.seq_len, cfg.train.batch_size, device, progress=True)
     previous = json.loads(out.read_text()) if out.exists() else {}  # keeps step, tokens, FLOPs
-    out.write_text(json.dumps(previous | {"valid": result}, indent=2))
+    report = previous | {"valid": result}
+    if args.knn:  # the datastore of `moe-lab knn build`, tuned on half the documents
+        from moe_lab.knnlm.run import evaluate_run_knn
+
+        seq_len, batch_size = cfg.train.seq_len, cfg.train.batch_size
+        report["knn"] = evaluate_run_knn(
+            args.run_dir, model, tokenizer, store, seq_len, batch_size, device
+        )
+    else:
+        report.pop("knn", None)  # from an earlier --knn run, maybe of another checkpoint
+    out.write_text(json.dumps(report, indent=2))
     _print_report(result, out)
+    if args.knn:
+        from moe_lab.knnlm.run import format_knn_report
+
+        print(format_knn_report(report["knn"]), end="")
 
 
 def _print_report(result: dict, out: Path) -> None:
@@ -112,6 +127,31 @@ def _print_report(result: dict, out: Path) -> None:
             f"{m['tokens']:10,d}"
         )
     print(f"wrote {out}")
+
+
+def cmd_knn(args: argparse.Namespace) -> None:
+    """kNN-LM datastore of a run (RUN_DIR/knn): build it, or opt documents out of it."""
+    import torch
+
+    from moe_lab.knnlm.run import build_run_datastore, opt_out_run
+
+    if args.action == "build":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        ds = build_run_datastore(
+            args.run_dir, args.index, args.key_type, args.dtype, args.overrides, device
+        )
+        print(f"wrote {ds.path}: {ds.n_entries:,d} entries, {ds.key_type} keys, {args.index} index")
+        return
+    where: dict[str, list[str]] = {}
+    for item in args.where or []:
+        field, sep, value = item.partition("=")
+        if not sep or not field or not value:
+            raise ConfigError(f"--where takes field=value, got {item!r}")
+        where.setdefault(field, []).append(value)
+    if not args.doc and not where:
+        raise ConfigError("knn optout: name documents with --doc N or --where field=value")
+    ds, removed = opt_out_run(args.run_dir, args.doc, where)
+    print(f"removed {removed:,d} entries from {ds.path}; {ds.n_entries:,d} remain")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -317,6 +357,21 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _with_run_dir(p)
+    p.add_argument("--knn", action="store_true", help="also the kNN-LM of RUN_DIR/knn")
+
+
+def _knn_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["build", "optout"])
+    p.add_argument("run_dir", help="a directory written by moe-lab train")
+    p.add_argument("--index", choices=["flat", "ivfpq"], default="ivfpq", help="build")
+    p.add_argument("--key-type", choices=["ffn_input", "final"], default="ffn_input")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--doc", type=int, action="append", help="optout: a training document index")
+    p.add_argument("--where", action="append", help="optout: field=value, e.g. domain=legal")
+
+
 def _info_args(p: argparse.ArgumentParser) -> None:
     _with_config(p)
     p.add_argument("--seq-len", type=int, default=None, help="context (default: max)")
@@ -325,7 +380,7 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable]] = {
     "train": (cmd_train, _with_config),
     "cluster": (cmd_cluster, _with_config),
-    "eval": (cmd_eval, _with_run_dir),
+    "eval": (cmd_eval, _eval_args),
     "generate": (cmd_generate, _generate_args),
     "info": (cmd_info, _info_args),
     "ifc": (cmd_ifc, _with_config),
@@ -333,6 +388,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable]] = {
     "compare": (cmd_compare, _with_config),
     "scaling": (cmd_scaling, lambda p: p.add_argument("results", nargs="+", help="results.json")),
     "presets": (cmd_presets, lambda p: None),
+    "knn": (cmd_knn, _knn_args),
 }
 
 

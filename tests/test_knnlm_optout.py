@@ -7,7 +7,7 @@ import torch
 from moe_lab.ifc import AccessPolicy, PolicyError
 from moe_lab.knnlm import Datastore, IndexSpec, build_datastore, next_token_log_probs, opt_out
 from moe_lab.packing import eval_rows
-from tests.test_knnlm import SEQ_LEN, make_docs, make_store, tiny_model
+from tests.test_knnlm import SEQ_LEN, _one_thread, make_docs, make_store, tiny_model  # noqa: F401
 
 OPTED = 4  # the document that opts out (a "ui" document, security domain public)
 PARAMS = dict(lam=0.5, temperature=4.0)

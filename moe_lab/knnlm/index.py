@@ -29,7 +29,7 @@ class IndexSpec:
 
     kind: str = "flat"  # flat (exact) | ivfpq (approximate, trained)
     nlist: int | None = None  # IVF cells; None: min(4096, 4 sqrt(N), train keys / 39)
-    code_size: int | None = None  # PQ bytes per key (8-bit codes); None: D // 4
+    code_size: int | None = None  # PQ bytes per key (8-bit codes); None: D // 8 (kNN-LM: D // 16)
     nprobe: int = 8  # cells visited per query (SILO: 8; kNN-LM: 32)
     train_size: int = 100_000  # keys sampled to train IVF-PQ (kNN-LM sampled 1M of 103M)
     seed: int = 0  # sampling of the training keys
@@ -48,7 +48,7 @@ class IndexSpec:
             raise ValueError(f"IVF-PQ needs at least 256 keys to train, got {n_keys}; use flat")
 
     def pq_size(self, dim: int) -> int:
-        return self.code_size if self.code_size is not None else max(dim // 4, 1)
+        return self.code_size if self.code_size is not None else max(dim // 8, 1)
 
     def cells(self, n_train: int) -> int:
         if self.nlist is not None:

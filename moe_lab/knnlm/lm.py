@@ -44,8 +44,10 @@ __all__ = [
 ]
 
 DEFAULT_GRID = {
-    "lambdas": (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7),  # SILO's plus finer steps
-    "temperatures": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0),  # squared-L2 scale varies
+    # SILO's λ grid, finer and wider: a weak LM (a short run) can want most weight on the kNN
+    "lambdas": (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    # squared L2 grows with the key dim and the norm weights: a wide log grid
+    "temperatures": (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0),
     "ks": (8, 32, 128),
 }
 

@@ -22,7 +22,13 @@ from moe_lab.knnlm.optout import opt_out
 from moe_lab.model import Transformer
 from moe_lab.packing import TokenStore
 
-__all__ = ["build_run_datastore", "datastore_dir", "evaluate_run_knn", "opt_out_run"]
+__all__ = [
+    "build_run_datastore",
+    "datastore_dir",
+    "evaluate_run_knn",
+    "format_knn_report",
+    "opt_out_run",
+]
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +117,26 @@ def evaluate_run_knn(
             *knn_document_nll(scores, tuned["lambda"], tuned["temperature"], tuned["k"]), valid
         ),
     }
+
+
+def format_knn_report(knn: dict) -> str:
+    """The ``knn`` section of eval.json as a table: plain model vs kNN-LM on the same documents."""
+    t = knn["tuned"]
+    lines = [
+        f"kNN-LM ({knn['index']}, {knn['entries']:,d} entries): lambda={t['lambda']} "
+        f"temperature={t['temperature']} k={t['k']}, tuned on {len(knn['tune_docs'])} "
+        f"documents; on the other {len(knn['report_docs'])}:",
+        f"{'group':24s} {'lm ppl':>9s} {'knn ppl':>9s} {'lm bpb':>7s} {'knn bpb':>7s}",
+    ]
+    lm, nn = knn["lm"], knn["knn"]
+    rows = [("overall", lm["overall"], nn["overall"])] + [
+        (f"{field}={value}", m, nn["groups"][field][value])
+        for field, values in lm["groups"].items()
+        for value, m in values.items()
+    ]
+    for name, a, b in rows:
+        lines.append(
+            f"{name:24s} {a['perplexity']:9.2f} {b['perplexity']:9.2f} "
+            f"{a['bits_per_byte']:7.4f} {b['bits_per_byte']:7.4f}"
+        )
+    return "\n".join(lines) + "\n"
