@@ -69,6 +69,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.run_dir) / "eval.json"
+    if args.knn and (Path(args.run_dir) / "manifest.json").exists():
+        raise ConfigError("eval --knn takes a single model's run, not an ensemble or IFC directory")
     ifc = _load_ifc(args, device)
     if ifc is not None:  # what one principal may run, evaluated per group
         from moe_lab.ifc.experiment import evaluate_ifc

@@ -264,6 +264,8 @@ def test_bad_inputs_fail_with_clear_errors(setup, tmp_path):
     model, train, valid, ds = setup
     with pytest.raises(ValueError, match="another model"):
         ds.check(tiny_model(seed=1))
+    with pytest.raises(ValueError, match="another model"):  # evaluation checks by itself
+        evaluate_knn(tiny_model(seed=1), ds, valid, lam=0.2, temperature=1.0, k=8, seq_len=SEQ_LEN)
     bpe = train_bpe(["the court held that the party"] * 5, 300)
     with pytest.raises(ValueError, match="another tokenizer"):
         ds.check(model, bpe)

@@ -46,6 +46,8 @@ class IndexSpec:
             raise ValueError(f"code_size ({m}) must divide the key dim ({dim})")
         if n_keys < 256:  # 8-bit PQ fits 256 centroids per sub-quantizer
             raise ValueError(f"IVF-PQ needs at least 256 keys to train, got {n_keys}; use flat")
+        if self.nlist is not None and not 1 <= self.nlist <= n_keys:
+            raise ValueError(f"nlist must be in [1, {n_keys}] (the keys), got {self.nlist}")
 
     def pq_size(self, dim: int) -> int:
         return self.code_size if self.code_size is not None else max(dim // 8, 1)

@@ -116,12 +116,18 @@ def next_token_log_probs(
 ) -> Tensor:
     """The kNN-LM's next-token log-probabilities ``[B, T, V]`` (fp64) for a batch.
 
+    Per batch only the key dim is checked: call :meth:`Datastore.check` once for the model.
+
     Args:
         input_ids, doc_ids: ``[B, T]``, as for :meth:`Transformer.hidden_states`.
         lam, temperature, k: interpolation weight, softmax temperature, neighbours.
         index, recompute, allowed: see :meth:`Datastore.search`.
     """
     _check(lam, temperature)
+    if model.cfg.dim != datastore.manifest["dim"]:  # the full check is Datastore.check(model)
+        raise ValueError(
+            f"datastore keys are {datastore.manifest['dim']}-d; the model is {model.cfg.dim}-d"
+        )
     keys, h = model_keys(model, input_ids, doc_ids, datastore.key_type)
     lm = torch.log_softmax((h @ model.head_weight.t()).double(), dim=-1).cpu()  # [B, T, V]
     B, T, V = lm.shape
@@ -173,6 +179,7 @@ def score_tokens(
         docs: the documents to score (default: all), as for :func:`moe_lab.packing.eval_rows`.
         k: neighbours kept per token (the largest k that will be tried).
     """
+    datastore.check(model)  # once per pass: hashing the weights costs about one forward
     was_training = model.training
     model.eval()
     parts: dict[str, list] = {n: [] for n in ("lm", "dist", "vals", "targets", "docs")}
@@ -283,11 +290,14 @@ def tune_knn(
     ks = [k for k in ks if k <= scores.dist.shape[1]]
     if not ks or not lambdas or not temperatures:
         raise ValueError(f"empty grid: ks within {scores.dist.shape[1]} neighbours, got {ks}")
+    for lam, temperature in ((lam, t) for lam in lambdas for t in temperatures):
+        _check(lam, temperature)
     grid = []
     for k in ks:
-        for temperature in temperatures:
+        for temperature in temperatures:  # p_kNN once per (k, τ); λ only mixes
+            knn = knn_log_prob(scores.dist[:, :k], scores.vals[:, :k], scores.targets, temperature)
             for lam in lambdas:
-                loss = -token_log_probs(scores, lam, temperature, k).mean().item()
+                loss = -interpolate(scores.lm_logp, knn, lam).mean().item()
                 grid.append({"lambda": lam, "temperature": temperature, "k": k, "loss": loss})
     best = min(grid, key=lambda g: g["loss"])
     return {**best, "grid": grid}

@@ -65,7 +65,9 @@ def opt_out(
         manifest["n_entries"] = int(keep.sum())
         before = manifest["opted_out"]
         manifest["opted_out"] = {  # what was asked, for audit; the removed keys are gone
-            "docs": sorted({*before["docs"], *map(int, docs or [])}),
+            "docs": sorted(
+                {*before["docs"], *(int(d) for d in (docs if docs is not None else []))}
+            ),
             "where": [*before["where"], *[[f, list(v)] for f, v in (where or {}).items()]],
         }
         removed_ids = np.asarray(ds.ids[remove])
