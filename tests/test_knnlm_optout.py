@@ -73,6 +73,11 @@ def test_opt_out_by_group_value_retrains_ivfpq_and_never_returns_the_group(tmp_p
         _, rows = ds.search(q, 8, kind)
         assert "legal" not in set(ds.entry_groups("domain")[rows[rows >= 0]])
     assert Datastore(ds.path).manifest["opted_out"]["where"] == [["domain", ["legal"]]]
+    ds, _ = opt_out(ds, where={"domain": ["code", "ui"]})  # everything: IVF-PQ cannot retrain
+    assert ds.n_entries == 0 and ds.index("flat").ntotal == 0
+    assert "ivfpq" not in ds.manifest["indexes"]  # dropped, and the opt-out still happened
+    with pytest.raises(ValueError, match=r"k must be in \[1, 0\]"):
+        ds.search(q, 1)
 
 
 def _brute_force_rows(ds, q, k, allowed):

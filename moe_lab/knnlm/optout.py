@@ -63,13 +63,12 @@ def opt_out(
         shutil.copy2(path / "group_codes.npy", tmp / "group_codes.npy")
         manifest = dict(ds.manifest)
         manifest["n_entries"] = int(keep.sum())
-        before = manifest["opted_out"]
+        before, asked = manifest["opted_out"], [] if docs is None else [int(d) for d in docs]
         manifest["opted_out"] = {  # what was asked, for audit; the removed keys are gone
-            "docs": sorted(
-                {*before["docs"], *(int(d) for d in (docs if docs is not None else []))}
-            ),
+            "docs": sorted({*before["docs"], *asked}),
             "where": [*before["where"], *[[f, list(v)] for f, v in (where or {}).items()]],
         }
+        manifest["indexes"] = dict(manifest["indexes"])
         removed_ids = np.asarray(ds.ids[remove])
         new_keys = np.load(tmp / "keys.npy", mmap_mode="r")
         new_ids = np.load(tmp / "ids.npy", mmap_mode="r")
@@ -78,6 +77,10 @@ def opt_out(
             if kind == "flat":
                 index = KnnIndex.load(path / f"index-{kind}.faiss", spec)  # a copy, not ds's
                 assert index.remove(removed_ids) == n_removed
+            elif len(new_ids) < 256:  # too few keys left to train on: drop it, never fail
+                log.warning("dropped the %s index: %d entries are left", kind, len(new_ids))
+                del manifest["indexes"][kind]
+                continue
             else:  # trained on keys: refit without the removed ones
                 index = KnnIndex.build(new_keys, new_ids, spec, progress)
             index.save(tmp / f"index-{kind}.faiss")
@@ -87,6 +90,7 @@ def opt_out(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     # Swap directories: the old one (with the removed keys) is deleted, not kept as a backup.
+    # A crash between the two renames leaves the previous datastore at .NAME-old.
     old = path.with_name(f".{path.name}-old")
     shutil.rmtree(old, ignore_errors=True)
     path.rename(old)
