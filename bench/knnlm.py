@@ -105,7 +105,7 @@ def main() -> None:
         common = dict(seq_len=seq_len, index=kind)
         tuned = tune_knn(score_tokens(model, ds, valid, k=128, docs=tune_docs, **common))
         lam, tau, k = tuned["lambda"], tuned["temperature"], tuned["k"]
-        scores = score_tokens(model, ds, valid, k=k, docs=report_docs, **common)
+        scores = score_tokens(model, ds, valid, k=128, docs=report_docs, **common)
         lm = summarize(*knn_document_nll(scores, 0.0, 1.0, k), valid)["overall"]
         knn = summarize(*knn_document_nll(scores, lam, tau, k), valid)["overall"]
         rows[kind] = {

@@ -104,7 +104,8 @@ def evaluate_run_knn(
     tuned = tune_knn(tuning, ks=ks)
     chosen = {name: tuned[name] for name in ("lambda", "temperature", "k", "loss")}
     log.info("kNN-LM tuned on %d documents: %s", len(tune_docs), chosen)
-    scores = score_tokens(model, ds, valid, k=tuned["k"], docs=report_docs, **common)
+    # k_max neighbours as in tuning: the chosen k are the nearest of them after re-ranking
+    scores = score_tokens(model, ds, valid, k=k_max, docs=report_docs, **common)
     return {
         "index": index,
         "key_type": ds.key_type,
