@@ -153,11 +153,10 @@ class Datastore:
         Pass it as ``allowed`` to :meth:`search`. Fails closed like the policy: an unknown
         principal, or a grant of a domain the datastore's documents never had, raises.
         """
-        g = self.group_fields.index(field) if field in self.group_fields else None
-        if g is None:
-            raise ValueError(f"datastore has no group field {field!r}; it has {self.group_fields}")
-        domains = [v for v in self.manifest["group_values"][g] if v != public]
-        return np.isin(self.entry_groups(field), policy.permitted(principal, public, domains))
+        values = self.entry_groups(field)  # raises for a field the datastore lacks
+        known = self.manifest["group_values"][self.group_fields.index(field)]
+        domains = [v for v in known if v != public]
+        return np.isin(values, policy.permitted(principal, public, domains))
 
     def index(self, kind: str) -> KnnIndex:
         """The saved index of ``kind`` (see :meth:`add_index`)."""
