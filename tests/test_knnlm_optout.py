@@ -66,8 +66,12 @@ def test_opt_out_by_group_value_retrains_ivfpq_and_never_returns_the_group(tmp_p
     q = np.asarray(ds.keys[legal][:200])  # queries whose nearest entries are legal ones
     _, rows = ds.search(q, 8, "ivfpq")
     assert (ds.entry_groups("domain")[rows] == "legal").any()  # guard
+    assert ds.provenance("security_domain") == ["legal", "public"]
+    with pytest.raises(PolicyError, match="legal"):  # a public-only principal may not use it
+        AccessPolicy.check("datastore", ds.provenance("security_domain"), ["public"])
     ds, removed = opt_out(ds, where={"domain": ["legal"]})
-    assert removed == int(legal.sum())
+    assert removed == int(legal.sum()) and ds.provenance("security_domain") == ["public"]
+    AccessPolicy.check("datastore", ds.provenance("security_domain"), ["public"])  # now usable
     for kind in ("flat", "ivfpq"):
         assert ds.index(kind).ntotal == ds.n_entries
         _, rows = ds.search(q, 8, kind)

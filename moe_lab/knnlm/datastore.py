@@ -129,6 +129,11 @@ class Datastore:
         values = np.array(self.manifest["group_values"][g], dtype=object)
         return values[self.group_codes[self.docs, g]]
 
+    def provenance(self, field: str) -> list[str]:
+        """The values of ``field`` among the live entries: the domains whose data the datastore
+        holds, for :meth:`moe_lab.ifc.AccessPolicy.check` to refuse the datastore as a whole."""
+        return sorted(set(np.unique(self.entry_groups(field)).tolist()))
+
     def select(self, docs=None, where: dict[str, list[str]] | None = None) -> np.ndarray:
         """``[N]`` bool: entries of the listed documents, or whose group values are listed."""
         mask = np.zeros(self.n_entries, dtype=bool)
