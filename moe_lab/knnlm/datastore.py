@@ -188,8 +188,11 @@ class Datastore:
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Datastore rows of entry ``ids`` (any shape); -1 stays -1."""
-        rows = np.searchsorted(self.ids, np.maximum(ids, 0))
-        return np.where(ids < 0, -1, rows)
+        rows = np.minimum(np.searchsorted(self.ids, np.maximum(ids, 0)), max(self.n_entries - 1, 0))
+        found = ids >= 0
+        if found.any() and not np.array_equal(np.asarray(self.ids)[rows[found]], ids[found]):
+            raise RuntimeError(f"{self.path}: an index returned entries the arrays no longer hold")
+        return np.where(found, rows, -1)
 
     def search(
         self,
