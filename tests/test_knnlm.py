@@ -24,7 +24,7 @@ from moe_lab.knnlm import (
     split_documents,
     tune_knn,
 )
-from moe_lab.packing import TokenStore, build_store
+from moe_lab.packing import TokenStore, build_store, eval_rows
 from moe_lab.tokenizer import ByteTokenizer, train_bpe
 from tests.conftest import write_jsonl
 
@@ -49,7 +49,7 @@ def _one_thread():
     faiss.omp_set_num_threads(faiss_threads)
 
 
-def make_docs(n, seed, lengths=(8, 20)):
+def make_docs(n, seed, lengths=(2, 14)):
     rng = np.random.default_rng(seed)
     docs = []
     for i in range(n):
@@ -77,7 +77,7 @@ def tiny_model(seed=0):
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("knn")
     train = make_store(tmp, make_docs(18, 0), "train")
-    valid = make_store(tmp, make_docs(6, 1), "valid")
+    valid = make_store(tmp, make_docs(12, 1), "valid")
     model = tiny_model()
     ds = build_datastore(model, train, tmp / "dstore", seq_len=SEQ_LEN, tokenizer=ByteTokenizer())
     ds.add_index(IndexSpec("flat"))
@@ -102,6 +102,9 @@ def test_keys_values_and_provenance_equal_each_document_computed_alone(setup, tm
     ds = build_datastore(model, train, tmp_path / "d", seq_len=SEQ_LEN, key_type=key_type)
     assert ds.n_entries == int(train.offsets[-1]) - train.n_docs
     assert max(np.diff(train.offsets)) > SEQ_LEN + 1  # some documents need several spans
+    packed = [len(set(row[row >= 0].tolist())) for b in eval_rows(train, SEQ_LEN, 8)
+              for row in b["doc_index"]]  # fmt: skip
+    assert max(packed) > 1  # and some rows hold several documents: masking matters
     for d in range(train.n_docs):
         doc = torch.from_numpy(train.tokens[train.offsets[d] : train.offsets[d + 1]].astype(int))
         rows = np.flatnonzero(ds.docs == d)
@@ -139,7 +142,7 @@ def test_flat_search_finds_each_training_position_at_distance_zero(setup):
     # the same from keys recomputed by the model on one document alone (another packing)
     doc = torch.from_numpy(train.tokens[train.offsets[2] : train.offsets[3]].astype(int))
     with torch.no_grad():
-        q = manual_keys(model, doc[:SEQ_LEN], ds.key_type).numpy()
+        q = manual_keys(model, doc[:-1][:SEQ_LEN], ds.key_type).numpy()
     dist, found = ds.search(q, k=4)
     own = np.flatnonzero(ds.docs == 2)[: len(q)]
     assert dist[:, 0].max() < 1e-8
@@ -174,11 +177,11 @@ def test_knn_distribution_equals_brute_force_over_all_keys(setup, temperature):
             if k < len(d_sorted) and d_sorted[k] - d_sorted[k - 1] < 1e-4:
                 continue  # a tie at the k-th neighbour: either choice is right
             checked += 1
-            np.testing.assert_allclose(logp[i].exp().numpy(), p, atol=1e-6)
+            np.testing.assert_allclose(logp[i].exp().numpy(), p, atol=1e-5)
             t = torch.tensor([int(ids[i + 1]) if i + 1 < len(ids) else 0])
             one = torch.from_numpy(dist[i : i + 1]), torch.from_numpy(vals[rows[i : i + 1]])
             lp = knn_log_prob(*one, t, temperature)
-            assert lp.exp().item() == pytest.approx(p[t.item()], abs=1e-6)
+            assert lp.exp().item() == pytest.approx(p[t.item()], abs=1e-5)
         assert checked >= len(q) // 2
 
 
@@ -223,7 +226,7 @@ def test_lambda_zero_equals_document_nll_exactly(setup):
 def test_tuning_uses_only_the_tuning_documents_and_picks_the_grid_minimum(setup):
     model, _, valid, ds = setup
     tune_docs, report_docs = split_documents(valid.n_docs, 0.5, seed=0)
-    assert set(tune_docs).isdisjoint(report_docs) and len(tune_docs) + len(report_docs) == 6
+    assert set(tune_docs).isdisjoint(report_docs) and len(tune_docs) + len(report_docs) == 12
     scores = score_tokens(model, ds, valid, seq_len=SEQ_LEN, k=32, docs=tune_docs)
     assert set(np.unique(scores.doc_index)) == set(tune_docs)
     tuned = tune_knn(scores, lambdas=(0.0, 0.2, 0.5), temperatures=(1.0, 8.0), ks=(8, 32, 999))
