@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from moe_lab.ifc import AccessPolicy, PolicyError
-from moe_lab.knnlm import Datastore, IndexSpec, build_datastore, next_token_log_probs, opt_out
+from moe_lab.knnlm import (
+    Datastore,
+    IndexSpec,
+    KnnIndex,
+    build_datastore,
+    next_token_log_probs,
+    opt_out,
+)
 from moe_lab.packing import eval_rows
 from tests.test_knnlm import SEQ_LEN, _one_thread, make_docs, make_store, tiny_model  # noqa: F401
 
@@ -72,6 +79,10 @@ def test_opt_out_by_group_value_retrains_ivfpq_and_never_returns_the_group(tmp_p
     ds, removed = opt_out(ds, where={"domain": ["legal"]})
     assert removed == int(legal.sum()) and ds.provenance("security_domain") == ["public"]
     AccessPolicy.check("datastore", ds.provenance("security_domain"), ["public"])  # now usable
+    # the IVF-PQ codebooks are refitted: the index is the one the remaining keys alone give
+    fresh = KnnIndex.build(ds.keys, ds.ids, ds.index("ivfpq").spec)
+    for got, want in zip(ds.index("ivfpq").search(q, 8), fresh.search(q, 8), strict=True):
+        np.testing.assert_array_equal(got, want)
     for kind in ("flat", "ivfpq"):
         assert ds.index(kind).ntotal == ds.n_entries
         _, rows = ds.search(q, 8, kind)
