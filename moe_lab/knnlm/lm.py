@@ -179,7 +179,7 @@ def score_tokens(
         docs: the documents to score (default: all), as for :func:`moe_lab.packing.eval_rows`.
         k: neighbours kept per token (the largest k that will be tried).
     """
-    datastore.check(model)  # once per pass: hashing the weights costs about one forward
+    datastore.check(model)  # hashes the weights: once per pass, not per batch
     was_training = model.training
     model.eval()
     parts: dict[str, list] = {n: [] for n in ("lm", "dist", "vals", "targets", "docs")}
