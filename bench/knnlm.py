@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps when training")
     parser.add_argument("--train-docs", type=int, default=300, help="datastore documents; 0: all")
     parser.add_argument("--eval-docs", type=int, default=20, help="validation documents; 0: all")
+    parser.add_argument("--key-type", default="ffn_input", choices=["ffn_input", "final"])
     parser.add_argument("--threads", type=int, default=1, help="torch and faiss threads")
     parser.add_argument("--out", default="bench/results/knnlm.json")
     args = parser.parse_args()
@@ -76,7 +77,9 @@ def main() -> None:
     valid = build_store(valid_docs, tokenizer, cfg.data.text_field, groups, cache)
 
     start = time.perf_counter()
-    ds = build_datastore(model, store, tmp / "knn", seq_len=seq_len, tokenizer=tokenizer)
+    ds = build_datastore(
+        model, store, tmp / "knn", seq_len=seq_len, key_type=args.key_type, tokenizer=tokenizer
+    )
     key_s = time.perf_counter() - start
     eval_docs = np.random.default_rng(0).permutation(valid.n_docs)
     eval_docs = eval_docs[: args.eval_docs] if args.eval_docs else eval_docs
@@ -87,7 +90,7 @@ def main() -> None:
         f"datastore: {ds.n_entries:,d} entries from {store.n_docs} documents, keys in "
         f"{key_s:.1f} s ({ds.n_entries / key_s:,.0f} tok/s); {len(tune_docs)} tuning and "
         f"{len(report_docs)} reported validation documents ({len(queries):,d} tokens); "
-        f"{args.threads} thread(s)"
+        f"{args.threads} thread(s); {args.key_type} keys"
     )
     header = (
         f"{'index':6s} {'build s':>8s} {'search q/s':>11s} {'lambda':>6s} {'tau':>6s} {'k':>4s} "
@@ -127,6 +130,7 @@ def main() -> None:
         {
             "run_dir": str(run_dir),
             "entries": ds.n_entries,
+            "key_type": args.key_type,
             "train_docs": store.n_docs,
             "key_build_s": key_s,
             "tune_docs": tune_docs.tolist(),
