@@ -23,6 +23,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from moe_lab.ifc.policy import AccessPolicy
 from moe_lab.knnlm.index import IndexSpec, KnnIndex
 from moe_lab.model import Transformer
 from moe_lab.packing import IGNORE, TokenStore, eval_rows
+from moe_lab.tokenizer import Tokenizer
 
 __all__ = ["KEY_TYPES", "Datastore", "build_datastore", "model_fingerprint", "model_keys"]
 
@@ -110,7 +112,7 @@ class Datastore:
     def group_fields(self) -> list[str]:
         return self.manifest["group_fields"]
 
-    def check(self, model: Transformer, tokenizer=None) -> None:
+    def check(self, model: Transformer, tokenizer: Tokenizer | None = None) -> None:
         """Refuse a model (or tokenizer) other than the one the keys came from."""
         if model_fingerprint(model) != self.manifest["model"]:
             raise ValueError(
@@ -134,7 +136,9 @@ class Datastore:
         holds, for :meth:`moe_lab.ifc.AccessPolicy.check` to refuse the datastore as a whole."""
         return sorted(set(np.unique(self.entry_groups(field)).tolist()))
 
-    def select(self, docs=None, where: dict[str, list[str]] | None = None) -> np.ndarray:
+    def select(
+        self, docs: Iterable[int] | None = None, where: dict[str, list[str]] | None = None
+    ) -> np.ndarray:
         """``[N]`` bool: entries of the listed documents, or whose group values are listed."""
         mask = np.zeros(self.n_entries, dtype=bool)
         if docs is not None:
@@ -243,7 +247,7 @@ def build_datastore(
     batch_size: int = 8,
     key_type: str = "ffn_input",
     dtype: str = "float32",
-    tokenizer=None,
+    tokenizer: Tokenizer | None = None,
     device: torch.device | str = "cpu",
     overwrite: bool = False,
 ) -> Datastore:

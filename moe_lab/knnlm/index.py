@@ -10,7 +10,7 @@ Shapes: N = entries, D = key dim, Q = queries, K = neighbours.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -135,6 +135,3 @@ class KnnIndex:
     @classmethod
     def load(cls, path: Path, spec: IndexSpec) -> KnnIndex:
         return cls(faiss.read_index(str(path)), spec)
-
-    def describe(self) -> dict:
-        return {**asdict(self.spec), "ntotal": self.ntotal}

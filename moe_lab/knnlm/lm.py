@@ -15,6 +15,7 @@ Shapes: B = batch, T = sequence, V = vocabulary, Q = scored tokens, K = neighbou
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -274,9 +275,9 @@ def evaluate_knn(
 
 def tune_knn(
     scores: TokenScores,
-    lambdas=DEFAULT_GRID["lambdas"],
-    temperatures=DEFAULT_GRID["temperatures"],
-    ks=DEFAULT_GRID["ks"],
+    lambdas: Sequence[float] = DEFAULT_GRID["lambdas"],
+    temperatures: Sequence[float] = DEFAULT_GRID["temperatures"],
+    ks: Sequence[int] = DEFAULT_GRID["ks"],
 ) -> dict:
     """Grid-search λ, τ and k for the lowest mean NLL on the tuning tokens ``scores``.
 
@@ -303,7 +304,9 @@ def tune_knn(
     return {**best, "grid": grid}
 
 
-def split_documents(n_docs: int, tune_fraction: float = 0.5, seed: int = 0):
+def split_documents(
+    n_docs: int, tune_fraction: float = 0.5, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """A seeded split of document indices into ``(tuning docs, reported docs)``, both sorted."""
     if not 0 < tune_fraction < 1:
         raise ValueError(f"tune_fraction must be in (0, 1), got {tune_fraction}")

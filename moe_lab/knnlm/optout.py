@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ _COPY_CHUNK = 262_144  # rows copied at a time: bounds memory on large datastore
 
 def opt_out(
     datastore: Datastore | str | Path,
-    docs=None,
+    docs: Iterable[int] | None = None,
     where: dict[str, list[str]] | None = None,
     progress: bool = False,
 ) -> tuple[Datastore, int]:

@@ -10,6 +10,7 @@ same half.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from moe_lab.knnlm.lm import DEFAULT_GRID, knn_document_nll, score_tokens, split
 from moe_lab.knnlm.optout import opt_out
 from moe_lab.model import Transformer
 from moe_lab.packing import TokenStore
+from moe_lab.tokenizer import Tokenizer
 
 __all__ = [
     "build_run_datastore",
@@ -71,7 +73,11 @@ def build_run_datastore(
     return ds
 
 
-def opt_out_run(run_dir: str | Path, docs=None, where: dict[str, list[str]] | None = None):
+def opt_out_run(
+    run_dir: str | Path,
+    docs: Iterable[int] | None = None,
+    where: dict[str, list[str]] | None = None,
+) -> tuple[Datastore, int]:
     """Remove documents from ``RUN_DIR/knn``; returns ``(datastore, entries removed)``."""
     return opt_out(datastore_dir(run_dir), docs, where, progress=True)
 
@@ -79,7 +85,7 @@ def opt_out_run(run_dir: str | Path, docs=None, where: dict[str, list[str]] | No
 def evaluate_run_knn(
     run_dir: str | Path,
     model: Transformer,
-    tokenizer,
+    tokenizer: Tokenizer,
     valid: TokenStore,
     seq_len: int,
     batch_size: int,
