@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moe_lab import ModelConfig, build_model
+from moe_lab.config import MoEConfig
 from moe_lab.data import load_documents
 from moe_lab.evaluate import document_nll, evaluate
 from moe_lab.knnlm import (
@@ -67,9 +68,9 @@ def make_store(tmp_path, records, name):
     return build_store(ds, ByteTokenizer(), "text", ["domain", "security_domain"], tmp_path / name)
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, moe=None):
     torch.manual_seed(seed)
-    cfg = ModelConfig(dim=32, n_heads=2, ffn_hidden=64, vocab_size=260, init_std=0.2)
+    cfg = ModelConfig(dim=32, n_heads=2, ffn_hidden=64, vocab_size=260, init_std=0.2, moe=moe)
     return build_model(cfg).eval()
 
 
@@ -96,9 +97,11 @@ def manual_keys(model, ids, key_type):
     return model.norm(h)[0]
 
 
-@pytest.mark.parametrize("key_type", ["ffn_input", "final"])
+@pytest.mark.parametrize("key_type", ["ffn_input", "final", "final-moe"])
 def test_keys_values_and_provenance_equal_each_document_computed_alone(setup, tmp_path, key_type):
     model, train, _, _ = setup
+    if key_type.endswith("-moe"):  # dropless experts: routing stays within each token
+        key_type, model = key_type[:-4], tiny_model(moe=MoEConfig(num_experts=4, expert_hidden=16))
     ds = build_datastore(model, train, tmp_path / "d", seq_len=SEQ_LEN, key_type=key_type)
     assert ds.n_entries == int(train.offsets[-1]) - train.n_docs
     assert max(np.diff(train.offsets)) > SEQ_LEN + 1  # some documents need several spans
@@ -288,6 +291,9 @@ def test_bad_inputs_fail_with_clear_errors(setup, tmp_path):
     )  # fmt: skip
     with pytest.raises(ValueError, match="empty"):
         build_datastore(model, empty, tmp_path / "e", seq_len=SEQ_LEN)
+    capped = tiny_model(moe=MoEConfig(num_experts=4, expert_hidden=16, capacity_factor=1.0))
+    with pytest.raises(ValueError, match="capacity_factor"):
+        build_datastore(capped, train, tmp_path / "c", seq_len=SEQ_LEN)
     with pytest.raises(ValueError, match="key_type"):
         build_datastore(model, train, tmp_path / "x", seq_len=SEQ_LEN, key_type="attn")
     with pytest.raises(FileExistsError):

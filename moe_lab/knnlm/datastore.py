@@ -271,6 +271,14 @@ def build_datastore(
     n = int(store.offsets[-1]) - store.n_docs  # every token but each document's BOS is a target
     if store.n_docs == 0 or n <= 0:
         raise ValueError("the token store is empty: a datastore needs at least one document")
+    moe = model.cfg.moe
+    if moe is not None and moe.capacity_factor is not None:
+        # Token dropping depends on every token of the batch, so a key would depend on the other
+        # documents packed with it, and opting one out would change (leak into) the others.
+        raise ValueError(
+            "model.moe.capacity_factor is set: dropped tokens couple the documents of a batch; "
+            "build the datastore with the dropless layer (model.moe.capacity_factor=null)"
+        )
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
