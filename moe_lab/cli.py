@@ -4,7 +4,7 @@ Each subcommand takes ``key=value`` overrides of the config; ``train``, ``cluste
 ``ifc``, ``xelm`` and ``compare`` (an experiment file) also take ``--config FILE``; ``eval`` and
 ``generate`` read the config saved in a run directory (``--principal``/``--policy`` for an
 information-flow-control run, ``--lang`` for an X-ELM prompt); ``eval --tasks`` adds few-shot
-multiple-choice accuracy (:mod:`moe_lab.fewshot`).
+multiple-choice accuracy (:mod:`moe_lab.fewshot`), ``eval --knn`` the kNN-LM of ``knn build``.
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.run_dir) / "eval.json"
+    if args.knn and (Path(args.run_dir) / "manifest.json").exists():
+        raise ConfigError("eval --knn takes a single model's run, not an ensemble or IFC directory")
     fewshot = _fewshot(args, device)  # {} without --tasks
     ifc = _load_ifc(args, device)
     if ifc is not None:  # what one principal may run, evaluated per group
@@ -93,8 +95,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
     store = validation_store(cfg, tokenizer)
     result = evaluate(model, store, cfg.train.seq_len, cfg.train.batch_size, device, progress=True)
     previous = json.loads(out.read_text()) if out.exists() else {}  # keeps step, tokens, FLOPs
-    out.write_text(json.dumps(previous | {"valid": result} | fewshot, indent=2))
+    report = previous | {"valid": result} | fewshot
+    if args.knn:  # the datastore of `moe-lab knn build`, tuned on half the documents
+        from moe_lab.knnlm.run import evaluate_run_knn
+
+        seq_len, batch_size = cfg.train.seq_len, cfg.train.batch_size
+        report["knn"] = evaluate_run_knn(
+            args.run_dir, model, tokenizer, store, seq_len, batch_size, device
+        )
+    else:
+        report.pop("knn", None)  # from an earlier --knn run, maybe of another checkpoint
+    out.write_text(json.dumps(report, indent=2))
     _print_report(result, out)
+    if args.knn:
+        from moe_lab.knnlm.run import format_knn_report
+
+        print(format_knn_report(report["knn"]), end="")
 
 
 def _split_tasks(args: argparse.Namespace) -> list[str]:
@@ -181,6 +197,31 @@ def cmd_harness(args: argparse.Namespace) -> None:
 
     print(make_table(result))
     print(f"wrote {out}")
+
+
+def cmd_knn(args: argparse.Namespace) -> None:
+    """kNN-LM datastore of a run (RUN_DIR/knn): build it, or opt documents out of it."""
+    import torch
+
+    from moe_lab.knnlm.run import build_run_datastore, opt_out_run
+
+    if args.action == "build":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        ds = build_run_datastore(
+            args.run_dir, args.index, args.key_type, args.dtype, args.overrides, device
+        )
+        print(f"wrote {ds.path}: {ds.n_entries:,d} entries, {ds.key_type} keys, {args.index} index")
+        return
+    where: dict[str, list[str]] = {}
+    for item in args.where or []:
+        field, sep, value = item.partition("=")
+        if not sep or not field or not value:
+            raise ConfigError(f"--where takes field=value, got {item!r}")
+        where.setdefault(field, []).append(value)
+    if not args.doc and not where:
+        raise ConfigError("knn optout: name documents with --doc N or --where field=value")
+    ds, removed = opt_out_run(args.run_dir, args.doc, where)
+    print(f"removed {removed:,d} entries from {ds.path}; {ds.n_entries:,d} remain")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -387,6 +428,18 @@ def _harness_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include-path", help="a directory of task YAML files (local tasks)")
     p.add_argument("--lang", help="X-ELM runs: evaluate this language's expert")
 
+    p.add_argument("--knn", action="store_true", help="also the kNN-LM of RUN_DIR/knn")
+
+
+def _knn_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["build", "optout"])
+    p.add_argument("run_dir", help="a directory written by moe-lab train")
+    p.add_argument("--index", choices=["flat", "ivfpq"], default="ivfpq", help="build")
+    p.add_argument("--key-type", choices=["ffn_input", "final"], default="ffn_input")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--doc", type=int, action="append", help="optout: a training document index")
+    p.add_argument("--where", action="append", help="optout: field=value, e.g. domain=legal")
+
 
 def _info_args(p: argparse.ArgumentParser) -> None:
     _with_config(p)
@@ -409,6 +462,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable]] = {
         cmd_convert,
         lambda p: p.add_argument("checkpoint", help="a checkpoint, or a run (its latest one)"),
     ),
+    "knn": (cmd_knn, _knn_args),
 }
 
 
