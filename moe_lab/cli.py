@@ -418,6 +418,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="picks the priming examples")
     p.add_argument("--limit", type=int, help="score only the first N items of each task")
     p.add_argument("--lang", help="X-ELM runs: score the tasks with this language's expert")
+    p.add_argument("--knn", action="store_true", help="also the kNN-LM of RUN_DIR/knn")
 
 
 def _harness_args(p: argparse.ArgumentParser) -> None:
@@ -427,8 +428,6 @@ def _harness_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="score only the first N documents of each task")
     p.add_argument("--include-path", help="a directory of task YAML files (local tasks)")
     p.add_argument("--lang", help="X-ELM runs: evaluate this language's expert")
-
-    p.add_argument("--knn", action="store_true", help="also the kNN-LM of RUN_DIR/knn")
 
 
 def _knn_args(p: argparse.ArgumentParser) -> None:

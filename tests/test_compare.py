@@ -78,7 +78,9 @@ VARIANTS = [
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compare")
-    task = write_jsonl(tmp / "cloze.jsonl", corpus_cloze(3, context_bytes=24, continuation_bytes=12)[::40])
+    task = write_jsonl(
+        tmp / "cloze.jsonl", corpus_cloze(3, context_bytes=24, continuation_bytes=12)[::40]
+    )
     exp = experiment(tmp, VARIANTS, fewshot={"tasks": [str(task)], "shots": 1})
     return exp, run_compare(exp)
 
