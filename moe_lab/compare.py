@@ -99,11 +99,21 @@ class FewshotConfig:
 
 
 @dataclass
+class KnnConfig:
+    """A kNN-LM datastore of each single-model variant's training data (moe_lab.knnlm)."""
+
+    enabled: bool = False
+    index: str = "flat"  # flat | ivfpq
+    key_type: str = "ffn_input"  # ffn_input (Khandelwal et al.) | final
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     dir: str = "runs/compare"
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
     seeds: list[int] = field(default_factory=lambda: [0])
     base: dict[str, Any] = field(default_factory=dict)  # a moe_lab config shared by all variants
     variants: list[VariantConfig] = field(default_factory=list)
@@ -467,6 +477,8 @@ def run_variant(exp: ExperimentConfig, v: VariantConfig, seed: int, out: Path) -
     scorer = record.pop("scorer", None)  # X-ELM routes by a document's language: none here
     if exp.fewshot.tasks:
         record["fewshot"] = _fewshot(exp.fewshot, scorer, v)
+    if exp.knn.enabled:
+        record["knn"] = _knn(exp.knn, scorer, v)
     record = {
         "name": v.name,
         "family": v.family,
@@ -501,6 +513,28 @@ def _fewshot(fs: FewshotConfig, scorer: dict | None, v: VariantConfig) -> dict:
     return results
 
 
+def _knn(kc: KnnConfig, scorer: dict | None, v: VariantConfig) -> dict:
+    """kNN-LM of a single-model variant: tuned on half the validation documents, and the loss of
+    the model with and without it on the other half; {} for ensembles and IFC models."""
+    from moe_lab.checkpoint import load_run
+    from moe_lab.evaluate import validation_store
+    from moe_lab.knnlm.run import build_run_datastore, evaluate_run_knn
+
+    if scorer is None or set(scorer) != {"run_dir"}:
+        log.warning("variant %s (%s): no kNN-LM for this family", v.name, v.family)
+        return {}
+    run = scorer["run_dir"]
+    build_run_datastore(run, kc.index, kc.key_type)
+    cfg, model, tokenizer = load_run(run)
+    store = validation_store(cfg, tokenizer)
+    knn = evaluate_run_knn(run, model, tokenizer, store, cfg.train.seq_len, cfg.train.batch_size)
+    return {
+        **{k: knn["tuned"][k] for k in ("lambda", "temperature", "k")},
+        "lm_loss": knn["lm"]["overall"]["loss"],
+        "knn_loss": knn["knn"]["overall"]["loss"],
+    }
+
+
 def run_compare(exp: ExperimentConfig) -> list[dict]:
     """Plan (refusing what cannot be compared), run every job, write the report and plots."""
     from moe_lab.plots import plot_compare
@@ -530,6 +564,11 @@ def report_markdown(exp: ExperimentConfig, records: list[dict]) -> str:
     metrics += [
         (f"{f}={g}", lambda r, f=f, g=g: r["groups"].get(f, {}).get(g, math.nan)) for f, g in groups
     ]
+    if exp.knn.enabled:  # on the half of the validation documents kNN-LM was not tuned on
+        metrics += [
+            (f"{name} (half)", lambda r, key=key: r.get("knn", {}).get(key, math.nan))
+            for name, key in (("LM loss", "lm_loss"), ("kNN-LM loss", "knn_loss"))
+        ]
     n_losses = len(metrics)  # lower is better; the accuracies after them: higher is better
     metrics += [
         (

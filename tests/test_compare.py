@@ -75,6 +75,12 @@ VARIANTS = [
 ]
 
 
+def trained_run(exp, variant: str) -> Path:
+    """The training run directory of a single-model variant's first seed."""
+    job = Path(exp.dir) / "variants" / variant / "seed0"
+    return next(p.parent for p in job.rglob("config.yaml") if (p.parent / "checkpoints").is_dir())
+
+
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compare")
@@ -125,9 +131,7 @@ def test_every_variant_is_scored_on_the_fewshot_task(compared):
     for r in records:
         assert r["fewshot"][task]["n"] == len(items) > 0, r["name"]
     # the dense variant scored again from its run directory, by hand
-    run = Path(exp.dir) / "variants" / "dense" / "seed0"
-    run = next(p.parent for p in run.rglob("config.yaml") if (p.parent / "checkpoints").is_dir())
-    _, model, tokenizer = load_run(run)
+    _, model, tokenizer = load_run(trained_run(exp, "dense"))
     alone = evaluate_task(TransformerScorer(model, tokenizer), items, shots=1)["overall"]
     assert records[0]["fewshot"][task] == alone
 
@@ -262,3 +266,27 @@ def test_moe_lab_scaling_prints_and_plots_a_fit_per_variant(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dense: L(C) = 1.7000 + " in out and "moe: L(C) = 1.6000 + " in out
     assert (tmp_path / "r0" / "scaling.png").is_file()
+
+
+def test_knn_lm_is_reported_for_single_model_variants(tmp_path, lang_files):
+    from moe_lab.evaluate import document_nll, validation_store
+    from moe_lab.knnlm.lm import split_documents
+
+    exp = experiment(tmp_path, [{"name": "dense", "family": "dense"}], knn={"enabled": True})
+    exp.base["data"] = {
+        "train_files": [str(lang_files[0])],
+        "valid_files": [str(lang_files[1])],
+        "group_fields": ["lang"],
+    }
+    exp.budget.train_flops /= 10
+    (record,) = run_compare(exp)
+    knn = record["knn"]
+    run = trained_run(exp, "dense")
+    cfg, model, tokenizer = load_run(run)
+    store = validation_store(cfg, tokenizer)
+    nll, count = document_nll(model, store, cfg.train.seq_len, cfg.train.batch_size)
+    _, reported = split_documents(store.n_docs)
+    assert abs(knn["lm_loss"] - nll[reported].sum() / count[reported].sum()) < 1e-5
+    assert knn["knn_loss"] < knn["lm_loss"]  # the datastore holds the same two languages
+    report = (Path(exp.dir) / "report.md").read_text()
+    assert "LM loss (half) | kNN-LM loss (half)" in report and f"{knn['knn_loss']:.4f}" in report
