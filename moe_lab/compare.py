@@ -364,6 +364,7 @@ def _run_xelm(cfg: Config, job: Path) -> dict:
         "tokens": tokens,
         "inference_flops_per_token": est.inference_flops_per_token,
         "curve": curve,
+        "scorer": {"run_dir": str(job / "xelm"), "route_by": cfg.xelm.lang_field},
         **_eval_summary(valid),
     }
 
@@ -474,7 +475,7 @@ def run_variant(exp: ExperimentConfig, v: VariantConfig, seed: int, out: Path) -
     else:
         record = _run_single(cfg)
     wall = time.perf_counter() - started
-    scorer = record.pop("scorer", None)  # X-ELM routes by a document's language: none here
+    scorer = record.pop("scorer", None)  # how to load the trained variant for scoring
     if exp.fewshot.tasks:
         record["fewshot"] = _fewshot(exp.fewshot, scorer, v)
     if exp.knn.enabled:
@@ -498,18 +499,37 @@ def run_variant(exp: ExperimentConfig, v: VariantConfig, seed: int, out: Path) -
 
 
 def _fewshot(fs: FewshotConfig, scorer: dict | None, v: VariantConfig) -> dict:
-    """``{task: {"acc", "acc_norm", "n"}}`` of a trained variant; {} where none can be scored."""
+    """``{task: {"acc", "acc_norm", "n"}}`` of a trained variant; {} where none can be scored.
+
+    An X-ELM variant (``route_by``) scores each item with the expert of its language, as it
+    evaluates documents; its priming examples come from items of the same language.
+    """
     from moe_lab.fewshot import evaluate_task, load_task
     from moe_lab.scoring import load_scorer
 
     if scorer is None:
         log.warning("variant %s (%s): no few-shot scoring for this family", v.name, v.family)
         return {}
-    model = load_scorer(**scorer)
+    scorer = dict(scorer)
+    field = scorer.pop("route_by", None)
     results = {}
     for task in fs.tasks:
         items = load_task(task)[: fs.limit]
-        results[task] = evaluate_task(model, items, fs.shots)["overall"]
+        if field is None:
+            results[task] = evaluate_task(load_scorer(**scorer), items, fs.shots)["overall"]
+            continue
+        if any(field not in r for r in items):
+            raise ConfigError(f"variant {v.name!r} routes by {field!r}: task {task} lacks it")
+        parts = []
+        for value in sorted({r[field] for r in items}):
+            subset = [r for r in items if r[field] == value]
+            model = load_scorer(**scorer, lang=value)
+            parts.append(evaluate_task(model, subset, fs.shots)["overall"])
+        n = sum(p["n"] for p in parts)
+        results[task] = {
+            **{m: sum(p[m] * p["n"] for p in parts) / n for m in ("acc", "acc_norm")},
+            "n": n,
+        }
     return results
 
 

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import moe_lab.train as train_module
@@ -11,8 +12,9 @@ from moe_lab.checkpoint import load_run
 from moe_lab.compare import fit_scaling, load_experiment, run_compare
 from moe_lab.config import ConfigError, ModelConfig, load_config
 from moe_lab.data import CORPUS_DIR, load_documents
-from moe_lab.fewshot import corpus_cloze, evaluate_task, load_task
+from moe_lab.fewshot import choice_logliks, corpus_cloze, evaluate_task, load_task
 from moe_lab.scoring import TransformerScorer
+from moe_lab.xelm import expert_for
 from tests.conftest import write_jsonl
 
 MODEL = {
@@ -213,7 +215,8 @@ def test_xelm_and_ifc_variants_are_charged_the_same_budget(tmp_path):
             ],
         },
     ]
-    records = run_compare(experiment(tmp_path, variants))
+    task = write_jsonl(tmp_path / "cloze.jsonl", corpus_cloze(3, 24, 12)[::10])
+    records = run_compare(experiment(tmp_path, variants, fewshot={"tasks": [str(task)]}))
     dense, xelm, ifc = records
     for r in records:
         assert abs(r["flops_vs_budget"] - 1) <= 0.01, r["name"]
@@ -221,6 +224,17 @@ def test_xelm_and_ifc_variants_are_charged_the_same_budget(tmp_path):
     assert xelm["inference_flops_per_token"] == dense["inference_flops_per_token"]  # top-1
     assert set(xelm["groups"]["lang"]) == set(dense["groups"]["lang"])
     assert ifc["groups"]["domain"].keys() == dense["groups"]["domain"].keys()
+    # Few-shot: IFC as its all-domain principal sees it; X-ELM item by item with the expert of
+    # the item's language, here recomputed with that expert's model alone.
+    items = load_task(str(task))
+    assert ifc["fewshot"][str(task)]["n"] == len(items)
+    out = Path(tmp_path / "out" / "variants" / "xelm" / "seed0" / "xelm")
+    correct = []
+    for item in items:
+        _, model, tokenizer = load_run(out / "experts" / expert_for(out, item["lang"]) / "run")
+        ll, _ = choice_logliks(TransformerScorer(model, tokenizer), [item])
+        correct.append(int(ll[0].argmax()) == item["label"])
+    assert xelm["fewshot"][str(task)]["acc"] == pytest.approx(np.mean(correct))
     with pytest.raises(ConfigError, match="xelm.add trains beyond the budget"):
         run_compare(experiment(tmp_path, [{**variants[1], "overrides": ["xelm.add=[pt]"]}]))
 
