@@ -5,7 +5,9 @@ draws the same global batch of ``N * train.batch_size`` sequences from the same 
 trains on its own slice of it, so the run equals one process with an N times larger batch (up to
 floating-point summation order), and the data position in a checkpoint is the same on every rank.
 Gradients are averaged by :class:`~torch.nn.parallel.DistributedDataParallel`; the loss is weighted
-by each rank's share of the scored tokens so that the average is the global token mean. Rank 0
+by each rank's share of the scored tokens so that the average is the global token mean. An MoE's
+balancing loss takes the expert loads of the global batch (summed over ranks in training) and the
+rank's own mean router probabilities, so the averaged gradient is the global loss's gradient. Rank 0
 alone writes metrics, checkpoints and evaluation; every rank resumes from the same checkpoint.
 NCCL on CUDA, gloo on CPU.
 
@@ -91,6 +93,10 @@ class Dist:
         block sharded on its own (gathered just before it runs), the rest with the root."""
         if self.world == 1:
             return model.loss
+        from moe_lab.routing.topk import TopKRouter
+
+        for router in (m for m in model.modules() if isinstance(m, TopKRouter)):
+            router.load_group = dist.group.WORLD  # balancing losses over the global batch's load
         if self.mode == "fsdp2":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard

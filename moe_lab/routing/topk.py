@@ -52,6 +52,9 @@ class TopKRouter(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
         self.register_buffer("allowed", None, persistent=False)  # bool [E]; None: every expert
         self.n_allowed = cfg.num_experts  # a Python int, so forward needs no host sync
+        # Data parallelism: in training, the expert loads in the stats are summed over this
+        # process group, so the balancing losses see the global batch's load (moe_lab.distributed)
+        self.load_group = None
 
     def restrict(self, experts: list[int] | None) -> None:
         """Route only to ``experts`` (indices), or to every expert again with None."""
@@ -108,12 +111,15 @@ class TopKRouter(nn.Module):
         self, probs_TE: Tensor, logits_TE: Tensor, indices_TK: Tensor, dropped: Tensor
     ) -> RouterStats:
         onehot_TKE = F.one_hot(indices_TK, self.cfg.num_experts).float()
+        slot_counts_KE = onehot_TKE.sum(dim=0).detach()
+        if self.training and self.load_group is not None:
+            torch.distributed.all_reduce(slot_counts_KE, group=self.load_group)
         with torch.no_grad():
             p = probs_TE / probs_TE.sum(-1, keepdim=True)
             entropy = -(p * p.clamp(min=1e-20).log()).sum(-1).mean()
         return RouterStats(
             probs_E=probs_TE.mean(dim=0),
-            slot_counts_KE=onehot_TKE.sum(dim=0).detach(),
+            slot_counts_KE=slot_counts_KE,
             lse_sq=torch.logsumexp(logits_TE, dim=-1).square().mean(),
             dropped=dropped.detach(),
             entropy=entropy,
