@@ -4,10 +4,12 @@
 ensembles and information-flow-control models (what one principal may run under a policy) are all
 evaluated the same way::
 
-    lm_eval --model moe_lab --model_args run_dir=runs/mine --tasks hellaswag
-    lm_eval --model moe_lab --model_args run_dir=runs/ifc,principal=alice,policy=policy.yaml ...
+    moe-lab harness runs/mine --tasks hellaswag
+    moe-lab harness runs/ifc --principal alice --policy policy.yaml --tasks ...
 
-or in Python, ``lm_eval.simple_evaluate(model=MoeLabLM(scorer), tasks=[...])``. lm-eval is an
+or in Python, ``lm_eval.simple_evaluate(model=MoeLabLM(scorer), tasks=[...])``. The registration
+as ``moe_lab`` happens when this module is imported: lm-eval's own ``lm_eval --model`` command
+line has no plugin hook that would import it. lm-eval is an
 optional dependency (``pip install moe_lab[eval]``); it is imported only here, and
 :func:`harness_lm` (or importing this module) raises an ImportError that says how to install it.
 
