@@ -610,9 +610,9 @@ def report_markdown(exp: ExperimentConfig, records: list[dict]) -> str:
         f"Budget: {exp.budget.train_flops:.4g} training FLOPs per variant; seeds {exp.seeds}. "
         f"Every variant's achieved training FLOPs {'lie' if within else 'do NOT all lie'} within "
         f"{TOLERANCE:.0%} of the budget. Losses in nats per token (mean ± std over seeds), lower "
-        "is better; few-shot accuracies"
-        + (f" ({exp.fewshot.shots}-shot)" if exp.fewshot.tasks else "")
-        + ", higher is better; the best of each column in bold.",
+        "is better"
+        + (f"; {exp.fewshot.shots}-shot accuracies, higher" if exp.fewshot.tasks else "")
+        + "; the best of each column in bold.",
         "",
         "| variant | family | params (total / active) | train FLOPs (× budget) | tokens | "
         "inference FLOPs/token | wall s | tokens/s | " + " | ".join(m for m, _ in metrics) + " |",
