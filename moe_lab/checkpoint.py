@@ -31,6 +31,7 @@ from moe_lab.weights import WeightsMismatchError, load_weights
 __all__ = [
     "capture_rng",
     "convert_checkpoint",
+    "find_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -76,6 +77,12 @@ def list_checkpoints(directory: Path) -> list[Path]:
 def latest_checkpoint(directory: Path) -> Path | None:
     found = list_checkpoints(directory)
     return found[-1] if found else None
+
+
+def find_checkpoint(path: Path) -> Path | None:
+    """``path`` if it is a complete checkpoint, else the latest one of the run directory ``path``
+    (None when there is neither)."""
+    return path if (path / MARKER).is_file() else latest_checkpoint(path / "checkpoints")
 
 
 def capture_rng() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -255,13 +262,10 @@ def convert_checkpoint(path: Path | str) -> Path:
     from moe_lab.config import load_config
     from moe_lab.model import build_model
 
-    path = Path(path)
-    if not (path / MARKER).is_file():
-        latest = latest_checkpoint(path / "checkpoints")
-        if latest is None:
-            raise FileNotFoundError(f"{path} is neither a checkpoint nor a run with one")
-        path = latest
-    out = path / "model.safetensors"
+    found = find_checkpoint(Path(path))
+    if found is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint nor a run with one")
+    path, out = found, found / "model.safetensors"
     if out.is_file():
         return out
     config = path.parent.parent / "config.yaml"

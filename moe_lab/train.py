@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from moe_lab.accounting import estimate
 from moe_lab.checkpoint import (
     SHARDED,
+    find_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     read_optimizer_state,
@@ -248,10 +249,8 @@ def _prepare_run_dir(cfg: Config) -> Path | None:
 
 def _init_checkpoint(path: Path) -> Path:
     """The checkpoint ``train.init_from`` names: a checkpoint directory or a run's latest one."""
-    ckpt = (
-        path if (path / "model.safetensors").is_file() else latest_checkpoint(path / "checkpoints")
-    )
-    if ckpt is None or not ckpt.is_dir():
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
         raise ConfigError(
             f"train.init_from ({path}) is neither a checkpoint nor a run directory "
             "with a complete checkpoint"

@@ -352,3 +352,29 @@ def test_tensorboard_logs_when_enabled(tmp_path, lang_files):
     pytest.importorskip("tensorboard")
     result = train(_cfg(tmp_path, lang_files, "train.max_steps=2", "train.tensorboard=true"))
     assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_sharded_checkpoint_loads_converts_and_initialises_in_one_process(tmp_path, lang_files):
+    """The DCP form FSDP2 runs write (here by a single process) is read without a process group."""
+    from moe_lab.checkpoint import SHARDED, convert_checkpoint, staging_dir
+    from moe_lab.config import save_config
+    from moe_lab.distributed import Dist
+
+    cfg = _cfg(tmp_path, lang_files)
+    run = Path(cfg.run.dir)
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")
+    model = build_model(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    staged = staging_dir(run / "checkpoints", 1, create=True)
+    Dist().save_sharded(staged / SHARDED, model, optimizer)
+    save_checkpoint(run / "checkpoints", 1, None, None, {"step": 1}, keep=1, staged=True)
+    ckpt = latest_checkpoint(run / "checkpoints")
+    assert not (ckpt / "model.safetensors").exists()
+    # train.init_from may name the checkpoint itself or its run
+    assert train_module._init_checkpoint(ckpt) == train_module._init_checkpoint(run) == ckpt
+    other = build_model(cfg.model)
+    load_checkpoint(ckpt, other, restore_rng_state=False)
+    converted = load_file(convert_checkpoint(run))
+    for k, v in model.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v) and torch.equal(converted[k], v), k
