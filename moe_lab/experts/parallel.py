@@ -101,13 +101,13 @@ def dispatch_to_experts(
     # How many rows of each of its local experts every rank receives from every other.
     recv_WL = torch.empty_like(counts_E).view(world, local_E)
     dist.all_to_all_single(recv_WL, counts_E.view(world, local_E).contiguous(), group=group)
-    send = counts_E.view(world, local_E).sum(1).tolist()
-    recv = recv_WL.sum(1).tolist()  # one host sync for both split lists
+    send, recv = torch.stack([counts_E.view(world, local_E).sum(1), recv_WL.sum(1)]).tolist()
     x_RD = _AllToAll.apply(x_SD, recv, send, group)
     local_R = torch.repeat_interleave(
         torch.arange(local_E, device=x_SD.device).repeat(world), recv_WL.flatten()
     )
     order = local_R.argsort(stable=True)  # arrival order (by source rank) -> by local expert
-    y_RD = run_experts(x_RD[order], recv_WL.sum(0), layer.w1, layer.v1, layer.w2, layer.grouped_mm)
+    x_RD = x_RD.index_select(0, order)  # not x_RD[order]: see MoE._experts
+    y_RD = run_experts(x_RD, recv_WL.sum(0), layer.w1, layer.v1, layer.w2, layer.grouped_mm)
     y_RD = torch.empty_like(y_RD).index_copy(0, order, y_RD)  # back to arrival order
     return _AllToAll.apply(y_RD, send, recv, group)
