@@ -130,6 +130,11 @@ class MoEConfig:
         _choice(self.score, ("softmax", "sigmoid"), f"{p}.score")
         _choice(self.lbl, LBL_FORMS, f"{p}.lbl")
         _choice(self.backend, MOE_BACKENDS, f"{p}.backend")
+        _require(
+            self.backend != "megablocks" or self.capacity_factor is None,
+            f"{p}.backend=megablocks runs MegaBlocks' dropless dMoE: set {p}.capacity_factor=null, "
+            f"or use {p}.backend=reference for capacity mode",
+        )
         for name in ("jitter", "lbl_weight", "z_loss_weight", "bias_update_rate"):
             _require(
                 getattr(self, name) >= 0, f"{p}.{name} must be >= 0, got {getattr(self, name)}"

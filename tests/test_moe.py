@@ -290,19 +290,6 @@ def test_invalid_moe_settings_name_the_key(override, message):
         load_config(overrides=["model.moe.num_experts=8", override])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
-def test_megablocks_backend_without_cuda_is_a_clear_error():
-    cfg = load_config(overrides=["model.moe.backend=megablocks"]).model
-    with pytest.raises(ConfigError, match=r"model\.moe\.backend is 'megablocks', which needs CUDA"):
-        build_model(cfg)
-    assert (
-        type(
-            build_model(replace(cfg, moe=replace(cfg.moe, backend="auto"))).layers[0].feed_forward
-        ).__name__
-        == "MoE"
-    )
-
-
 def test_a_small_moe_trains_on_the_shipped_corpus_and_logs_routing(tmp_path):
     import json
 

@@ -5,25 +5,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_lab.config import ConfigError, ModelConfig
+from moe_lab.config import ConfigError, ModelConfig, MoEConfig
 from moe_lab.experts.dense import SwiGLU
+from moe_lab.experts.megablocks import MegaBlocksMoE, import_megablocks, megablocks_available
 from moe_lab.experts.moe import MoE
 
-__all__ = ["MoE", "SwiGLU", "build_ffn", "resolve_backend"]
+__all__ = ["MegaBlocksMoE", "MoE", "SwiGLU", "build_ffn", "resolve_backend"]
 
 
-def resolve_backend(requested: str) -> str:
-    """``auto`` -> ``reference`` until the MegaBlocks adapter lands; ``megablocks`` needs CUDA."""
-    if requested == "megablocks":
+def resolve_backend(cfg: MoEConfig) -> str:
+    """The backend that runs: ``megablocks`` checked (CUDA, the package, dropless), or
+    ``reference``; ``auto`` picks MegaBlocks only where it would pass those checks."""
+    if cfg.backend == "auto":
+        dropless = cfg.capacity_factor is None
+        return "megablocks" if dropless and megablocks_available() else "reference"
+    if cfg.backend == "megablocks":
         if not torch.cuda.is_available():
             raise ConfigError(
                 "model.moe.backend is 'megablocks', which needs CUDA and this machine has none; "
                 "use model.moe.backend=reference (the same weights run on CPU)"
             )
-        raise ConfigError(
-            "model.moe.backend=megablocks is not available yet: use reference (GPU and CPU)"
-        )
-    return "reference"
+        import_megablocks()
+    return cfg.backend
 
 
 def build_ffn(cfg: ModelConfig, layer_id: int) -> nn.Module:
@@ -34,5 +37,5 @@ def build_ffn(cfg: ModelConfig, layer_id: int) -> nn.Module:
     moe = cfg.moe
     if moe is None or not moe.is_moe_layer(layer_id):
         return SwiGLU(cfg.dim, cfg.ffn_hidden, cfg.n_layers, cfg.init_std)
-    resolve_backend(moe.backend)
-    return MoE(cfg.dim, moe, cfg.n_layers, cfg.init_std)
+    layer = MegaBlocksMoE if resolve_backend(moe) == "megablocks" else MoE
+    return layer(cfg.dim, moe, cfg.n_layers, cfg.init_std)

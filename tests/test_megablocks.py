@@ -1,0 +1,123 @@
+"""The MegaBlocks backend: errors and layout on CPU; parity with the reference on CUDA (``gpu``)."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from moe_lab import build_model
+from moe_lab.config import ConfigError, MoEConfig, load_config
+from moe_lab.experts import MegaBlocksMoE, MoE, resolve_backend
+from moe_lab.experts.megablocks import import_megablocks
+
+D = 64
+
+
+def _pair(**kw) -> tuple[MoE, MegaBlocksMoE]:
+    """A reference layer and a MegaBlocks layer holding the same weights."""
+    cfg = MoEConfig(**{"num_experts": 8, "top_k": 2, "expert_hidden": 128, **kw})
+    ref = MoE(D, cfg, n_layers=2, init_std=0.1)
+    ref.reset_parameters()
+    mb = MegaBlocksMoE(D, replace(cfg, backend="megablocks"), n_layers=2, init_std=0.1)
+    mb.load_state_dict(ref.state_dict())
+    return ref, mb
+
+
+def test_megablocks_layer_has_the_reference_state_dict_key_for_key():
+    ref, mb = _pair(shared_expert_hidden=32)
+    assert list(mb.state_dict()) == list(ref.state_dict())
+    for name, value in ref.state_dict().items():
+        assert torch.equal(mb.state_dict()[name], value), name
+
+
+def test_megablocks_layer_on_cpu_says_it_needs_cuda():
+    _, mb = _pair()
+    with pytest.raises(RuntimeError, match="megablocks backend runs on CUDA only"):
+        mb(torch.randn(4, D))
+
+
+def test_megablocks_with_capacity_is_a_config_error_naming_the_keys():
+    with pytest.raises(ConfigError, match=r"model\.moe\.capacity_factor=null"):
+        load_config(overrides=["model.moe.backend=megablocks", "model.moe.capacity_factor=1.25"])
+
+
+def test_missing_megablocks_says_how_to_install_it():
+    try:
+        import megablocks  # noqa: F401
+    except Exception:
+        pass
+    else:
+        pytest.skip("megablocks imports here")
+    with pytest.raises(ConfigError, match=r"pip install 'moe_lab\[gpu\]'"):
+        import_megablocks()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_backend_megablocks_without_cuda_is_a_clear_error_and_auto_is_the_reference():
+    cfg = load_config(overrides=["model.moe.backend=megablocks"]).model
+    with pytest.raises(ConfigError, match=r"model\.moe\.backend is 'megablocks', which needs CUDA"):
+        build_model(cfg)
+    assert resolve_backend(replace(cfg.moe, backend="auto")) == "reference"
+    assert (
+        type(build_model(replace(cfg, moe=replace(cfg.moe, backend="auto"))).layers[0].feed_forward)
+        is MoE
+    )
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _to_bf16_grid(module: torch.nn.Module) -> None:
+    """Round the weights to bf16 values (kept fp32): both backends start from the same numbers."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"top_k": 1}, {"renormalize": False}, {"score": "sigmoid"}, {"shared_expert_hidden": 64}],
+)
+def test_megablocks_equals_the_reference_outputs_gradients_and_losses(kw):
+    """Same weights, same routing (one router), the experts on either side: MegaBlocks computes
+    in bf16, so outputs and gradients agree to bf16 precision, the router stats exactly."""
+    pytest.importorskip("megablocks")
+    ref, mb = _pair(**kw)
+    _to_bf16_grid(ref)
+    mb.load_state_dict(ref.state_dict())
+    ref, mb = ref.cuda(), mb.cuda()
+    x = torch.randn(4, 256, D, device="cuda").to(torch.bfloat16).float()
+    grad = torch.randn_like(x)
+    outs = {}
+    for name, layer in (("ref", ref), ("mb", mb)):
+        xi = x.clone().requires_grad_()
+        y, stats = layer(xi)
+        aux = stats.probs_E.square().sum() + stats.lse_sq  # touches the router's gradient path
+        (y * grad).sum().add(aux).backward()
+        outs[name] = (y, stats, xi.grad, {n: p.grad for n, p in layer.named_parameters()})
+    (y_r, s_r, dx_r, g_r), (y_m, s_m, dx_m, g_m) = outs["ref"], outs["mb"]
+    assert _rel(y_m, y_r) < 1e-2
+    assert _rel(dx_m, dx_r) < 2e-2
+    for name in g_r:
+        assert _rel(g_m[name], g_r[name]) < 2e-2, name
+    for a, b in zip(s_m, s_r, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+def test_a_reference_checkpoint_runs_on_megablocks_with_the_same_loss():
+    pytest.importorskip("megablocks")
+    cfg = load_config(overrides=["model.moe.num_experts=8", "model.moe.expert_hidden=128"]).model
+    ref = build_model(cfg).cuda()
+    mb = build_model(replace(cfg, moe=replace(cfg.moe, backend="megablocks"))).cuda()
+    assert isinstance(mb.layers[0].feed_forward, MegaBlocksMoE)
+    mb.load_state_dict(ref.state_dict())
+    x = torch.randint(0, cfg.vocab_size, (4, 128), device="cuda")
+    targets = x.roll(-1, dims=1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_r, aux_r, _ = ref.loss(x, targets)
+        loss_m, aux_m, _ = mb.loss(x, targets)
+    assert abs(loss_m.item() - loss_r.item()) < 1e-2 * loss_r.item()
+    assert abs(aux_m.item() - aux_r.item()) < 1e-2 * aux_r.item()
