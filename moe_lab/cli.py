@@ -66,12 +66,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from moe_lab.checkpoint import load_run
     from moe_lab.evaluate import evaluate, validation_store
+    from moe_lab.scoring import TransformerScorer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.run_dir) / "eval.json"
     if args.knn and (Path(args.run_dir) / "manifest.json").exists():
         raise ConfigError("eval --knn takes a single model's run, not an ensemble or IFC directory")
-    fewshot = _fewshot(args, device)  # {} without --tasks
+    tasks = _split_tasks(args)  # first: key=value after --tasks joins the overrides
+    single = not (Path(args.run_dir) / "manifest.json").exists()
+    if single and args.lang:
+        raise ConfigError(f"{args.run_dir} is a single model: --lang applies to X-ELM directories")
+    fewshot = {} if single else _fewshot(args, tasks, device)  # {} without --tasks
     ifc = _load_ifc(args, device)
     if ifc is not None:  # what one principal may run, evaluated per group
         from moe_lab.ifc.experiment import evaluate_ifc
@@ -92,6 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         _print_report(report["valid"], out)
         return
     cfg, model, tokenizer = load_run(args.run_dir, args.overrides, device=device)
+    fewshot = _fewshot(args, tasks, device, TransformerScorer(model, tokenizer))
     store = validation_store(cfg, tokenizer)
     result = evaluate(model, store, cfg.train.seq_len, cfg.train.batch_size, device, progress=True)
     previous = json.loads(out.read_text()) if out.exists() else {}  # keeps step, tokens, FLOPs
@@ -120,22 +126,25 @@ def _split_tasks(args: argparse.Namespace) -> list[str]:
     return tasks
 
 
-def _fewshot(args: argparse.Namespace, device: str) -> dict:
-    """``{"fewshot": {task: result}}`` for ``--tasks`` (moe_lab.fewshot), with a printed table."""
-    tasks = _split_tasks(args)
+def _fewshot(args: argparse.Namespace, tasks: list[str], device: str, scorer=None) -> dict:
+    """``{"fewshot": {task: result}}`` for ``tasks`` (moe_lab.fewshot), with a printed table.
+
+    ``scorer``: the model already loaded for the run, if any; else RUN_DIR is loaded for it.
+    """
     if not tasks:
         return {}
     from moe_lab.fewshot import evaluate_task, load_task
     from moe_lab.scoring import load_scorer
 
-    scorer = load_scorer(
-        args.run_dir,
-        args.overrides,
-        principal=args.principal,
-        policy=args.policy,
-        lang=args.lang,
-        device=device,
-    )
+    if scorer is None:
+        scorer = load_scorer(
+            args.run_dir,
+            args.overrides,
+            principal=args.principal,
+            policy=args.policy,
+            lang=args.lang,
+            device=device,
+        )
     results = {}
     print(f"{'task':24s} {'group':24s} {'acc':>7s} {'acc_norm':>8s} {'items':>6s}")
     for task in tasks:

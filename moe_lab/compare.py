@@ -512,19 +512,25 @@ def _fewshot(fs: FewshotConfig, scorer: dict | None, v: VariantConfig) -> dict:
         return {}
     scorer = dict(scorer)
     field = scorer.pop("route_by", None)
+    loaded = {}  # lang (None: not routed by language) -> Scorer, loaded once for all tasks
+
+    def scorer_for(lang: str | None):
+        if lang not in loaded:
+            loaded[lang] = load_scorer(**scorer, lang=lang)
+        return loaded[lang]
+
     results = {}
     for task in fs.tasks:
         items = load_task(task)[: fs.limit]
         if field is None:
-            results[task] = evaluate_task(load_scorer(**scorer), items, fs.shots)["overall"]
+            results[task] = evaluate_task(scorer_for(None), items, fs.shots)["overall"]
             continue
         if any(field not in r for r in items):
             raise ConfigError(f"variant {v.name!r} routes by {field!r}: task {task} lacks it")
         parts = []
         for value in sorted({r[field] for r in items}):
             subset = [r for r in items if r[field] == value]
-            model = load_scorer(**scorer, lang=value)
-            parts.append(evaluate_task(model, subset, fs.shots)["overall"])
+            parts.append(evaluate_task(scorer_for(value), subset, fs.shots)["overall"])
         n = sum(p["n"] for p in parts)
         results[task] = {
             **{m: sum(p[m] * p["n"] for p in parts) / n for m in ("acc", "acc_norm")},
