@@ -454,15 +454,16 @@ class ParallelConfig:
     # either way each rank trains on its slice of one global batch
     dp: str = "none"
     # expert parallelism: each rank holds num_experts / world of every MoE layer's experts and
-    # tokens travel to them by all-to-all (moe_lab.experts.parallel); needs dp=ddp
+    # tokens travel to them by all-to-all (moe_lab.experts.parallel); with dp=ddp or fsdp2 (which
+    # then shards the other parameters)
     ep: bool = False
 
     def validate(self, prefix: str = "parallel") -> None:
         _choice(self.dp, ("none", "ddp", "fsdp2"), f"{prefix}.dp")
         _require(
-            not self.ep or self.dp == "ddp",
+            not self.ep or self.dp != "none",
             f"{prefix}.ep=true shards the experts over the data-parallel ranks: it needs "
-            f"{prefix}.dp=ddp, got {self.dp}",
+            f"{prefix}.dp=ddp or fsdp2",
         )
 
 

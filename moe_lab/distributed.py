@@ -11,10 +11,12 @@ rank's own mean router probabilities, so the averaged gradient is the global los
 alone writes metrics, checkpoints and evaluation; every rank resumes from the same checkpoint.
 NCCL on CUDA, gloo on CPU.
 
-With ``parallel.ep=true`` (and ``dp=ddp``) the MoE experts are split over the ranks instead of
-replicated (:mod:`moe_lab.experts.parallel`): DDP leaves their gradients alone, they are averaged
-here, the gradient norm adds every rank's experts, and checkpoints gather them into the
-single-process format, so an expert-parallel checkpoint loads anywhere.
+With ``parallel.ep=true`` the MoE experts are split over the ranks instead of replicated
+(:mod:`moe_lab.experts.parallel`): DDP or FSDP2 leaves them alone (FSDP2 shards the rest), their
+gradients are averaged here, and the gradient norm adds every rank's experts. Under DDP checkpoints
+gather them into the single-process format, so an expert-parallel checkpoint loads anywhere; under
+FSDP2 each rank's experts are row shards of the sharded (DCP) checkpoint, which ``moe-lab convert``
+turns into that format.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Dist:
     owns_group: bool = False  # this process group was created here, and is destroyed here
     mode: str = "none"  # parallel.dp in force: none | ddp | fsdp2
     experts: dict[str, nn.Parameter] = field(default_factory=dict)  # rank-local (ep) by name
+    mesh: object = None  # FSDP2's DeviceMesh
 
     @property
     def is_main(self) -> bool:
@@ -101,11 +104,13 @@ class Dist:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
-            mesh = init_device_mesh(device.type, (self.world,))
+            self.mesh = init_device_mesh(device.type, (self.world,))
+            experts = set(self.experts.values())  # rank-local already: FSDP2 leaves them alone
             for layer in model.layers:
-                fully_shard(layer, mesh=mesh)
+                mine = {p for p in layer.parameters() if p in experts}
+                fully_shard(layer, mesh=self.mesh, ignored_params=mine or None)
             root = LossModule(model)
-            fully_shard(root, mesh=mesh)
+            fully_shard(root, mesh=self.mesh, ignored_params=experts or None)
             return root
         from torch.nn.parallel import DistributedDataParallel
 
@@ -138,30 +143,40 @@ class Dist:
         for p in self.experts.values():
             if p.grad is not None:
                 p.grad.div_(self.world)
-        mine = [p.grad for p in params if p.grad is not None and id(p) in local]
-        shared = [p.grad for p in params if p.grad is not None and id(p) not in local]
-        sq = torch.stack([torch.nn.utils.get_total_norm(g).double() ** 2 for g in (mine, shared)])
+        mine = [p for p in params if id(p) in local]
+        shared = [p for p in params if id(p) not in local]  # FSDP2: DTensors
+        norms = [
+            self.full(torch.nn.utils.get_total_norm([p.grad for p in ps if p.grad is not None]))
+            for ps in (mine, shared)
+        ]
+        sq = torch.stack(norms).double() ** 2
         dist.all_reduce(sq[:1])
-        total = sq.sum().sqrt()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.float())
+        total = sq.sum().sqrt().float()
+        for ps in (mine, shared):  # apart: one multi-tensor call cannot mix DTensors and tensors
+            torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total)
         return total.item()
 
     def full_state_dict(self, model: nn.Module) -> dict[str, Tensor] | None:
         """Unsharded weights on CPU (a collective, so every rank calls it); None when the model
         is not sharded."""
+        if self.mode == "fsdp2" and self.world > 1:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            weights = get_model_state_dict(model, options=options)
+        elif self.experts:
+            weights = {k: v.cpu() for k, v in model.state_dict().items()}
+        else:
+            return None
         if self.experts:
             from moe_lab.experts.parallel import gather_experts
 
-            return {
-                k: gather_experts(v, dist.group.WORLD).cpu() if k in self.experts else v.cpu()
-                for k, v in model.state_dict().items()
-            }
-        if self.mode != "fsdp2" or self.world == 1:
-            return None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=options)
+            for name, local in self.experts.items():
+                weights[name] = gather_experts(local.detach(), dist.group.WORLD).cpu()
+        return weights
 
     def save_sharded(self, path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """FSDP2: every rank writes its shards of the weights and optimizer state (DCP)."""
@@ -169,7 +184,7 @@ class Dist:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         weights, moments = get_state_dict(model, optimizer)
-        dcp.save({"model": weights, "optim": moments}, checkpoint_id=path)
+        dcp.save(self._experts_as_shards(weights, moments), checkpoint_id=path)
 
     def load_sharded(self, path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """FSDP2: every rank reads its shards of :meth:`save_sharded`'s state (DCP)."""
@@ -177,11 +192,31 @@ class Dist:
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         weights, moments = get_state_dict(model, optimizer)
-        state = {"model": weights, "optim": moments}
+        state = self._experts_as_shards(weights, moments)
         dcp.load(state, checkpoint_id=path)
+        state = self._experts_as_shards(state["model"], state["optim"], back=True)
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
+
+    def _experts_as_shards(self, weights: dict, moments: dict, back: bool = False) -> dict:
+        """Expert parallelism under FSDP2: each rank's expert rows (weights, Adam moments) as
+        row shards of one DTensor, so DCP saves every rank's experts, not rank 0's as replicas.
+        ``back``: the rank-local tensors again, as ``set_state_dict`` expects."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        def convert(value):
+            if not isinstance(value, Tensor) or value.ndim == 0:  # AdamW's scalar step
+                return value
+            if back:
+                return value.to_local()
+            return DTensor.from_local(value, self.mesh, [Shard(0)], run_check=False)
+
+        for name in self.experts:
+            weights[name] = convert(weights[name])
+            if name in moments["state"]:
+                moments["state"][name] = {k: convert(v) for k, v in moments["state"][name].items()}
+        return {"model": weights, "optim": moments}
 
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """The optimizer state dict with every rank's expert moments gathered (a collective)."""

@@ -167,7 +167,11 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _optimizer(
-    model: torch.nn.Module, cfg: Config, scope=None, fused: bool = True
+    model: torch.nn.Module,
+    cfg: Config,
+    scope=None,
+    fused: bool = True,
+    mixed_dtensors: bool = False,
 ) -> torch.optim.AdamW:
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
@@ -180,7 +184,12 @@ def _optimizer(
     # CPU for a 7M-parameter model (bench/train_step.py), and available on CPU and CUDA (not for
     # FSDP2's sharded DTensor parameters).
     fused = fused and all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused)
+    # FSDP2 with expert parallelism mixes DTensor and rank-local parameters, which the multi-tensor
+    # (foreach) kernels refuse in one list: one tensor at a time there.
+    foreach = False if mixed_dtensors else None
+    return torch.optim.AdamW(
+        groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused, foreach=foreach
+    )
 
 
 def _routing_record(stats: list[RouterStats], cfg: Config) -> list[dict[str, float]]:
@@ -339,7 +348,10 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
     if cfg.parallel.ep:
         dist.shard_experts(model)
     step_loss = dist.wrap(model, device)  # FSDP2 shards the parameters: before the optimizer
-    optimizer = _optimizer(model, cfg, scope, fused=dist.mode != "fsdp2")
+    fsdp2 = dist.mode == "fsdp2"
+    optimizer = _optimizer(
+        model, cfg, scope, fused=not fsdp2, mixed_dtensors=fsdp2 and cfg.parallel.ep
+    )
     detector = SpikeDetector(t.spike_window, t.spike_sigma)
     state = {"step": 0, "tokens": 0, "flops": 0.0, "skipped_nonfinite": 0, "skipped_spikes": 0}
     if resume_from is not None:

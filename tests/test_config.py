@@ -89,6 +89,15 @@ def test_every_listed_preset_loads():
         (["model=llama3-8"], r"unknown preset 'llama3-8'\. Did you mean llama3-8b"),
         (["model.dim"], r"not of the form key=value"),
         (["run.device=gpu"], r"run\.device must be auto, cpu, cuda or cuda:N; got 'gpu'"),
+        (
+            ["model.moe.num_experts=4", "parallel.ep=true"],
+            r"parallel\.ep=true .* needs parallel\.dp=ddp or fsdp2",
+        ),
+        (
+            ["model.moe.backend=megablocks", "model.moe.capacity_factor=1.25"],
+            r"model\.moe\.backend=megablocks runs MegaBlocks' dropless dMoE: set "
+            r"model\.moe\.capacity_factor=null",
+        ),
     ],
 )
 def test_invalid_values_name_the_key(overrides, message):

@@ -39,7 +39,9 @@ TWO_PROCESSES = {
     "fsdp2": ["train.batch_size=2", "parallel.dp=fsdp2"],
     "moe-ddp": [*MOE, "train.batch_size=2", "parallel.dp=ddp"],
     "moe-ep": [*MOE, "train.batch_size=2", "parallel.dp=ddp", "parallel.ep=true"],
+    "moe-ep-fsdp2": [*MOE, "train.batch_size=2", "parallel.dp=fsdp2", "parallel.ep=true"],
 }
+SHARDED = {"fsdp2", "moe-ep-fsdp2"}  # DCP checkpoints: converted before their weights are read
 
 
 def moe_lab(*args, world=1):
@@ -61,7 +63,13 @@ def losses(run):
 
 
 def weights(run):
-    return load_file(latest_checkpoint(run / "checkpoints") / "model.safetensors")
+    checkpoint = latest_checkpoint(run / "checkpoints")
+    if run.name in SHARDED:  # the one-file format from each rank's shards
+        assert (checkpoint / "sharded").is_dir()
+        if not (checkpoint / "model.safetensors").exists():
+            converted = moe_lab("convert", str(run))
+            assert converted.returncode == 0, converted.stderr[-3000:]
+    return load_file(checkpoint / "model.safetensors")
 
 
 def assert_same_training(one, two):
@@ -93,10 +101,6 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_processes_match_one_process_with_the_global_batch(runs, mode):
     root, ddp = runs
-    if mode == "fsdp2":  # sharded (DCP) checkpoints, converted into the one-file format
-        assert not (latest_checkpoint(root / mode / "checkpoints") / "model.safetensors").exists()
-        converted = moe_lab("convert", str(root / mode))
-        assert converted.returncode == 0, converted.stderr[-3000:]
     assert_same_training(root / "single", root / mode)
     evaluation = json.loads((root / mode / "eval.json").read_text())
     single = json.loads((root / "single" / "eval.json").read_text())
@@ -115,19 +119,20 @@ def test_torchrun_without_a_parallel_mode_is_a_clear_error(tmp_path):
     assert out.returncode != 0 and "set parallel.dp=ddp" in out.stderr
 
 
-@pytest.mark.parametrize("mode", ["moe-ddp", "moe-ep"])
+@pytest.mark.parametrize("mode", ["moe-ddp", "moe-ep", "moe-ep-fsdp2"])
 def test_moe_on_two_processes_matches_one_process(runs, mode):
-    """Replicated (DDP) and expert-parallel experts; the balancing bias follows the global load."""
+    """Replicated (DDP) and expert-parallel experts, the rest replicated (DDP) or sharded (FSDP2);
+    the balancing bias follows the global load."""
     root, _ = runs
     biases = [v for k, v in weights(root / "moe").items() if k.endswith("expert_bias")]
     assert sum(b.abs().sum() for b in biases) > 0  # the balancing bias did move
     assert_same_training(root / "moe", root / mode)
 
 
-@pytest.mark.parametrize("mode", ["fsdp2", "moe-ep"])
+@pytest.mark.parametrize("mode", ["fsdp2", "moe-ep", "moe-ep-fsdp2"])
 def test_resume_is_exact_at_equal_world_size(runs, mode):
-    """From FSDP2's sharded checkpoint, and from expert-parallel's gathered one (under DDP, so
-    this covers DDP's resume too)."""
+    """From FSDP2's sharded checkpoint, from expert-parallel's gathered one (under DDP, so this
+    covers DDP's resume too), and from FSDP2's with each rank's experts as row shards."""
     root, _ = runs
     resumed = root / f"{mode}-resumed"
     shutil.copytree(root / mode, resumed)
