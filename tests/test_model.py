@@ -52,6 +52,27 @@ def test_rmsnorm_matches_closed_form_and_runs_in_fp32():
     torch.testing.assert_close(y, torch.ones(1, 8, dtype=torch.float16))
 
 
+def test_rmsnorm_gradients_match_autograd_of_the_closed_form():
+    """The hand-written backward: gradcheck in float64, and bf16 inputs against float64 autograd
+    through the closed form, to bf16 resolution."""
+    from moe_lab.model import _RMSNorm
+
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-5), (x, w))
+
+    xb = torch.randn(4, 16, dtype=torch.bfloat16, requires_grad=True)
+    wb = torch.randn(16, requires_grad=True)
+    grad = torch.randn(4, 16)
+    _RMSNorm.apply(xb, wb, 1e-5).backward(grad)
+    xr = xb.detach().double().requires_grad_()
+    wr = wb.detach().double().requires_grad_()
+    (wr * xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-5)).backward(grad.double())
+    assert xb.grad.dtype == torch.bfloat16 and wb.grad.dtype == torch.float32
+    torch.testing.assert_close(xb.grad.double(), xr.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(wb.grad.double(), wr.grad, rtol=1e-2, atol=1e-2)
+
+
 def test_tied_embeddings_share_one_matrix():
     model = build_model(ModelConfig(tie_embeddings=True))
     assert model.output is None
