@@ -49,12 +49,13 @@ _INSTALL = (
 def import_megablocks():
     """MegaBlocks' ``(Arguments, ParallelDroplessMLP)``, or a ConfigError saying how to get them."""
     try:
+        import grouped_gemm  # noqa: F401 -- the grouped path asserts it only at the first forward
         from megablocks.layers.arguments import Arguments
         from megablocks.layers.dmoe import ParallelDroplessMLP
     except (ImportError, OSError, RuntimeError) as e:  # OSError/RuntimeError: a broken CUDA build
         raise ConfigError(
-            f"model.moe.backend=megablocks needs the megablocks package, which does not import "
-            f"here ({type(e).__name__}: {e}); {_INSTALL}"
+            f"model.moe.backend=megablocks needs the megablocks and grouped_gemm packages, which "
+            f"do not import here ({type(e).__name__}: {e}); {_INSTALL}"
         ) from e
     return Arguments, ParallelDroplessMLP
 
@@ -76,7 +77,8 @@ class MegaBlocksMoE(MoE):
     def __init__(self, dim: int, cfg: MoEConfig, n_layers: int, init_std: float = 0.02) -> None:
         cfg.validate()  # dropless only, among others
         super().__init__(dim, cfg, n_layers, init_std)
-        self._dmoe = {}  # device -> ParallelDroplessMLP; a plain dict so it is not a submodule
+        # (device, ep group) -> ParallelDroplessMLP; a plain dict, so not a submodule
+        self._dmoe = {}
 
     def _dropless_mlp(self, device: torch.device):
         if device.type != "cuda":
