@@ -453,10 +453,13 @@ class ParallelConfig:
     # none | ddp: replicate the model | fsdp2: shard parameters, gradients and optimizer state;
     # either way each rank trains on its slice of one global batch
     dp: str = "none"
-    # expert parallelism: each rank holds num_experts / world of every MoE layer's experts and
+    # expert parallelism: each rank holds num_experts / ep_degree of every MoE layer's experts and
     # tokens travel to them by all-to-all (moe_lab.experts.parallel); with dp=ddp or fsdp2 (which
     # then shards the other parameters)
     ep: bool = False
+    # ranks that split one copy of the experts (consecutive ranks: 0..d-1, d..2d-1, ...); the world
+    # holds world / ep_degree copies. null = the world size (one copy)
+    ep_degree: int | None = None
 
     def validate(self, prefix: str = "parallel") -> None:
         _choice(self.dp, ("none", "ddp", "fsdp2"), f"{prefix}.dp")
@@ -465,6 +468,9 @@ class ParallelConfig:
             f"{prefix}.ep=true shards the experts over the data-parallel ranks: it needs "
             f"{prefix}.dp=ddp or fsdp2",
         )
+        if self.ep_degree is not None:
+            _positive_int(self.ep_degree, f"{prefix}.ep_degree")
+            _require(self.ep, f"{prefix}.ep_degree is set but {prefix}.ep is false")
 
 
 @dataclass

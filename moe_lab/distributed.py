@@ -12,8 +12,10 @@ alone writes metrics, checkpoints and evaluation; every rank resumes from the sa
 NCCL on CUDA, gloo on CPU.
 
 With ``parallel.ep=true`` the MoE experts are split over the ranks instead of replicated
-(:mod:`moe_lab.experts.parallel`): DDP or FSDP2 leaves them alone (FSDP2 shards the rest), their
-gradients are averaged here, and the gradient norm adds every rank's experts. Under DDP checkpoints
+(:mod:`moe_lab.experts.parallel`), over all of them or, with ``parallel.ep_degree=d``, over each
+run of d consecutive ranks, which then hold world / d copies: DDP or FSDP2 leaves the experts alone
+(FSDP2 shards the rest), their gradients are summed over the copies and averaged here, and the
+gradient norm adds one copy's experts. Under DDP checkpoints
 gather them into the single-process format, so an expert-parallel checkpoint loads anywhere; under
 FSDP2 each rank's experts are row shards of the sharded (DCP) checkpoint, which ``moe-lab convert``
 turns into that format.
@@ -53,6 +55,11 @@ class Dist:
     mode: str = "none"  # parallel.dp in force: none | ddp | fsdp2
     experts: dict[str, nn.Parameter] = field(default_factory=dict)  # rank-local (ep) by name
     mesh: object = None  # FSDP2's DeviceMesh
+    # Expert parallelism: the (replica, ep) DeviceMesh; rank r holds the experts of position
+    # r % ep_degree in its ep group (consecutive ranks); the replica group joins equal positions.
+    ep_mesh: object = None
+    ep_group: object = None
+    replica_group: object = None  # None when one copy of the experts spans the world
 
     @property
     def is_main(self) -> bool:
@@ -123,25 +130,41 @@ class Dist:
         # bias update, so every rank's bias stays identical); the rest are constants.
         return DistributedDataParallel(root, device_ids=ids, broadcast_buffers=False)
 
-    def shard_experts(self, model: nn.Module) -> None:
-        """Expert parallelism: keep this rank's E / W experts of every MoE layer (before wrap)."""
+    def shard_experts(self, model: nn.Module, degree: int | None = None) -> None:
+        """Expert parallelism: keep this rank's E / d experts of every MoE layer, d = ``degree``
+        (``parallel.ep_degree``; None: the world size). Call before :meth:`wrap`."""
+        from torch.distributed.device_mesh import init_device_mesh
+
         from moe_lab.experts.parallel import expert_parameters, shard_experts
 
-        if self.world > 1:
-            shard_experts(model)
-            self.experts = expert_parameters(model)
+        if self.world == 1:
+            return
+        degree = degree or self.world
+        if self.world % degree:
+            raise ConfigError(
+                f"parallel.ep_degree ({degree}) must divide the number of ranks ({self.world})"
+            )
+        shape, names = (self.world // degree, degree), ("replica", "ep")
+        self.ep_mesh = init_device_mesh(self._device.type, shape, mesh_dim_names=names)
+        self.ep_group = self.ep_mesh.get_group("ep")
+        self.replica_group = self.ep_mesh.get_group("replica") if degree < self.world else None
+        shard_experts(model, self.ep_group)
+        self.experts = expert_parameters(model)
 
     def clip_grad_norm_(self, params: list[nn.Parameter], max_norm: float) -> float:
         """Average the expert gradients, then clip all gradients by their global norm.
 
-        The experts' gradients already sum over every rank's tokens (the loss is scaled by
-        ``world`` for DDP's average), hence the division; their squared norms add over ranks.
+        An expert's gradient sums the tokens of its ep group; summed over the replica group it
+        holds every rank's tokens, and the loss is scaled by ``world`` for DDP's average, hence
+        the division. The squared norms of one copy of the experts add over the ep group.
         """
         if not self.experts:
             return self.full(torch.nn.utils.clip_grad_norm_(params, max_norm)).item()
         local = {id(p) for p in self.experts.values()}
         for p in self.experts.values():
             if p.grad is not None:
+                if self.replica_group is not None:
+                    dist.all_reduce(p.grad, group=self.replica_group)
                 p.grad.div_(self.world)
         mine = [p for p in params if id(p) in local]
         shared = [p for p in params if id(p) not in local]  # FSDP2: DTensors
@@ -150,7 +173,7 @@ class Dist:
             for ps in (mine, shared)
         ]
         sq = torch.stack(norms).double() ** 2
-        dist.all_reduce(sq[:1])
+        dist.all_reduce(sq[:1], group=self.ep_group)
         total = sq.sum().sqrt().float()
         for ps in (mine, shared):  # apart: one multi-tensor call cannot mix DTensors and tensors
             torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total)
@@ -175,7 +198,7 @@ class Dist:
             from moe_lab.experts.parallel import gather_experts
 
             for name, local in self.experts.items():
-                weights[name] = gather_experts(local.detach(), dist.group.WORLD).cpu()
+                weights[name] = gather_experts(local.detach(), self.ep_group).cpu()
         return weights
 
     def save_sharded(self, path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -201,16 +224,18 @@ class Dist:
 
     def _experts_as_shards(self, weights: dict, moments: dict, back: bool = False) -> dict:
         """Expert parallelism under FSDP2: each rank's expert rows (weights, Adam moments) as
-        row shards of one DTensor, so DCP saves every rank's experts, not rank 0's as replicas.
-        ``back``: the rank-local tensors again, as ``set_state_dict`` expects."""
-        from torch.distributed.tensor import DTensor, Shard
+        row shards of one DTensor (replicated over the replica groups), so DCP saves every
+        expert, not rank 0's as if all ranks held the same. ``back``: the rank-local tensors
+        again, as ``set_state_dict`` expects."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
 
         def convert(value):
             if not isinstance(value, Tensor) or value.ndim == 0:  # AdamW's scalar step
                 return value
             if back:
                 return value.to_local()
-            return DTensor.from_local(value, self.mesh, [Shard(0)], run_check=False)
+            placements = [Replicate(), Shard(0)]
+            return DTensor.from_local(value, self.ep_mesh, placements, run_check=False)
 
         for name in self.experts:
             weights[name] = convert(weights[name])
@@ -225,7 +250,7 @@ class Dist:
         sd = optimizer.state_dict()
         for pid in self._expert_pids(optimizer):
             sd["state"][pid] = {
-                k: gather_experts(v, dist.group.WORLD) if _is_rows(v) else v
+                k: gather_experts(v, self.ep_group) if _is_rows(v) else v
                 for k, v in sd["state"].get(pid, {}).items()
             }
         return sd
@@ -234,7 +259,9 @@ class Dist:
         """This rank's rows of a full optimizer state dict's expert moments."""
         for pid in self._expert_pids(optimizer):
             sd["state"][pid] = {
-                k: v.chunk(self.world)[self.rank].clone() if _is_rows(v) else v
+                k: v.chunk(self.ep_mesh.size(1))[self.ep_mesh.get_local_rank("ep")].clone()
+                if _is_rows(v)
+                else v
                 for k, v in sd["state"].get(pid, {}).items()
             }
         return sd
@@ -259,7 +286,8 @@ class Dist:
 
     @property
     def _device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else "cpu"
+        nccl = dist.get_backend() == "nccl"
+        return torch.device("cuda", self.local_rank) if nccl else torch.device("cpu")
 
 
 def _is_rows(value) -> bool:

@@ -346,7 +346,7 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
     if resume_from is not None and dist.mode != "fsdp2":  # full weights, before any sharding
         load_checkpoint(resume_from, model, restore_rng_state=False)
     if cfg.parallel.ep:
-        dist.shard_experts(model)
+        dist.shard_experts(model, cfg.parallel.ep_degree)
     step_loss = dist.wrap(model, device)  # FSDP2 shards the parameters: before the optimizer
     fsdp2 = dist.mode == "fsdp2"
     optimizer = _optimizer(

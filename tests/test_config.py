@@ -93,6 +93,7 @@ def test_every_listed_preset_loads():
             ["model.moe.num_experts=4", "parallel.ep=true"],
             r"parallel\.ep=true .* needs parallel\.dp=ddp or fsdp2",
         ),
+        (["parallel.ep_degree=2"], r"parallel\.ep_degree is set but parallel\.ep is false"),
         (
             ["model.moe.backend=megablocks", "model.moe.capacity_factor=1.25"],
             r"model\.moe\.backend=megablocks runs MegaBlocks' dropless dMoE: set "

@@ -32,16 +32,19 @@ MOE = [  # 4 experts, so each of 2 expert-parallel ranks holds 2
 ]
 
 
-# The two-process runs: global batch 4 (2 per rank), like their one-process references
-# "single" (dense) and "moe", which take the batch of 4 in one process.
-TWO_PROCESSES = {
-    "ddp": ["train.batch_size=2", "parallel.dp=ddp"],
-    "fsdp2": ["train.batch_size=2", "parallel.dp=fsdp2"],
-    "moe-ddp": [*MOE, "train.batch_size=2", "parallel.dp=ddp"],
-    "moe-ep": [*MOE, "train.batch_size=2", "parallel.dp=ddp", "parallel.ep=true"],
-    "moe-ep-fsdp2": [*MOE, "train.batch_size=2", "parallel.dp=fsdp2", "parallel.ep=true"],
+# The multi-process runs, name -> (processes, arguments): global batch 4, like their
+# one-process references "single" (dense) and "moe", which take the batch of 4 in one process.
+# The "ep2-of-4" runs split each copy of the experts over 2 ranks and keep 2 copies.
+EP2 = [*MOE, "train.batch_size=1", "parallel.ep=true", "parallel.ep_degree=2"]
+PARALLEL = {
+    "ddp": (2, ["train.batch_size=2", "parallel.dp=ddp"]),
+    "fsdp2": (2, ["train.batch_size=2", "parallel.dp=fsdp2"]),
+    "moe-ddp": (2, [*MOE, "train.batch_size=2", "parallel.dp=ddp"]),
+    "moe-ep": (2, [*MOE, "train.batch_size=2", "parallel.dp=ddp", "parallel.ep=true"]),
+    "moe-ep2-of-4": (4, [*EP2, "parallel.dp=ddp"]),
+    "moe-ep2-of-4-fsdp2": (4, [*EP2, "parallel.dp=fsdp2"]),
 }
-SHARDED = {"fsdp2", "moe-ep-fsdp2"}  # DCP checkpoints: converted before their weights are read
+SHARDED = {"fsdp2", "moe-ep2-of-4-fsdp2"}  # DCP: converted before being read
 
 
 def moe_lab(*args, world=1):
@@ -94,7 +97,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     train(root / "single", "train.batch_size=4")
     train(root / "moe", *MOE, "train.batch_size=4")
-    out = {name: train(root / name, *args, world=2) for name, args in TWO_PROCESSES.items()}
+    out = {name: train(root / name, *args, world=n) for name, (n, args) in PARALLEL.items()}
     return root, out["ddp"]
 
 
@@ -119,23 +122,26 @@ def test_torchrun_without_a_parallel_mode_is_a_clear_error(tmp_path):
     assert out.returncode != 0 and "set parallel.dp=ddp" in out.stderr
 
 
-@pytest.mark.parametrize("mode", ["moe-ddp", "moe-ep", "moe-ep-fsdp2"])
-def test_moe_on_two_processes_matches_one_process(runs, mode):
-    """Replicated (DDP) and expert-parallel experts, the rest replicated (DDP) or sharded (FSDP2);
-    the balancing bias follows the global load."""
+@pytest.mark.parametrize("mode", ["moe-ddp", "moe-ep", "moe-ep2-of-4", "moe-ep2-of-4-fsdp2"])
+def test_moe_on_several_processes_matches_one_process(runs, mode):
+    """Replicated (DDP) and expert-parallel experts (one copy over all ranks, or two copies over
+    two ranks each), the rest replicated (DDP) or sharded (FSDP2); the balancing bias follows
+    the global load."""
     root, _ = runs
     biases = [v for k, v in weights(root / "moe").items() if k.endswith("expert_bias")]
     assert sum(b.abs().sum() for b in biases) > 0  # the balancing bias did move
     assert_same_training(root / "moe", root / mode)
 
 
-@pytest.mark.parametrize("mode", ["fsdp2", "moe-ep", "moe-ep-fsdp2"])
+@pytest.mark.parametrize("mode", ["fsdp2", "moe-ep2-of-4", "moe-ep2-of-4-fsdp2"])
 def test_resume_is_exact_at_equal_world_size(runs, mode):
     """From FSDP2's sharded checkpoint, from expert-parallel's gathered one (under DDP, so this
-    covers DDP's resume too), and from FSDP2's with each rank's experts as row shards."""
+    covers DDP's resume too), and from FSDP2's where the experts are row shards of the ep mesh
+    dimension, replicated over the other."""
     root, _ = runs
     resumed = root / f"{mode}-resumed"
     shutil.copytree(root / mode, resumed)
     shutil.rmtree(latest_checkpoint(resumed / "checkpoints"))  # interrupted after step 2
-    train(resumed, *TWO_PROCESSES[mode], "run.resume=true", world=2)
+    world, args = PARALLEL[mode]
+    train(resumed, *args, "run.resume=true", world=world)
     assert losses(resumed) == losses(root / mode)

@@ -1,4 +1,5 @@
-"""Expert parallelism for the reference MoE: each rank holds E / W experts, tokens travel to them.
+"""Expert parallelism for the reference MoE: each of the W ranks of an ep group holds E / W experts,
+and tokens travel to them (the training loop may keep several such groups: ``parallel.ep_degree``).
 
 Every rank routes its own tokens with the full (replicated) router, then two all-to-alls move each
 kept (token, slot) row to the rank that holds its expert and the expert outputs back (GShard,
@@ -14,8 +15,9 @@ MegaBlocks' ``parallel_forward_once``, torchtitan's ``AllToAllTokenDispatcher``)
 
 The result equals the single-process layer on the union of all ranks' tokens (tested with gloo, two
 processes). Capacity, when set, counts each rank's own tokens (GShard's per-group capacity).
-Gradients of an expert's weights sum the contributions of every rank's tokens: the training loop
-divides them by W, as DDP does for the replicated parameters.
+Gradients of an expert's weights sum the contributions of the group's tokens: the training loop
+sums them over the copies of the expert and divides by the world size, as DDP averages the
+replicated parameters (:meth:`moe_lab.distributed.Dist.clip_grad_norm_`).
 """
 
 from __future__ import annotations
