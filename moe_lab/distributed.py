@@ -15,10 +15,9 @@ With ``parallel.ep=true`` the MoE experts are split over the ranks instead of re
 (:mod:`moe_lab.experts.parallel`), over all of them or, with ``parallel.ep_degree=d``, over each
 run of d consecutive ranks, which then hold world / d copies: DDP or FSDP2 leaves the experts alone
 (FSDP2 shards the rest), their gradients are summed over the copies and averaged here, and the
-gradient norm adds one copy's experts. Under DDP checkpoints
-gather them into the single-process format, so an expert-parallel checkpoint loads anywhere; under
-FSDP2 each rank's experts are row shards of the sharded (DCP) checkpoint, which ``moe-lab convert``
-turns into that format.
+gradient norm adds one copy's experts. Under DDP checkpoints gather them into the single-process
+format, so an expert-parallel checkpoint loads anywhere; under FSDP2 each rank's experts are row
+shards of the sharded (DCP) checkpoint, which ``moe-lab convert`` turns into that format.
 """
 
 from __future__ import annotations
