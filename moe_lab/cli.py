@@ -70,10 +70,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.run_dir) / "eval.json"
-    if args.knn and (Path(args.run_dir) / "manifest.json").exists():
+    single = not (Path(args.run_dir) / "manifest.json").exists()  # else experts, or an IFC run
+    if args.knn and not single:
         raise ConfigError("eval --knn takes a single model's run, not an ensemble or IFC directory")
     tasks = _split_tasks(args)  # first: key=value after --tasks joins the overrides
-    single = not (Path(args.run_dir) / "manifest.json").exists()
     if single and args.lang:
         raise ConfigError(f"{args.run_dir} is a single model: --lang applies to X-ELM directories")
     fewshot = {} if single else _fewshot(args, tasks, device)  # {} without --tasks
@@ -88,7 +88,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         out.write_text(json.dumps(result | fewshot, indent=2))
         _print_report(report, out)
         return
-    if (Path(args.run_dir) / "manifest.json").exists():  # a directory of experts: an ensemble
+    if not single:  # a directory of experts: an ensemble
         from moe_lab.experts.ensemble import evaluate_experts
 
         cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)

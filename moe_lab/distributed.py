@@ -57,12 +57,20 @@ class Dist:
     # Expert parallelism: the (replica, ep) DeviceMesh; rank r holds the experts of position
     # r % ep_degree in its ep group (consecutive ranks); the replica group joins equal positions.
     ep_mesh: object = None
-    ep_group: object = None
-    replica_group: object = None  # None when one copy of the experts spans the world
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup:
+        """The ranks that together hold one copy of the experts."""
+        return self.ep_mesh.get_group("ep")
+
+    @property
+    def replica_group(self) -> dist.ProcessGroup | None:
+        """The ranks holding copies of this rank's experts; None when there is one copy."""
+        return self.ep_mesh.get_group("replica") if self.ep_mesh.size(0) > 1 else None
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -145,8 +153,6 @@ class Dist:
             )
         shape, names = (self.world // degree, degree), ("replica", "ep")
         self.ep_mesh = init_device_mesh(self._device.type, shape, mesh_dim_names=names)
-        self.ep_group = self.ep_mesh.get_group("ep")
-        self.replica_group = self.ep_mesh.get_group("replica") if degree < self.world else None
         shard_experts(model, self.ep_group)
         self.experts = expert_parameters(model)
 
@@ -160,10 +166,11 @@ class Dist:
         if not self.experts:
             return self.full(torch.nn.utils.clip_grad_norm_(params, max_norm)).item()
         local = {id(p) for p in self.experts.values()}
+        replicas = self.replica_group
         for p in self.experts.values():
             if p.grad is not None:
-                if self.replica_group is not None:
-                    dist.all_reduce(p.grad, group=self.replica_group)
+                if replicas is not None:
+                    dist.all_reduce(p.grad, group=replicas)
                 p.grad.div_(self.world)
         mine = [p for p in params if id(p) in local]
         shared = [p for p in params if id(p) not in local]  # FSDP2: DTensors

@@ -31,6 +31,8 @@ MegaBlocks needs CUDA, ``grouped_gemm`` and a torch version it pins (0.10.0: tor
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -60,6 +62,7 @@ def import_megablocks():
     return Arguments, ParallelDroplessMLP
 
 
+@functools.cache  # asked once per MoE layer; a failed import is not cached by Python
 def megablocks_available() -> bool:
     """CUDA is present and MegaBlocks imports: what ``backend: auto`` asks before choosing it."""
     if not torch.cuda.is_available():
