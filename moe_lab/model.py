@@ -98,8 +98,39 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig | N
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x [B, H, T, hd]`` by position; ``cos``/``sin`` are ``[B, 1, T, hd // 2]``."""
+    if torch.compiler.is_compiling():  # inductor fuses the formula into one kernel
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return _Rope.apply(x, cos, sin)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``(x1 cos - x2 sin, x2 cos + x1 sin)`` over the halves of the last dim, written in place
+    into one output: four kernels and no temporaries instead of seven kernels and six."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    out1, out2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin)
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    """RoPE with a hand-written backward: a rotation's gradient is the rotation by ``-angle``.
+
+    Autograd through the formula runs ~3x as many kernels; this halves RoPE's cost on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
 
 
 def positions_in_documents(doc_ids: Tensor) -> Tensor:
@@ -158,9 +189,14 @@ class Attention(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # One GEMM for q, k and v over the concatenated weights (a 1.5 MB copy at d=512): ~10%
+        # faster than three on CPU, while the state dict keeps Llama's separate wq, wk, wv.
+        w_qkv = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = F.linear(x, w_qkv).split((q_dim, kv_dim, kv_dim), dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # [B, Hkv, past + T, hd]

@@ -73,6 +73,29 @@ def test_rmsnorm_gradients_match_autograd_of_the_closed_form():
     torch.testing.assert_close(wb.grad.double(), wr.grad, rtol=1e-2, atol=1e-2)
 
 
+def test_rope_matches_the_rotate_half_formula_and_its_gradient():
+    """The hand-written RoPE: forward equals the formula, gradcheck in float64, and the backward
+    (a rotation by the negative angle) equals autograd through the formula on a strided input,
+    as the attention passes it."""
+    from moe_lab.model import apply_rope
+
+    def formula(x, cos, sin):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    angle = torch.randn(2, 1, 5, 4, dtype=torch.float64)
+    cos, sin = angle.cos(), angle.sin()
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: apply_rope(a, cos, sin), (x,))
+    grad = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    out = apply_rope(x, cos, sin)
+    (dx,) = torch.autograd.grad(out, x, grad)
+    ref = formula(x, cos, sin)
+    (dx_ref,) = torch.autograd.grad(ref, x, grad)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(dx, dx_ref)
+
+
 def test_tied_embeddings_share_one_matrix():
     model = build_model(ModelConfig(tie_embeddings=True))
     assert model.output is None
