@@ -135,7 +135,13 @@ class Dist:
         ids = [device.index] if device.type == "cuda" else None
         # No buffer broadcast: each rank's router counts its own tokens (summed before a balancing
         # bias update, so every rank's bias stays identical); the rest are constants.
-        return DistributedDataParallel(root, device_ids=ids, broadcast_buffers=False)
+        # find_unused_parameters also stops DDP from rebuilding its gradient buckets in the order
+        # of the first backward: a rebuild moves gradients to other all-reduce chunks, so at 3+
+        # ranks the cross-rank sums change order and a resumed run's first step differs from the
+        # straight run's in the last bits. The price: one autograd-graph walk per step.
+        return DistributedDataParallel(
+            root, device_ids=ids, broadcast_buffers=False, find_unused_parameters=True
+        )
 
     def shard_experts(self, model: nn.Module, degree: int | None = None) -> None:
         """Expert parallelism: keep this rank's E / d experts of every MoE layer, d = ``degree``

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from moe_lab.causal_attention import causal_attention
 from moe_lab.config import ModelConfig, RopeScalingConfig
 from moe_lab.experts import build_ffn
 from moe_lab.losses import fused_linear_cross_entropy
@@ -200,11 +201,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # [B, Hkv, past + T, hd]
-        # enable_gqa: each group of query heads reads its kv head without copying it
-        gqa = self.n_kv_heads != self.n_heads
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
-        )
+        if mask is None and cache is None:
+            y = causal_attention(q, k, v)
+        else:  # enable_gqa: each group of query heads reads its kv head without copying it
+            gqa = self.n_kv_heads != self.n_heads
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
+            )
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
