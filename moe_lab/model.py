@@ -169,7 +169,9 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention (Ainslie et al. 2023) through ``scaled_dot_product_attention``."""
+    """Grouped-query attention (Ainslie et al. 2023): causal through
+    :func:`~moe_lab.causal_attention.causal_attention`, with a document mask or a KV cache through
+    ``scaled_dot_product_attention``."""
 
     def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
