@@ -63,7 +63,8 @@ class BlockCausalAttention(torch.autograd.Function):
         q_NGTd = q.reshape(N, G, T, hd)  # query heads g of kv head n are consecutive (GQA)
         k_NTd, v_NTd = k.reshape(N, T, hd), v.reshape(N, T, hd)
         out_NGTd = q.new_empty(N, G, T, hd)
-        probs = []
+        probs = []  # kept for the backward only: inference frees each block's at once
+        keep = any(ctx.needs_input_grad[:3])
         for s, e in _blocks(T, block):
             b = e - s
             q_NRd = q_NGTd[:, :, s:e].reshape(N, G * b, hd)  # R = G * b rows: (head, position)
@@ -74,7 +75,8 @@ class BlockCausalAttention(torch.autograd.Function):
             scores_NRe.view(N, G, b, e)[..., s:].masked_fill_(future_bb, float("-inf"))
             p_NRe = torch.softmax(scores_NRe, dim=-1)
             out_NGTd[:, :, s:e] = torch.bmm(p_NRe, v_NTd[:, :e]).view(N, G, b, hd)
-            probs.append(p_NRe)
+            if keep:
+                probs.append(p_NRe)
         ctx.save_for_backward(q_NGTd, k_NTd, v_NTd, out_NGTd, *probs)
         ctx.shapes, ctx.block, ctx.scale = (q.shape, k.shape), block, scale
         return out_NGTd.view(B, H, T, hd)
