@@ -53,7 +53,6 @@ class Dist:
     owns_group: bool = False  # this process group was created here, and is destroyed here
     mode: str = "none"  # parallel.dp in force: none | ddp | fsdp2
     experts: dict[str, nn.Parameter] = field(default_factory=dict)  # rank-local (ep) by name
-    mesh: object = None  # FSDP2's DeviceMesh
     # Expert parallelism: the (replica, ep) DeviceMesh; rank r holds the experts of position
     # r % ep_degree in its ep group (consecutive ranks); the replica group joins equal positions.
     ep_mesh: object = None
@@ -118,13 +117,13 @@ class Dist:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
-            self.mesh = init_device_mesh(device.type, (self.world,))
+            mesh = init_device_mesh(device.type, (self.world,))
             experts = set(self.experts.values())  # rank-local already: FSDP2 leaves them alone
             for layer in model.layers:
                 mine = {p for p in layer.parameters() if p in experts}
-                fully_shard(layer, mesh=self.mesh, ignored_params=mine or None)
+                fully_shard(layer, mesh=mesh, ignored_params=mine or None)
             root = LossModule(model)
-            fully_shard(root, mesh=self.mesh, ignored_params=experts or None)
+            fully_shard(root, mesh=mesh, ignored_params=experts or None)
             return root
         from torch.nn.parallel import DistributedDataParallel
 

@@ -170,8 +170,8 @@ class KVCache:
 
 class Attention(nn.Module):
     """Grouped-query attention (Ainslie et al. 2023): causal through
-    :func:`~moe_lab.causal_attention.causal_attention`, with a document mask or a KV cache through
-    ``scaled_dot_product_attention``."""
+    :func:`~moe_lab.causal_attention.causal_attention`, with a document mask or after a cached
+    past through ``scaled_dot_product_attention`` and that mask."""
 
     def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
@@ -203,13 +203,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # [B, Hkv, past + T, hd]
-        if mask is None and cache is None:
+        if mask is None:  # no document mask, no cached past: plain causal, as many keys as queries
             y = causal_attention(q, k, v)
         else:  # enable_gqa: each group of query heads reads its kv head without copying it
             gqa = self.n_kv_heads != self.n_heads
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
-            )
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
