@@ -1,11 +1,11 @@
 """The reference MoE layer and MoE training step, against a dense FFN and transformers' Mixtral.
 
 Layer: forward + backward of 8 experts, top-2, d=256, over 2048 tokens, at expert widths 344 and
-688, next to (a) the dense SwiGLU of equal active FLOPs (width k * F), (b) our per-expert loop,
-(c) transformers' MixtralSparseMoeBlock with the same weights, in each of its experts
-implementations. Step: a Mixtral-shaped MoE model (cpu-small dims) trained one step by moe_lab
-and by MixtralForCausalLM (balancing loss included on both sides). Outputs are checked equal to
-transformers' before anything is timed.
+688, next to (a) the dense SwiGLU of equal active FLOPs (width k * F), (b) our autograd expert
+loop, (c) transformers' MixtralSparseMoeBlock with the same weights, in each of its experts
+implementations; and the activation memory each keeps for its backward. Step: a Mixtral-shaped
+MoE model (cpu-small dims) trained one step by moe_lab and by MixtralForCausalLM (balancing loss
+included on both sides). Outputs are checked equal to transformers' before anything is timed.
 
     python bench/moe_layer.py                 # prints tables, writes bench/results/moe_layer.json
 """
@@ -51,13 +51,29 @@ def _fwd_bwd(fn, x, grad):
     return run
 
 
-def layer_variants(width: int) -> dict:
+def _saved_mib(fn, x, params: set[int]) -> float:
+    """MiB of activations one forward keeps for the backward (parameters and the input left out)."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return sum(storages.values()) / 2**20
+
+
+def layer_variants(width: int) -> tuple[dict, dict]:
+    """Timed forward + backward of each variant, and the activation MiB each keeps."""
     cfg = MoEConfig(num_experts=E, top_k=K, expert_hidden=width)
     ours = MoE(D, cfg, n_layers=1)
     ours.reset_parameters()
     loop = MoE(D, cfg, n_layers=1)
     loop.load_state_dict(ours.state_dict())
-    loop.grouped_mm = False
+    loop.fused = False
     dense = SwiGLU(D, K * width, n_layers=1)
     dense.reset_parameters()
     block = _hf_block(ours, width)
@@ -76,13 +92,17 @@ def layer_variants(width: int) -> dict:
 
         return fn
 
-    variants = {
-        "moe_lab (grouped_mm)": _fwd_bwd(lambda t: ours(t)[0], x, grad),
-        "moe_lab (expert loop)": _fwd_bwd(lambda t: loop(t)[0], x, grad),
-        f"dense SwiGLU, width {K * width}": _fwd_bwd(lambda t: dense(t)[0], x, grad),
+    forwards = {
+        "moe_lab": lambda t: ours(t)[0],
+        "moe_lab (expert loop)": lambda t: loop(t)[0],
+        f"dense SwiGLU, width {K * width}": lambda t: dense(t)[0],
+        **{f"transformers {impl}": hf(impl) for impl in HF_IMPLS},
     }
-    variants.update({f"transformers {impl}": _fwd_bwd(hf(impl), x, grad) for impl in HF_IMPLS})
-    return variants
+    params = {x.untyped_storage().data_ptr()}
+    for module in (ours, loop, dense, block):
+        params |= {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved = {key: _saved_mib(fn, x, params) for key, fn in forwards.items()}
+    return {key: _fwd_bwd(fn, x, grad) for key, fn in forwards.items()}, saved
 
 
 def step_variants() -> dict:
@@ -131,13 +151,18 @@ def step_variants() -> dict:
     return {"moe_lab": ours_step, **{f"transformers {i}": hf_step(i) for i in HF_IMPLS}}
 
 
-def _table(title: str, medians: dict[str, float], base_key: str) -> dict:
+def _table(title: str, medians: dict[str, float], base_key: str, saved: dict | None = None) -> dict:
     print(f"\n{title}")
-    print(f"{'variant':34s} {'ms':>8s} {'vs ' + base_key[:20]:>26s}")
+    head = f"{'variant':34s} {'ms':>8s} {'vs ' + base_key[:20]:>26s}"
+    print(head + (f" {'saved activations':>18s}" if saved else ""))
     rows = {}
     for key, sec in medians.items():
         rows[key] = {"ms": sec * 1e3, "ratio_to_base": sec / medians[base_key]}
-        print(f"{key:34s} {sec * 1e3:8.1f} {sec / medians[base_key]:25.2f}x")
+        line = f"{key:34s} {sec * 1e3:8.1f} {sec / medians[base_key]:25.2f}x"
+        if saved:
+            rows[key]["saved_mib"] = saved[key]
+            line += f" {saved[key]:14.1f} MiB"
+        print(line)
     return rows
 
 
@@ -150,13 +175,14 @@ def main() -> None:
     torch.manual_seed(0)
     results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "layer": {}}
     for width in (344, 688):
-        medians, peak = interleaved(layer_variants(width), args.rounds, args.warmup)
+        variants, saved = layer_variants(width)
+        medians, peak = interleaved(variants, args.rounds, args.warmup)
         base = f"dense SwiGLU, width {K * width}"
         title = (
             f"MoE layer fwd+bwd: E={E} k={K} d={D} F={width}, {T} tokens "
             f"(mm peak {peak / 1e9:.0f} GFLOP/s)"
         )
-        results["layer"][width] = _table(title, medians, base)
+        results["layer"][width] = _table(title, medians, base, saved)
     medians, peak = interleaved(step_variants(), args.rounds, args.warmup)
     title = f"MoE training step, 8 x 256 tokens (mm peak {peak / 1e9:.0f} GFLOP/s)"
     results["step"] = _table(title, medians, "moe_lab")

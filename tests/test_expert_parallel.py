@@ -30,7 +30,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, grouped_mm: bool) -> None:
+def _worker(rank: int, port: int, fused: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
@@ -41,8 +41,8 @@ def _worker(rank: int, port: int, grouped_mm: bool) -> None:
         ep = copy.deepcopy(reference)
         for model in (reference, ep):
             for m in model.modules():
-                if hasattr(m, "grouped_mm"):
-                    m.grouped_mm = grouped_mm
+                if hasattr(m, "fused"):
+                    m.fused = fused
         assert shard_experts(ep) == CFG.n_layers
 
         # Reference: one process sees every rank's batch; the loss sums the per-rank losses.
@@ -77,9 +77,9 @@ def _worker(rank: int, port: int, grouped_mm: bool) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("grouped_mm", [True, False])
-def test_expert_parallel_equals_the_single_process_model(grouped_mm):
-    mp.spawn(_worker, args=(_free_port(), grouped_mm), nprocs=WORLD)
+@pytest.mark.parametrize("fused", [True, False])
+def test_expert_parallel_equals_the_single_process_model(fused):
+    mp.spawn(_worker, args=(_free_port(), fused), nprocs=WORLD)
 
 
 def _indivisible(rank: int, port: int) -> None:

@@ -11,7 +11,7 @@ from moe_lab import ModelConfig, build_model
 from moe_lab.accounting import estimate, matched_moe
 from moe_lab.config import ConfigError, MoEConfig, load_config
 from moe_lab.experts import MoE, SwiGLU
-from moe_lab.experts.moe import _CPU_GROUPED_MM, capacity, expert_slots
+from moe_lab.experts.moe import capacity, expert_slots
 from moe_lab.experts.upcycle import upcycle
 from moe_lab.routing import RouterStats, load_balancing_loss, moe_aux_loss, z_loss
 
@@ -240,9 +240,6 @@ def test_moe_params_and_flops_match_the_accountant():
     expert = 3 * 32 * 32
     assert est.total_params - est.active_params == 2 * (4 - 2) * expert
     tokens = torch.randint(0, 97, (2, 16))
-    for layer in model.layers:  # FlopCounterMode has no formula for _grouped_mm: count the loop
-        if isinstance(layer.feed_forward, MoE):
-            layer.feed_forward.grouped_mm = False
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(tokens)
     assert counter.get_total_flops() / tokens.numel() == pytest.approx(
@@ -323,20 +320,3 @@ def test_a_small_moe_trains_on_the_shipped_corpus_and_logs_routing(tmp_path):
 
     state = load_file(latest_checkpoint(result.run_dir / "checkpoints") / "model.safetensors")
     assert state["layers.1.feed_forward.router.expert_bias"].abs().sum() > 0  # bias learned
-
-
-@pytest.mark.skipif(not _CPU_GROUPED_MM, reason="torch without the CPU _grouped_mm kernel")
-@pytest.mark.parametrize("capacity_factor", [None, 0.5])
-def test_grouped_gemm_path_equals_the_expert_loop(capacity_factor):
-    layer = _moe(num_experts=6, capacity_factor=capacity_factor)
-    x = torch.randn(50, D, requires_grad=True)
-    grads = []
-    for grouped in (True, False):
-        layer.grouped_mm = grouped
-        x.grad = None
-        layer.zero_grad()
-        y, _ = layer(x)
-        y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(1)))
-        grads.append((y.detach(), x.grad.clone(), layer.w1.grad.clone(), layer.w2.grad.clone()))
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -1,9 +1,9 @@
 """The reference MoE layer: a top-k router, E SwiGLU experts, an optional shared expert.
 
 Pure PyTorch, CPU and GPU: the numerical oracle for the MegaBlocks backend. Token slots are sorted
-by expert so that each expert runs once, on one contiguous segment: with ``torch._grouped_mm`` (one
-kernel for all experts, no host sync; on CPU since torch 2.11) where it exists, else a readable loop
-over experts, kept as the fallback and as the reference the grouped path is tested against.
+by expert so that each expert runs once, on one contiguous segment: in one autograd Function with a
+hand-written backward that keeps a third of the activations (:mod:`moe_lab.experts.fused`), or, as
+the readable reference it is tested against and under ``torch.compile``, an autograd loop.
 
 Weights use MegaBlocks' GLU layout so checkpoints move between backends unchanged:
 ``w1`` (gate), ``v1`` (up) and ``w2`` (down, transposed) are each ``[E * F, D]``; expert e owns rows
@@ -28,15 +28,10 @@ from torch import Tensor, nn
 
 from moe_lab.config import MoEConfig
 from moe_lab.experts.dense import SwiGLU
+from moe_lab.experts.fused import swiglu_experts
 from moe_lab.routing.topk import RouterStats, TopKRouter
 
 __all__ = ["MoE", "capacity", "expert_slots", "run_experts"]
-
-# The fp32 CPU kernel of torch._grouped_mm exists since torch 2.11; its CUDA kernel wants bf16 on
-# recent GPUs and its fake kernel (torch.compile) bf16 too: elsewhere the expert loop runs.
-_CPU_GROUPED_MM = hasattr(torch, "_grouped_mm") and tuple(
-    int(v) for v in torch.__version__.split("+")[0].split(".")[:2]
-) >= (2, 11)
 
 
 def capacity(cfg: MoEConfig, n_tokens: int) -> int | None:
@@ -68,7 +63,7 @@ class MoE(nn.Module):
         self.w1 = nn.Parameter(torch.empty(E * Fh, dim))
         self.v1 = nn.Parameter(torch.empty(E * Fh, dim))
         self.w2 = nn.Parameter(torch.empty(E * Fh, dim))
-        self.grouped_mm = True  # torch._grouped_mm where it applies (_use_grouped_mm); False: loop
+        self.fused = True  # experts.fused's Function (not while compiling); False: the loop
         self.ep_group = None  # expert parallelism: this rank holds E / W experts (experts.parallel)
         self.shared = None
         if cfg.shared_expert_hidden > 0:
@@ -103,6 +98,11 @@ class MoE(nn.Module):
         slot_S, expert_S = slot_S[order], expert_S[order]
         token_S = slot_S // K
         counts_E = torch.bincount(expert_S, minlength=self.cfg.num_experts)
+        weight_S = weights_TK.flatten().index_select(0, slot_S).to(x_TD.dtype)
+        if self.ep_group is None and _fused(self.fused):
+            return swiglu_experts(
+                x_TD, self.w1, self.v1, self.w2, counts_E.tolist(), token_S, weight_S
+            )
         # index_select, not x_TD[token_S]: the gradient of advanced indexing is an accumulating
         # index_put, 8x slower on CPU than index_select's index_add (2.8 vs 0.35 ms at T=2048).
         x_SD = x_TD.index_select(0, token_S)
@@ -111,38 +111,30 @@ class MoE(nn.Module):
 
             y_SD = dispatch_to_experts(self, x_SD, counts_E, self.ep_group)
         else:
-            y_SD = run_experts(x_SD, counts_E, self.w1, self.v1, self.w2, self.grouped_mm)
-        y_SD = y_SD * weights_TK.flatten().index_select(0, slot_S)[:, None].to(x_TD.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token_S, y_SD)
+            y_SD = run_experts(x_SD, counts_E, self.w1, self.v1, self.w2, fused=False)
+        return torch.zeros_like(x_TD).index_add_(0, token_S, y_SD * weight_S[:, None])
 
 
-def _use_grouped_mm(x: Tensor) -> bool:
-    return (
-        _CPU_GROUPED_MM
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and not torch.compiler.is_compiling()
-    )
+def _fused(wanted: bool) -> bool:
+    # The Function's per-expert loop needs the counts on the host: a graph break under compile,
+    # where the autograd loop traces instead.
+    return wanted and not torch.compiler.is_compiling()
 
 
 def run_experts(
-    x_SD: Tensor, counts_E: Tensor, w1: Tensor, v1: Tensor, w2: Tensor, grouped_mm: bool = True
+    x_SD: Tensor, counts_E: Tensor, w1: Tensor, v1: Tensor, w2: Tensor, fused: bool = True
 ) -> Tensor:
     """SwiGLU expert e on segment e of ``x_SD`` (rows sorted by expert, ``counts_E[e]`` each).
 
     ``w1``, ``v1``, ``w2`` are ``[E * F, D]`` in MegaBlocks' layout, E = ``len(counts_E)``: all
     experts, or the local ones of an expert-parallel rank.
     """
-    E = len(counts_E)
+    counts = counts_E.tolist()  # one host sync per layer
+    if _fused(fused):
+        return swiglu_experts(x_SD, w1, v1, w2, counts)
+    E = len(counts)
     w1_EFD, v1_EFD, w2_EFD = (w.view(E, -1, w.shape[1]) for w in (w1, v1, w2))  # w2: down.T
-    if grouped_mm and _use_grouped_mm(x_SD):
-        offs = counts_E.cumsum(0).to(torch.int32)  # end of each expert's segment
-        gate_SF = torch._grouped_mm(x_SD, w1_EFD.transpose(1, 2), offs=offs)
-        up_SF = torch._grouped_mm(x_SD, v1_EFD.transpose(1, 2), offs=offs)
-        return torch._grouped_mm(F.silu(gate_SF) * up_SF, w2_EFD, offs=offs)
-    outs, start = [], 0
-    for e, n in enumerate(counts_E.tolist()):  # one host sync per layer
-        seg_nD = x_SD[start : start + n]
+    outs = []
+    for e, seg_nD in enumerate(x_SD.split(counts)):
         outs.append((F.silu(seg_nD @ w1_EFD[e].t()) * (seg_nD @ v1_EFD[e].t())) @ w2_EFD[e])
-        start += n
     return torch.cat(outs) if outs else x_SD.new_zeros(0, w2.shape[1])

@@ -110,6 +110,6 @@ def dispatch_to_experts(
     )
     order = local_R.argsort(stable=True)  # arrival order (by source rank) -> by local expert
     x_RD = x_RD.index_select(0, order)  # not x_RD[order]: see MoE._experts
-    y_RD = run_experts(x_RD, recv_WL.sum(0), layer.w1, layer.v1, layer.w2, layer.grouped_mm)
+    y_RD = run_experts(x_RD, recv_WL.sum(0), layer.w1, layer.v1, layer.w2, layer.fused)
     y_RD = torch.empty_like(y_RD).index_copy(0, order, y_RD)  # back to arrival order
     return _AllToAll.apply(y_RD, send, recv, group)
