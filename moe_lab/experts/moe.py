@@ -63,7 +63,7 @@ class MoE(nn.Module):
         self.w1 = nn.Parameter(torch.empty(E * Fh, dim))
         self.v1 = nn.Parameter(torch.empty(E * Fh, dim))
         self.w2 = nn.Parameter(torch.empty(E * Fh, dim))
-        self.fused = True  # experts.fused's Function (not while compiling); False: the loop
+        self.fused = True  # run_experts' fused: the hand-written Function, or the loop
         self.ep_group = None  # expert parallelism: this rank holds E / W experts (experts.parallel)
         self.shared = None
         if cfg.shared_expert_hidden > 0:
@@ -99,19 +99,14 @@ class MoE(nn.Module):
         token_S = slot_S // K
         counts_E = torch.bincount(expert_S, minlength=self.cfg.num_experts)
         weight_S = weights_TK.flatten().index_select(0, slot_S).to(x_TD.dtype)
-        if self.ep_group is None and _fused(self.fused):
-            return swiglu_experts(
-                x_TD, self.w1, self.v1, self.w2, counts_E.tolist(), token_S, weight_S
+        if self.ep_group is None:
+            return run_experts(
+                x_TD, counts_E, self.w1, self.v1, self.w2, token_S, weight_S, self.fused
             )
-        # index_select, not x_TD[token_S]: the gradient of advanced indexing is an accumulating
-        # index_put, 8x slower on CPU than index_select's index_add (2.8 vs 0.35 ms at T=2048).
-        x_SD = x_TD.index_select(0, token_S)
-        if self.ep_group is not None:
-            from moe_lab.experts.parallel import dispatch_to_experts
+        from moe_lab.experts.parallel import dispatch_to_experts
 
-            y_SD = dispatch_to_experts(self, x_SD, counts_E, self.ep_group)
-        else:
-            y_SD = run_experts(x_SD, counts_E, self.w1, self.v1, self.w2, fused=False)
+        x_SD = x_TD.index_select(0, token_S)  # not x_TD[token_S]: see run_experts
+        y_SD = dispatch_to_experts(self, x_SD, counts_E, self.ep_group)
         return torch.zeros_like(x_TD).index_add_(0, token_S, y_SD * weight_S[:, None])
 
 
@@ -122,19 +117,35 @@ def _fused(wanted: bool) -> bool:
 
 
 def run_experts(
-    x_SD: Tensor, counts_E: Tensor, w1: Tensor, v1: Tensor, w2: Tensor, fused: bool = True
+    x_ND: Tensor,
+    counts_E: Tensor,
+    w1: Tensor,
+    v1: Tensor,
+    w2: Tensor,
+    rows_S: Tensor | None = None,
+    scale_S: Tensor | None = None,
+    fused: bool = True,
 ) -> Tensor:
-    """SwiGLU expert e on segment e of ``x_SD`` (rows sorted by expert, ``counts_E[e]`` each).
+    """``y [N, D]``, ``y[rows_S[s]] += scale_S[s] * SwiGLU_e(x_ND[rows_S[s]])`` for slot s of
+    expert e: slots sorted by expert, ``counts_E[e]`` each. ``rows_S`` None: slot s is row s;
+    ``scale_S`` None: 1.
 
     ``w1``, ``v1``, ``w2`` are ``[E * F, D]`` in MegaBlocks' layout, E = ``len(counts_E)``: all
-    experts, or the local ones of an expert-parallel rank.
+    experts, or the local ones of an expert-parallel rank. ``fused``: :mod:`experts.fused`'s
+    Function (not while compiling); False: the autograd loop it is tested against.
     """
     counts = counts_E.tolist()  # one host sync per layer
     if _fused(fused):
-        return swiglu_experts(x_SD, w1, v1, w2, counts)
+        return swiglu_experts(x_ND, w1, v1, w2, counts, rows_S, scale_S)
+    # index_select, not x_ND[rows_S]: the gradient of advanced indexing is an accumulating
+    # index_put, 8x slower on CPU than index_select's index_add (2.8 vs 0.35 ms at T=2048).
+    x_SD = x_ND if rows_S is None else x_ND.index_select(0, rows_S)
     E = len(counts)
     w1_EFD, v1_EFD, w2_EFD = (w.view(E, -1, w.shape[1]) for w in (w1, v1, w2))  # w2: down.T
     outs = []
     for e, seg_nD in enumerate(x_SD.split(counts)):
         outs.append((F.silu(seg_nD @ w1_EFD[e].t()) * (seg_nD @ v1_EFD[e].t())) @ w2_EFD[e])
-    return torch.cat(outs) if outs else x_SD.new_zeros(0, w2.shape[1])
+    y_SD = torch.cat(outs) if outs else x_SD.new_zeros(0, w2.shape[1])
+    if scale_S is not None:
+        y_SD = y_SD * scale_S[:, None]
+    return y_SD if rows_S is None else torch.zeros_like(x_ND).index_add_(0, rows_S, y_SD)

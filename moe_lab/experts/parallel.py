@@ -9,9 +9,10 @@ MegaBlocks' ``parallel_forward_once``, torchtitan's ``AllToAllTokenDispatcher``)
    ``e // (E / W)``, so the rows for each rank are one contiguous run;
 2. exchange the per-expert row counts, then the rows (``all_to_all_single`` with uneven splits,
    differentiable: its backward is the reverse all-to-all);
-3. the received rows arrive grouped by source rank; a stable sort groups them by local expert, each
-   local expert runs once on its segment (:func:`~moe_lab.experts.moe.run_experts`), and the
-   inverse permutation restores the arrival order for the return trip.
+3. the received rows arrive grouped by source rank; a stable sort groups them by local expert, and
+   each local expert runs once on its segment (:func:`~moe_lab.experts.moe.run_experts`, which
+   reads the rows through that order and writes each output back to its row, so the return trip
+   keeps the arrival order).
 
 The result equals the single-process layer on the union of all ranks' tokens (tested with gloo, two
 processes). Capacity, when set, counts each rank's own tokens (GShard's per-group capacity).
@@ -109,7 +110,7 @@ def dispatch_to_experts(
         torch.arange(local_E, device=x_SD.device).repeat(world), recv_WL.flatten()
     )
     order = local_R.argsort(stable=True)  # arrival order (by source rank) -> by local expert
-    x_RD = x_RD.index_select(0, order)  # not x_RD[order]: see MoE._experts
-    y_RD = run_experts(x_RD, recv_WL.sum(0), layer.w1, layer.v1, layer.w2, layer.fused)
-    y_RD = torch.empty_like(y_RD).index_copy(0, order, y_RD)  # back to arrival order
+    # Slot s of the sorted order reads row order[s] and writes it back there: arrival order.
+    counts = recv_WL.sum(0)
+    y_RD = run_experts(x_RD, counts, layer.w1, layer.v1, layer.w2, order, fused=layer.fused)
     return _AllToAll.apply(y_RD, send, recv, group)
