@@ -99,13 +99,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     cfg, model, tokenizer = load_run(args.run_dir, args.overrides, device=device)
     fewshot = _fewshot(args, tasks, device, TransformerScorer(model, tokenizer))
     store = validation_store(cfg, tokenizer)
-    result = evaluate(model, store, cfg.train.seq_len, cfg.train.batch_size, device, progress=True)
+    result = evaluate(model, store, cfg.train.seq_len, cfg.train.eval_batch, device, progress=True)
     previous = json.loads(out.read_text()) if out.exists() else {}  # keeps step, tokens, FLOPs
     report = previous | {"valid": result} | fewshot
     if args.knn:  # the datastore of `moe-lab knn build`, tuned on half the documents
         from moe_lab.knnlm.run import evaluate_run_knn
 
-        seq_len, batch_size = cfg.train.seq_len, cfg.train.batch_size
+        seq_len, batch_size = cfg.train.seq_len, cfg.train.eval_batch
         report["knn"] = evaluate_run_knn(
             args.run_dir, model, tokenizer, store, seq_len, batch_size, device
         )

@@ -553,7 +553,7 @@ def _knn(kc: KnnConfig, scorer: dict | None, v: VariantConfig) -> dict:
     build_run_datastore(run, kc.index, kc.key_type)
     cfg, model, tokenizer = load_run(run)
     store = validation_store(cfg, tokenizer)
-    knn = evaluate_run_knn(run, model, tokenizer, store, cfg.train.seq_len, cfg.train.batch_size)
+    knn = evaluate_run_knn(run, model, tokenizer, store, cfg.train.seq_len, cfg.train.eval_batch)
     return {
         **{k: knn["tuned"][k] for k in ("lambda", "temperature", "k")},
         "lm_loss": knn["lm"]["overall"]["loss"],

@@ -289,6 +289,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # validation loss every N steps; 0 = only at the end
     eval_max_batches: int = 50  # cap on validation batches during training (the final eval is full)
+    # sequences per evaluation batch (no activations are kept there); None = batch_size
+    eval_batch_size: int | None = None
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     on_nonfinite: str = "raise"  # raise: stop before the optimizer step | skip: skip and count
@@ -301,6 +303,11 @@ class TrainConfig:
     # branch-train-merge branches experts from a seed model (C-BTM's --finetune-from-model)
     init_from: str | None = None
 
+    @property
+    def eval_batch(self) -> int:
+        """Sequences per evaluation batch: ``eval_batch_size``, else ``batch_size``."""
+        return self.batch_size if self.eval_batch_size is None else self.eval_batch_size
+
     def validate(self, prefix: str = "train") -> None:
         budgets = ("max_steps", "max_tokens", "max_flops")
         _require(
@@ -312,6 +319,8 @@ class TrainConfig:
                 _positive_int(getattr(self, name), f"{prefix}.{name}")
         if self.max_flops is not None:
             _positive_float(self.max_flops, f"{prefix}.max_flops")
+        if self.eval_batch_size is not None:
+            _positive_int(self.eval_batch_size, f"{prefix}.eval_batch_size")
         for name in (
             "batch_size",
             "grad_accum",

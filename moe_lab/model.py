@@ -241,7 +241,12 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # _weight: skip nn.Embedding's own init. build_model() constructs on the meta device,
+        # where normal_ runs a Python reference that imports torch._dynamo (1.5 s per process);
+        # reset_parameters() initialises every weight anyway.
+        self.tok_embeddings = nn.Embedding(
+            cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim)
+        )
         self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # With tied embeddings there is no `output` module: the head reads tok_embeddings.weight.

@@ -58,6 +58,7 @@ RESUMABLE_KEYS = {
     "train.log_every",
     "train.eval_every",
     "train.eval_max_batches",
+    "train.eval_batch_size",
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.progress",
@@ -505,7 +506,7 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
             scored_model = evaluation_model()
             if main:
                 record["valid_loss"] = evaluate(
-                    scored_model, valid_store, t.seq_len, t.batch_size, device, t.eval_max_batches
+                    scored_model, valid_store, t.seq_len, t.eval_batch, device, t.eval_max_batches
                 )["overall"]["loss"]
         if main:
             metrics.write(json.dumps(record) + "\n")
@@ -526,7 +527,7 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
     scored_model = evaluation_model()
     if main:
         result = evaluate(
-            scored_model, valid_store, t.seq_len, t.batch_size, device, progress=t.progress
+            scored_model, valid_store, t.seq_len, t.eval_batch, device, progress=t.progress
         )
         summary = {
             "step": state["step"],

@@ -272,7 +272,7 @@ def evaluate_by_language(
         return w
 
     report = ensemble_document_nll(
-        ExpertEnsemble(models), store, doc_weights, cfg.train.seq_len, cfg.train.batch_size
+        ExpertEnsemble(models), store, doc_weights, cfg.train.seq_len, cfg.train.eval_batch
     )
     return {"experts": names, "valid": report}
 
@@ -309,7 +309,7 @@ def run_xelm_experiment(cfg: Config) -> dict:
     store = validation_store(eval_cfg, tokenizer)
     columns = {
         "dense (joint, alpha sampling)": evaluate(
-            model, store, cfg.train.seq_len, cfg.train.batch_size
+            model, store, cfg.train.seq_len, cfg.train.eval_batch
         ),
         "X-ELM round 1": evaluate_by_language(cfg, out, experts=first)["valid"],
         "X-ELM + added": evaluate_by_language(cfg, out)["valid"],

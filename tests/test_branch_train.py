@@ -22,7 +22,13 @@ from moe_lab.routing.cluster import ClusterRouter
 from moe_lab.tokenizer import ByteTokenizer
 from moe_lab.train import train
 
-BASE = ["train.seq_len=64", "train.batch_size=4", "train.progress=false", "train.warmup_steps=1"]
+BASE = [
+    "train.seq_len=64",
+    "train.batch_size=4",
+    "train.eval_batch_size=32",
+    "train.progress=false",
+    "train.warmup_steps=1",
+]
 
 
 @pytest.fixture(scope="module")

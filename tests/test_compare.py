@@ -28,6 +28,7 @@ MODEL = {
 }
 TRAIN = {
     "batch_size": 2,
+    "eval_batch_size": 32,
     "seq_len": 32,
     "warmup_steps": 5,
     "progress": False,

@@ -28,6 +28,12 @@ def test_overrides_are_typed_and_applied_last(tmp_path):
     assert isinstance(cfg.model, ModelConfig)
 
 
+def test_evaluation_batches_default_to_the_training_micro_batch():
+    assert load_config(overrides=["train.batch_size=3"]).train.eval_batch == 3
+    cfg = load_config(overrides=["train.batch_size=3", "train.eval_batch_size=32"])
+    assert cfg.train.eval_batch == 32
+
+
 def test_round_trip_through_yaml_is_identical(tmp_path):
     cfg = load_config(overrides=["model=llama3-405b", "model.n_layers=2"])
     assert cfg.model.rope_scaling == RopeScalingConfig()
@@ -89,6 +95,7 @@ def test_every_listed_preset_loads():
         (["model=llama3-8"], r"unknown preset 'llama3-8'\. Did you mean llama3-8b"),
         (["model.dim"], r"not of the form key=value"),
         (["run.device=gpu"], r"run\.device must be auto, cpu, cuda or cuda:N; got 'gpu'"),
+        (["train.eval_batch_size=0"], r"train\.eval_batch_size must be a positive integer, got 0"),
         (
             ["model.moe.num_experts=4", "parallel.ep=true"],
             r"parallel\.ep=true .* needs parallel\.dp=ddp or fsdp2",

@@ -16,6 +16,7 @@ ARGS = [
     "train.max_steps=4",
     "train.seq_len=64",
     "train.progress=false",
+    "train.eval_batch_size=32",  # the final evaluation: not the 1-2 sequences per rank of training
     "train.lr=1e-3",
     "train.warmup_steps=1",
     "train.checkpoint_every=2",

@@ -35,6 +35,7 @@ POLICY = AccessPolicy.from_dict(
 BASE = [
     "train.seq_len=64",
     "train.batch_size=4",
+    "train.eval_batch_size=32",
     "train.progress=false",
     "train.warmup_steps=1",
     "train.max_steps=8",

@@ -25,6 +25,7 @@ TINY = [
     "model.vocab_size=260",
     "train.seq_len=32",
     "train.batch_size=4",
+    "train.eval_batch_size=32",
     "train.warmup_steps=2",
     "train.progress=false",
 ]

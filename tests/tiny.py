@@ -25,7 +25,10 @@ MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_hidden=
 
 
 def tiny_cfg(*overrides):
-    return load_config(None, [*TINY, "train.seq_len=64", "train.batch_size=4", *overrides])
+    return load_config(
+        None,
+        [*TINY, "train.seq_len=64", "train.batch_size=4", "train.eval_batch_size=32", *overrides],
+    )
 
 
 def tiny_model(*overrides, seed=0):

@@ -178,7 +178,7 @@ def evaluate_experts(experts_dir, cfg, device="cpu") -> dict:
         from moe_lab.btm import average
         from moe_lab.evaluate import evaluate
 
-        report = evaluate(average(experts), store, cfg.train.seq_len, cfg.train.batch_size, device)
+        report = evaluate(average(experts), store, cfg.train.seq_len, cfg.train.eval_batch, device)
         return {"experts": names, "ensemble": asdict(ens), "valid": report}
     router = None if ens.routing == "uniform" else cluster_router(ens, E)
 
@@ -194,7 +194,7 @@ def evaluate_experts(experts_dir, cfg, device="cpu") -> dict:
 
     ensemble = ExpertEnsemble(experts, mix=ens.mix)
     report = ensemble_document_nll(
-        ensemble, store, doc_weights, cfg.train.seq_len, cfg.train.batch_size, device
+        ensemble, store, doc_weights, cfg.train.seq_len, cfg.train.eval_batch, device
     )
     return {
         "experts": names,

@@ -40,14 +40,14 @@ def evaluate_ifc(ifc: IFCModel, cfg: Config, device: str = "cpu") -> dict:
     store = validation_store(_with_domain_field(cfg), ifc.tokenizer)
     t = cfg.train
     if ifc.model is not None:
-        return evaluate(ifc.model.to(device), store, t.seq_len, t.batch_size, device)
+        return evaluate(ifc.model.to(device), store, t.seq_len, t.eval_batch, device)
     E = len(ifc.experts)
     ensemble = ExpertEnsemble([e.to(device) for e in ifc.experts])
 
     def uniform(d: int) -> np.ndarray:
         return np.full((store.offsets[d + 1] - store.offsets[d] - 1, E), 1.0 / E)
 
-    return ensemble_document_nll(ensemble, store, uniform, t.seq_len, t.batch_size, device)
+    return ensemble_document_nll(ensemble, store, uniform, t.seq_len, t.eval_batch, device)
 
 
 def dense_baseline(cfg: Config, train_flops: float, out_dir: Path):
@@ -78,7 +78,7 @@ def run_ifc_experiment(cfg: Config, policy: AccessPolicy, device: str = "cpu") -
     _, model, tokenizer = load_run(dense.run_dir, device=device)
     store = validation_store(_with_domain_field(cfg), tokenizer)
     columns = {
-        "dense (all data)": evaluate(model, store, cfg.train.seq_len, cfg.train.batch_size, device)
+        "dense (all data)": evaluate(model, store, cfg.train.seq_len, cfg.train.eval_batch, device)
     }
     for principal in policy.grants:
         ifc = load_ifc(out / "ifc", policy, principal, device)

@@ -62,7 +62,7 @@ def build_run_datastore(
         store,
         datastore_dir(run_dir),
         seq_len=cfg.train.seq_len,
-        batch_size=cfg.train.batch_size,
+        batch_size=cfg.train.eval_batch,
         key_type=key_type,
         dtype=dtype,
         tokenizer=tokenizer,
