@@ -21,20 +21,15 @@ from moe_lab.packing import build_store, cache_root
 from moe_lab.routing.cluster import ClusterRouter
 from moe_lab.tokenizer import ByteTokenizer
 from moe_lab.train import train
-
-BASE = [
-    "train.seq_len=64",
-    "train.batch_size=4",
-    "train.eval_batch_size=32",
-    "train.progress=false",
-    "train.warmup_steps=1",
-]
+from tests.conftest import SHORT_RUN
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("btm")
-    seed = train(load_config(overrides=[*BASE, "train.max_steps=6", f"run.dir={root / 'seed'}"]))
+    seed = train(
+        load_config(overrides=[*SHORT_RUN, "train.max_steps=6", f"run.dir={root / 'seed'}"])
+    )
     cluster_documents(load_config(overrides=["cluster.k=2", f"run.dir={root / 'clusters'}"]))
     shards = {
         f"c{c}": [str(root / "clusters" / "shards" / "train" / f"cluster_00{c}.jsonl")]
@@ -42,7 +37,7 @@ def pipeline(tmp_path_factory):
     }
     template = load_config(
         overrides=[
-            *BASE,
+            *SHORT_RUN,
             "train.max_steps=4",
             "data.group_fields=[domain,lang]",
             f"run.dir={root / 'unused'}",

@@ -27,17 +27,13 @@ from moe_lab.ifc import (
 )
 from moe_lab.model import build_model
 from moe_lab.routing.topk import TopKRouter
-from tests.conftest import write_jsonl
+from tests.conftest import SHORT_RUN, write_jsonl
 
 POLICY = AccessPolicy.from_dict(
     {"principals": {"alice": ["legal"], "bob": ["legal", "code"], "guest": []}}
 )
 BASE = [
-    "train.seq_len=64",
-    "train.batch_size=4",
-    "train.eval_batch_size=32",
-    "train.progress=false",
-    "train.warmup_steps=1",
+    *SHORT_RUN,
     "train.max_steps=8",
     "model.moe.top_k=2",
     "data.group_fields=[domain]",

@@ -23,13 +23,10 @@ from moe_lab.xelm import (
     run_xelm_experiment,
     train_xelm,
 )
+from tests.conftest import SHORT_RUN
 
 BASE = [
-    "train.seq_len=64",
-    "train.batch_size=4",
-    "train.eval_batch_size=32",
-    "train.progress=false",
-    "train.warmup_steps=1",
+    *SHORT_RUN,
     "train.max_steps=12",
     "data.group_fields=[lang]",
 ]
