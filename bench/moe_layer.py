@@ -8,6 +8,8 @@ MoE model (cpu-small dims) trained one step by moe_lab and by MixtralForCausalLM
 included on both sides). Outputs are checked equal to transformers' before anything is timed.
 
     python bench/moe_layer.py                 # prints tables, writes bench/results/moe_layer.json
+    # the cost that does not scale with the tokens, and how much of it the weights' size explains
+    python bench/moe_layer.py --tokens 16 --layer-only --equal-params
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from moe_lab.config import MoEConfig
 from moe_lab.experts import MoE, SwiGLU
 from moe_lab.hf import to_hf
 
-E, K, D, T = 8, 2, 256, 2048
+E, K, D = 8, 2, 256
 # "batched_mm" is left out: ~170x slower than the dense FFN on CPU (8 s per call here).
 HF_IMPLS = ("eager", "grouped_mm")
 
@@ -66,8 +68,9 @@ def _saved_mib(fn, x, params: set[int]) -> float:
     return sum(storages.values()) / 2**20
 
 
-def layer_variants(width: int) -> tuple[dict, dict]:
-    """Timed forward + backward of each variant, and the activation MiB each keeps."""
+def layer_variants(width: int, tokens: int, equal_params: bool) -> tuple[dict, dict]:
+    """Timed forward + backward of each variant, and the activation MiB each keeps;
+    ``equal_params`` adds a dense SwiGLU with as many weights as all the experts (width E * F)."""
     cfg = MoEConfig(num_experts=E, top_k=K, expert_hidden=width)
     ours = MoE(D, cfg, n_layers=1)
     ours.reset_parameters()
@@ -77,8 +80,8 @@ def layer_variants(width: int) -> tuple[dict, dict]:
     dense = SwiGLU(D, K * width, n_layers=1)
     dense.reset_parameters()
     block = _hf_block(ours, width)
-    x = torch.randn(8, T // 8, D, requires_grad=True)
-    grad = torch.randn(8, T // 8, D)
+    x = torch.randn(8, tokens // 8, D, requires_grad=True)
+    grad = torch.randn(8, tokens // 8, D)
     with torch.no_grad():
         expected = ours(x)[0]
         for impl in HF_IMPLS:
@@ -98,8 +101,14 @@ def layer_variants(width: int) -> tuple[dict, dict]:
         f"dense SwiGLU, width {K * width}": lambda t: dense(t)[0],
         **{f"transformers {impl}": hf(impl) for impl in HF_IMPLS},
     }
+    modules = [ours, loop, dense, block]
+    if equal_params:
+        wide = SwiGLU(D, E * width, n_layers=1)
+        wide.reset_parameters()
+        forwards[f"dense SwiGLU, width {E * width}"] = lambda t: wide(t)[0]
+        modules.append(wide)
     params = {x.untyped_storage().data_ptr()}
-    for module in (ours, loop, dense, block):
+    for module in modules:
         params |= {p.untyped_storage().data_ptr() for p in module.parameters()}
     saved = {key: _saved_mib(fn, x, params) for key, fn in forwards.items()}
     return {key: _fwd_bwd(fn, x, grad) for key, fn in forwards.items()}, saved
@@ -169,20 +178,34 @@ def _table(title: str, medians: dict[str, float], base_key: str, saved: dict | N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
+    # few tokens (e.g. 16) leave only what does not scale with them: calls, weights, routing
+    parser.add_argument("--tokens", type=int, default=2048, help="a multiple of 8")
+    parser.add_argument("--layer-only", action="store_true", help="skip the training step")
+    parser.add_argument(
+        "--equal-params", action="store_true", help="add a dense FFN as wide as all the experts"
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default="bench/results/moe_layer.json")
     args = parser.parse_args()
     torch.manual_seed(0)
-    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "layer": {}}
+    results = {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "tokens": args.tokens,
+    }
+    results["layer"] = {}
     for width in (344, 688):
-        variants, saved = layer_variants(width)
+        variants, saved = layer_variants(width, args.tokens, args.equal_params)
         medians, peak = interleaved(variants, args.rounds, args.warmup)
         base = f"dense SwiGLU, width {K * width}"
         title = (
-            f"MoE layer fwd+bwd: E={E} k={K} d={D} F={width}, {T} tokens "
+            f"MoE layer fwd+bwd: E={E} k={K} d={D} F={width}, {args.tokens} tokens "
             f"(mm peak {peak / 1e9:.0f} GFLOP/s)"
         )
         results["layer"][width] = _table(title, medians, base, saved)
+    if args.layer_only:
+        write_json(args.out, results)
+        return
     medians, peak = interleaved(step_variants(), args.rounds, args.warmup)
     title = f"MoE training step, 8 x 256 tokens (mm peak {peak / 1e9:.0f} GFLOP/s)"
     results["step"] = _table(title, medians, "moe_lab")
