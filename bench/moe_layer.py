@@ -188,12 +188,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/moe_layer.json")
     args = parser.parse_args()
     torch.manual_seed(0)
-    results = {
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "tokens": args.tokens,
-    }
-    results["layer"] = {}
+    results = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    results |= {"tokens": args.tokens, "layer": {}}
     for width in (344, 688):
         variants, saved = layer_variants(width, args.tokens, args.equal_params)
         medians, peak = interleaved(variants, args.rounds, args.warmup)

@@ -15,6 +15,7 @@ from moe_lab import build_model
 from moe_lab.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from moe_lab.config import ConfigError, ModelConfig, load_config
 from moe_lab.data import DataError
+from moe_lab.evaluate import evaluate
 from moe_lab.train import NonFiniteError, SpikeDetector, lr_at, planned_steps, train
 
 TINY = [
@@ -353,6 +354,19 @@ def test_tensorboard_logs_when_enabled(tmp_path, lang_files):
     pytest.importorskip("tensorboard")
     result = train(_cfg(tmp_path, lang_files, "train.max_steps=2", "train.tensorboard=true"))
     assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_evaluations_run_in_batches_of_eval_batch_size(tmp_path, lang_files, monkeypatch):
+    sizes = []
+
+    def recording_evaluate(model, store, seq_len, batch_size, *args, **kwargs):
+        sizes.append(batch_size)
+        return evaluate(model, store, seq_len, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", recording_evaluate)
+    extra = ("train.max_steps=2", "train.eval_every=1", "train.eval_batch_size=7")
+    train(_cfg(tmp_path, lang_files, *extra))
+    assert sizes == [7, 7]  # after step 1 (the periodic one) and at the end
 
 
 def test_a_sharded_checkpoint_loads_converts_and_initialises_in_one_process(tmp_path, lang_files):
