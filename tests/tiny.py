@@ -10,6 +10,7 @@ from moe_lab.checkpoint import save_checkpoint
 from moe_lab.config import load_config, save_config
 from moe_lab.model import build_model
 from moe_lab.tokenizer import ByteTokenizer
+from tests.conftest import SHORT_RUN
 
 TINY = [
     "model.dim=32",
@@ -25,10 +26,7 @@ MOE = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_hidden=
 
 
 def tiny_cfg(*overrides):
-    return load_config(
-        None,
-        [*TINY, "train.seq_len=64", "train.batch_size=4", "train.eval_batch_size=32", *overrides],
-    )
+    return load_config(None, [*TINY, *SHORT_RUN, *overrides])
 
 
 def tiny_model(*overrides, seed=0):
