@@ -82,3 +82,33 @@ def test_moe_layer_fused_equals_the_autograd_expert_loop(capacity_factor):
         results.append((y.detach(), *grads))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "autograd-loop"])
+def test_moe_layer_under_bf16_autocast_computes_in_bf16_and_trains_the_fp32_weights(fused):
+    """Autocast runs the expert GEMMs in bf16 while the scatter-add buffer stayed fp32: this
+    failed with a dtype mismatch in index_add_ (CPU and CUDA alike) until the layer cast once."""
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_hidden=32)
+    layer = MoE(16, cfg, n_layers=2, init_std=0.3)
+    layer.reset_parameters()
+    layer.fused = fused
+    with torch.no_grad():  # weights and input on the bf16 grid: only the arithmetic differs
+        for p in layer.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    x = torch.randn(40, 16).to(torch.bfloat16).float()
+    dy = torch.randn(40, 16)
+    results = []
+    for autocast in (False, True):
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, stats = layer(x)
+        assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+        y.float().backward(dy)
+        grads = [p.grad for p in (layer.w1, layer.v1, layer.w2, layer.router.gate.weight)]
+        assert all(g.dtype == torch.float32 for g in grads)
+        results.append((y.float(), stats.slot_counts_KE, *grads))
+    (y32, n32, *g32), (y16, n16, *g16) = results
+    assert torch.equal(n16, n32)  # the router scores in fp32 either way
+    torch.testing.assert_close(y16, y32, atol=2e-2, rtol=2e-2)
+    for a, b in zip(g16, g32, strict=True):
+        assert ((a - b).norm() / b.norm()).item() < 2e-2

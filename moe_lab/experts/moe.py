@@ -134,6 +134,16 @@ def run_experts(
     experts, or the local ones of an expert-parallel rank. ``fused``: :mod:`experts.fused`'s
     Function (not while compiling); False: the autograd loop it is tested against.
     """
+    device = x_ND.device.type
+    if torch.is_autocast_enabled(device):
+        # Autocast would run the GEMMs in its dtype but leave the scatter-add's buffer in the
+        # input's: cast once and run without it, so the output is in autocast's dtype, as a
+        # Linear's would be; the casts carry the gradients back to the fp32 weights.
+        dtype = torch.get_autocast_dtype(device)
+        x_ND, w1, v1, w2 = (t.to(dtype) for t in (x_ND, w1, v1, w2))
+        scale_S = None if scale_S is None else scale_S.to(dtype)
+        with torch.autocast(device, enabled=False):
+            return run_experts(x_ND, counts_E, w1, v1, w2, rows_S, scale_S, fused)
     counts = counts_E.tolist()  # one host sync per layer
     if _fused(fused):
         return swiglu_experts(x_ND, w1, v1, w2, counts, rows_S, scale_S)
