@@ -305,8 +305,9 @@ def _is_rows(value) -> bool:
     return isinstance(value, Tensor) and value.ndim > 0  # not AdamW's scalar step
 
 
-def setup(dp: str) -> Dist:
-    """Join the ``torchrun`` process group when there is one (``WORLD_SIZE`` > 1)."""
+def setup(dp: str, device: str = "auto") -> Dist:
+    """Join the ``torchrun`` process group when there is one (``WORLD_SIZE`` > 1): NCCL with one
+    GPU per local rank, or gloo where ``device`` (``run.device``) is cpu or there is no CUDA."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
@@ -315,11 +316,17 @@ def setup(dp: str) -> Dist:
             f"running as one of {world} torchrun processes: set parallel.dp=ddp or fsdp2 "
             "(or launch a single process)"
         )
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda and local >= torch.cuda.device_count():
+        raise ConfigError(
+            f"local rank {local} has no GPU of its own: this machine has "
+            f"{torch.cuda.device_count()}; start at most that many processes per node "
+            "(torchrun --nproc_per_node), or set run.device=cpu to run them on CPU over gloo"
+        )
     owns = not dist.is_initialized()
     if owns:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
         torch.cuda.set_device(local)
     return Dist(dist.get_rank(), dist.get_world_size(), local, owns, dp)

@@ -287,7 +287,7 @@ def train(cfg: Config, scope=None) -> TrainResult:
     ``scope`` (a :class:`moe_lab.ifc.ExpertScope`) restricts which experts route and which train.
     """
     cfg.validate()
-    dist = setup_distributed(cfg.parallel.dp)
+    dist = setup_distributed(cfg.parallel.dp, cfg.run.device)
     try:
         result = _train(cfg, scope, dist)
     except BaseException:

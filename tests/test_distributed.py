@@ -10,9 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from moe_lab.checkpoint import latest_checkpoint
+from moe_lab.config import ConfigError
+from moe_lab.distributed import setup
 from moe_lab.metrics import read_metrics
 
 ARGS = [
+    "run.device=cpu",  # gloo on CPU: fp32 and deterministic, so one process is matched exactly
     "train.max_steps=4",
     "train.seq_len=64",
     "train.progress=false",
@@ -121,6 +124,17 @@ def test_only_rank_0_reports_and_tokens_count_every_rank(runs):
 def test_torchrun_without_a_parallel_mode_is_a_clear_error(tmp_path):
     out = moe_lab("train", *ARGS, f"run.dir={tmp_path}", world=2)
     assert out.returncode != 0 and "set parallel.dp=ddp" in out.stderr
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    """Found on a 1-GPU machine: rank 1 died in torch.cuda.set_device with 'invalid device
+    ordinal'. (The tests above run there too: run.device=cpu puts them on gloo.)"""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"local rank 1 has no GPU .* set run\.device=cpu"):
+        setup("ddp")
 
 
 @pytest.mark.parametrize("mode", ["moe-ddp", "moe-ep", "moe-ep2-of-4", "moe-ep2-of-4-fsdp2"])
