@@ -31,11 +31,13 @@ E, K, D = 8, 2, 256
 HF_IMPLS = ("eager", "grouped_mm")
 
 
-def _hf_block(ours: MoE, width: int) -> MixtralSparseMoeBlock:
+def hf_block(ours: MoE) -> MixtralSparseMoeBlock:
+    """transformers' Mixtral MoE block holding ``ours``' router and expert weights."""
+    E, K, D, width = ours.cfg.num_experts, ours.cfg.top_k, ours.dim, ours.cfg.expert_hidden
     cfg = MixtralConfig(
         hidden_size=D, intermediate_size=width, num_local_experts=E, num_experts_per_tok=K
     )
-    block = MixtralSparseMoeBlock(cfg)
+    block = MixtralSparseMoeBlock(cfg).to(ours.w1.device)
     with torch.no_grad():
         block.gate.weight.copy_(ours.router.gate.weight)
         w1, v1, w2 = (p.view(E, width, D) for p in (ours.w1, ours.v1, ours.w2))
@@ -79,7 +81,7 @@ def layer_variants(width: int, tokens: int, equal_params: bool) -> tuple[dict, d
     loop.fused = False
     dense = SwiGLU(D, K * width, n_layers=1)
     dense.reset_parameters()
-    block = _hf_block(ours, width)
+    block = hf_block(ours)
     x = torch.randn(8, tokens // 8, D, requires_grad=True)
     grad = torch.randn(8, tokens // 8, D)
     with torch.no_grad():

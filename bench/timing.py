@@ -1,7 +1,8 @@
-"""Shared timing for the benchmarks: interleaved rounds, medians, and an in-run fp32 mm peak.
+"""Shared timing for the benchmarks: interleaved rounds, medians, and an in-run mm peak.
 
 Every variant runs once per round, the order alternating between rounds, so slow drift of the
-machine (frequency, noisy neighbours) hits all variants alike; medians ignore outliers.
+machine (frequency, noisy neighbours) hits all variants alike; medians ignore outliers. On CUDA
+each call is timed between two synchronisations, and the peak is that of a bf16 mm.
 """
 
 from __future__ import annotations
@@ -14,30 +15,38 @@ from pathlib import Path
 
 import torch
 
-PEAK_N = 2048  # the fp32 peak is the median speed of a 2048^3 torch.mm, timed in the same rounds
+# The peak is the median speed of an n^3 torch.mm timed in the same rounds: fp32 2048^3 on CPU,
+# bf16 8192^3 on CUDA.
+PEAK_N = {"cpu": (2048, torch.float32), "cuda": (8192, torch.bfloat16)}
 PEAK_KEY = "torch.mm peak probe"
 
 
-def mm_probe() -> Callable[[], torch.Tensor]:
-    a, b = torch.randn(PEAK_N, PEAK_N), torch.randn(PEAK_N, PEAK_N)
-    return lambda: a @ b
+def mm_probe(device: str = "cpu") -> tuple[Callable[[], torch.Tensor], int]:
+    """A matrix product to time, and its FLOPs."""
+    n, dtype = PEAK_N[device]
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return lambda: a @ b, 2 * n**3
 
 
 def interleaved(
-    variants: dict[str, Callable[[], object]], rounds: int, warmup: int
+    variants: dict[str, Callable[[], object]], rounds: int, warmup: int, device: str = "cpu"
 ) -> tuple[dict[str, float], float]:
-    """Median seconds per call of each variant, and the fp32 mm peak in FLOP/s."""
-    variants = {**variants, PEAK_KEY: mm_probe()}
+    """Median seconds per call of each variant, and the mm peak in FLOP/s."""
+    probe, probe_flops = mm_probe(device)
+    variants = {**variants, PEAK_KEY: probe}
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     times: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(rounds + warmup):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))
         for key in order:
+            sync()
             start = time.perf_counter()
             variants[key]()
+            sync()
             if r >= warmup:
                 times[key].append(time.perf_counter() - start)
     medians = {k: statistics.median(v) for k, v in times.items()}
-    peak = 2 * PEAK_N**3 / medians.pop(PEAK_KEY)
+    peak = probe_flops / medians.pop(PEAK_KEY)
     return medians, peak
 
 
