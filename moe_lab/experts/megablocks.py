@@ -26,7 +26,9 @@ MegaBlocks' ``parallel_forward_once`` does the all-to-all. Its 1/W expert-gradie
 switched off because :class:`~moe_lab.distributed.Dist` already averages expert gradients.
 
 MegaBlocks needs CUDA, ``grouped_gemm`` and a torch version it pins (0.10.0: torch 2.7.0); see
-``pip install 'moe_lab[gpu]'``. dMoE is dropless, so ``capacity_factor`` must be null.
+``pip install 'moe_lab[gpu]'``, or ``scripts/build_megablocks.sh`` for other torch versions. dMoE is
+dropless, so ``capacity_factor`` must be null. ``tests/test_megablocks.py``'s ``gpu`` tests passed
+on an H100 (torch 2.11.0+cu130, MegaBlocks 0.10.0 built by that script's steps).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ __all__ = ["MegaBlocksMoE", "import_megablocks", "megablocks_available"]
 
 _INSTALL = (
     "install it on a CUDA machine with pip install 'moe_lab[gpu]' (MegaBlocks with grouped_gemm; "
-    "MegaBlocks 0.10.0 pins torch 2.7.0), or use model.moe.backend=reference"
+    "MegaBlocks 0.10.0 pins torch 2.7.0; for another torch, bash scripts/build_megablocks.sh "
+    "builds both against the installed one), or use model.moe.backend=reference"
 )
 
 
