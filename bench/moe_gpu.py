@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import torch
 from moe_layer import hf_block
-from timing import interleaved, write_json
+from timing import interleaved, ratio_table, write_json
 
 from moe_lab import ModelConfig, build_model
 from moe_lab.config import MoEConfig
@@ -131,21 +131,6 @@ def step_variants() -> dict:
     return {key: step(cfg) for key, cfg in models.items()}
 
 
-def _table(title: str, medians: dict, base_key: str, peak_mib: dict | None = None) -> dict:
-    print(f"\n{title}")
-    head = f"{'variant':34s} {'ms':>8s} {'vs ' + base_key[:24]:>28s}"
-    print(head + (f" {'memory above weights':>21s}" if peak_mib else ""))
-    rows = {}
-    for key, sec in medians.items():
-        rows[key] = {"ms": sec * 1e3, "ratio_to_base": sec / medians[base_key]}
-        line = f"{key:34s} {sec * 1e3:8.2f} {sec / medians[base_key]:27.2f}x"
-        if peak_mib:
-            rows[key]["peak_mib"] = peak_mib[key]
-            line += f" {peak_mib[key]:17.0f} MiB"
-        print(line)
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
@@ -164,7 +149,8 @@ def main() -> None:
             f"(bf16 mm peak {peak / 1e12:.0f} TFLOP/s)"
         )
         base = f"dense SwiGLU, width {K * width}"
-        results["layer"][f"d{dim}_F{width}"] = _table(title, medians, base, peak_mib)
+        mib = ("memory above weights", "peak_mib", peak_mib)
+        results["layer"][f"d{dim}_F{width}"] = ratio_table(title, medians, base, mib, digits=2)
         del variants
         torch.cuda.empty_cache()
     medians, peak = interleaved(step_variants(), args.rounds, args.warmup, device="cuda")
@@ -172,7 +158,7 @@ def main() -> None:
         f"training step, {STEP.n_layers} layers d={STEP.dim}, 8 x {STEP.max_seq_len} tokens, "
         f"MoE E={E} k={K} F={STEP_MOE.expert_hidden} (bf16 mm peak {peak / 1e12:.0f} TFLOP/s)"
     )
-    results["step"] = _table(title, medians, "dense")
+    results["step"] = ratio_table(title, medians, "dense", digits=2)
     write_json(args.out, results)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from timing import interleaved, write_json
+from timing import interleaved, ratio_table, write_json
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -162,21 +162,6 @@ def step_variants() -> dict:
     return {"moe_lab": ours_step, **{f"transformers {i}": hf_step(i) for i in HF_IMPLS}}
 
 
-def _table(title: str, medians: dict[str, float], base_key: str, saved: dict | None = None) -> dict:
-    print(f"\n{title}")
-    head = f"{'variant':34s} {'ms':>8s} {'vs ' + base_key[:20]:>26s}"
-    print(head + (f" {'saved activations':>18s}" if saved else ""))
-    rows = {}
-    for key, sec in medians.items():
-        rows[key] = {"ms": sec * 1e3, "ratio_to_base": sec / medians[base_key]}
-        line = f"{key:34s} {sec * 1e3:8.1f} {sec / medians[base_key]:25.2f}x"
-        if saved:
-            rows[key]["saved_mib"] = saved[key]
-            line += f" {saved[key]:14.1f} MiB"
-        print(line)
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
@@ -200,13 +185,15 @@ def main() -> None:
             f"MoE layer fwd+bwd: E={E} k={K} d={D} F={width}, {args.tokens} tokens "
             f"(mm peak {peak / 1e9:.0f} GFLOP/s)"
         )
-        results["layer"][width] = _table(title, medians, base, saved)
+        results["layer"][width] = ratio_table(
+            title, medians, base, ("saved activations", "saved_mib", saved)
+        )
     if args.layer_only:
         write_json(args.out, results)
         return
     medians, peak = interleaved(step_variants(), args.rounds, args.warmup)
     title = f"MoE training step, 8 x 256 tokens (mm peak {peak / 1e9:.0f} GFLOP/s)"
-    results["step"] = _table(title, medians, "moe_lab")
+    results["step"] = ratio_table(title, medians, "moe_lab")
     write_json(args.out, results)
 
 

@@ -50,6 +50,29 @@ def interleaved(
     return medians, peak
 
 
+def ratio_table(
+    title: str,
+    medians: dict[str, float],
+    base_key: str,
+    mib: tuple[str, str, dict[str, float]] | None = None,
+    digits: int = 1,
+) -> dict:
+    """Print each variant's median ms and its ratio to ``base_key``, and return the rows for the
+    JSON; ``mib`` = (column header, JSON key, MiB per variant) adds a memory column."""
+    print(f"\n{title}")
+    head = f"{'variant':34s} {'ms':>8s} {'vs ' + base_key[:24]:>28s}"
+    print(head + (f" {mib[0]:>21s}" if mib else ""))
+    rows = {}
+    for key, sec in medians.items():
+        rows[key] = {"ms": sec * 1e3, "ratio_to_base": sec / medians[base_key]}
+        line = f"{key:34s} {sec * 1e3:8.{digits}f} {sec / medians[base_key]:27.2f}x"
+        if mib:
+            rows[key][mib[1]] = mib[2][key]
+            line += f" {mib[2][key]:17.1f} MiB"
+        print(line)
+    return rows
+
+
 def write_json(path: str, results: object) -> None:
     """Write a benchmark's results (creating bench/results/) and say where."""
     out = Path(path)
