@@ -43,10 +43,10 @@ BASE = [
 ]
 
 
-# Module scope, so that it is on before the module-scoped `trained` run too: on CUDA the
-# deterministic kernels round differently from the default ones, and a retraining test that
-# compared a default-kernel run with a deterministic one failed on an H100 though every weight
-# file outside the retrained domain was bitwise equal across runs made in one mode.
+# Module scope, so that the module-scoped `trained` run uses deterministic kernels too. With
+# function scope it did not while the retraining test's own run did, and on CUDA, where the two
+# kinds of kernel round differently, that test failed on an H100; a check there with both runs
+# deterministic found every weight file outside the retrained domain bitwise equal.
 @pytest.fixture(autouse=True, scope="module")
 def _deterministic():
     torch.use_deterministic_algorithms(True)
