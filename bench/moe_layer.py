@@ -10,6 +10,8 @@ included on both sides). Outputs are checked equal to transformers' before anyth
     python bench/moe_layer.py                 # prints tables, writes bench/results/moe_layer.json
     # the cost that does not scale with the tokens, and how much of it the weights' size explains
     python bench/moe_layer.py --tokens 16 --layer-only --equal-params
+    # the per-expert GEMM shapes against the dense ones, per FLOP
+    python bench/moe_layer.py --layer-only --gemm-shapes
 """
 
 from __future__ import annotations
@@ -116,6 +118,27 @@ def layer_variants(width: int, tokens: int, equal_params: bool) -> tuple[dict, d
     return {key: _fwd_bwd(fn, x, grad) for key, fn in forwards.items()}, saved
 
 
+# The FFN's three GEMM shapes, each as f(x [n, D], W [F, D], g [n, F]).
+GEMMS = {
+    "forward x W^T": lambda x, w, g: x @ w.t(),
+    "weight grad g^T x": lambda x, w, g: g.t() @ x,
+    "input grad g W": lambda x, w, g: g @ w,
+}
+
+
+def gemm_variants(width: int, tokens: int) -> dict:
+    """Each GEMM shape as E experts' calls on k * tokens / E rows each, and as one dense call on
+    all tokens at width k * F: equal FLOPs."""
+    rows = K * tokens // E
+    xe, we, ge = torch.randn(rows, D), torch.randn(width, D), torch.randn(rows, width)
+    xd, wd, gd = torch.randn(tokens, D), torch.randn(K * width, D), torch.randn(tokens, K * width)
+    variants = {}
+    for name, f in GEMMS.items():
+        variants[f"{E} experts, {name}"] = lambda f=f: [f(xe, we, ge) for _ in range(E)]
+        variants[f"dense, {name}"] = lambda f=f: f(xd, wd, gd)
+    return variants
+
+
 def step_variants() -> dict:
     moe = MoEConfig(
         num_experts=E, top_k=K, expert_hidden=344, lbl="mixtral", lbl_weight=0.02, z_loss_weight=0.0
@@ -171,6 +194,9 @@ def main() -> None:
     parser.add_argument(
         "--equal-params", action="store_true", help="add a dense FFN as wide as all the experts"
     )
+    parser.add_argument(
+        "--gemm-shapes", action="store_true", help="also time the experts' GEMM shapes alone"
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default="bench/results/moe_layer.json")
     args = parser.parse_args()
@@ -188,6 +214,21 @@ def main() -> None:
         results["layer"][width] = ratio_table(
             title, medians, base, ("saved activations", "saved_mib", saved)
         )
+    if args.gemm_shapes:
+        results["gemm"] = {}
+        for width in (344, 688):
+            medians, peak = interleaved(gemm_variants(width, args.tokens), args.rounds, args.warmup)
+            print(
+                f"\nGEMM shapes at F={width}, {args.tokens} tokens: {E} experts' calls vs one "
+                f"dense call of equal FLOPs (mm peak {peak / 1e9:.0f} GFLOP/s)"
+            )
+            results["gemm"][width] = {}
+            for name in GEMMS:
+                ours, dense = (medians[f"{v}, {name}"] * 1e3 for v in (f"{E} experts", "dense"))
+                print(
+                    f"{name:20s} experts {ours:6.2f} ms, dense {dense:6.2f} ms: {ours / dense:.2f}x"
+                )
+                results["gemm"][width][name] = {"experts_ms": ours, "dense_ms": dense}
     if args.layer_only:
         write_json(args.out, results)
         return
