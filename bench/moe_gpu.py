@@ -19,7 +19,7 @@ import argparse
 from dataclasses import replace
 
 import torch
-from moe_layer import hf_block
+from moe_layer import fwd_bwd, hf_block
 from timing import interleaved, ratio_table, write_json
 
 from moe_lab import ModelConfig, build_model
@@ -42,14 +42,6 @@ def _autocast(fn):
     def run(x):
         with torch.autocast("cuda", dtype=BF16):
             return fn(x)
-
-    return run
-
-
-def _fwd_bwd(fn, x, grad):
-    def run():
-        x.grad = None
-        fn(x).float().backward(grad)
 
     return run
 
@@ -102,7 +94,7 @@ def layer_variants(dim: int, width: int, tokens: int) -> dict:
         for key, fn in forwards.items():
             if not key.startswith("dense"):
                 assert _rel(fn(x), expected) < 2e-2, key  # bf16 arithmetic on both sides
-    runs = {key: _fwd_bwd(fn, x, grad) for key, fn in forwards.items()}
+    runs = {key: fwd_bwd(fn, x, grad) for key, fn in forwards.items()}
     return runs, {key: _peak_mib(run) for key, run in runs.items()}
 
 

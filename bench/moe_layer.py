@@ -48,11 +48,12 @@ def hf_block(ours: MoE) -> MixtralSparseMoeBlock:
     return block
 
 
-def _fwd_bwd(fn, x, grad):
+def fwd_bwd(fn, x, grad):
+    """One forward and backward of ``fn`` on ``x`` (the output's backward in fp32)."""
+
     def run():
         x.grad = None
-        out = fn(x)
-        out.backward(grad)
+        fn(x).float().backward(grad)
 
     return run
 
@@ -115,7 +116,7 @@ def layer_variants(width: int, tokens: int, equal_params: bool) -> tuple[dict, d
     for module in modules:
         params |= {p.untyped_storage().data_ptr() for p in module.parameters()}
     saved = {key: _saved_mib(fn, x, params) for key, fn in forwards.items()}
-    return {key: _fwd_bwd(fn, x, grad) for key, fn in forwards.items()}, saved
+    return {key: fwd_bwd(fn, x, grad) for key, fn in forwards.items()}, saved
 
 
 # The FFN's three GEMM shapes, each as f(x [n, D], W [F, D], g [n, F]).

@@ -14,6 +14,19 @@ SHORT_RUN = [
 ]
 
 
+def to_bf16_grid(module: torch.nn.Module) -> None:
+    """Round the weights to bf16 values (kept fp32): bf16 and fp32 runs start from the same
+    numbers, so only the arithmetic differs."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``|a - b| / |b|`` in Frobenius norm, computed in fp32."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -9,6 +9,7 @@ from moe_lab import build_model
 from moe_lab.config import ConfigError, MoEConfig, load_config
 from moe_lab.experts import MegaBlocksMoE, MoE, resolve_backend
 from moe_lab.experts.megablocks import import_megablocks
+from tests.conftest import rel_error, to_bf16_grid
 
 D = 64
 
@@ -59,17 +60,6 @@ def test_backend_megablocks_without_cuda_is_a_clear_error_and_auto_is_the_refere
     )
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def _to_bf16_grid(module: torch.nn.Module) -> None:
-    """Round the weights to bf16 values (kept fp32): both backends start from the same numbers."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(p.to(torch.bfloat16).float())
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "kw",
@@ -80,7 +70,7 @@ def test_megablocks_equals_the_reference_outputs_gradients_and_losses(kw):
     in bf16, so outputs and gradients agree to bf16 precision, the router stats exactly."""
     pytest.importorskip("megablocks")
     ref, mb = _pair(**kw)
-    _to_bf16_grid(ref)
+    to_bf16_grid(ref)
     mb.load_state_dict(ref.state_dict())
     ref, mb = ref.cuda(), mb.cuda()
     x = torch.randn(4, 256, D, device="cuda").to(torch.bfloat16).float()
@@ -93,10 +83,10 @@ def test_megablocks_equals_the_reference_outputs_gradients_and_losses(kw):
         (y * grad).sum().add(aux).backward()
         outs[name] = (y, stats, xi.grad, {n: p.grad for n, p in layer.named_parameters()})
     (y_r, s_r, dx_r, g_r), (y_m, s_m, dx_m, g_m) = outs["ref"], outs["mb"]
-    assert _rel(y_m, y_r) < 1e-2
-    assert _rel(dx_m, dx_r) < 2e-2
+    assert rel_error(y_m, y_r) < 1e-2
+    assert rel_error(dx_m, dx_r) < 2e-2
     for name in g_r:
-        assert _rel(g_m[name], g_r[name]) < 2e-2, name
+        assert rel_error(g_m[name], g_r[name]) < 2e-2, name
     for a, b in zip(s_m, s_r, strict=True):
         torch.testing.assert_close(a, b)
 
