@@ -10,13 +10,14 @@ included on both sides). Outputs are checked equal to transformers' before anyth
     python bench/moe_layer.py                 # prints tables, writes bench/results/moe_layer.json
     # the cost that does not scale with the tokens, and how much of it the weights' size explains
     python bench/moe_layer.py --tokens 16 --layer-only --equal-params
-    # the per-expert GEMM shapes against the dense ones, per FLOP
-    python bench/moe_layer.py --layer-only --gemm-shapes
+    # where the layer's time goes outside its GEMMs: the parts alone, against the dense FFN
+    python bench/moe_layer.py --layer-only --breakdown
 """
 
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
 from timing import interleaved, ratio_table, write_json
@@ -26,6 +27,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from moe_lab import ModelConfig, build_model
 from moe_lab.config import MoEConfig
 from moe_lab.experts import MoE, SwiGLU
+from moe_lab.experts.fused import swiglu_experts
 from moe_lab.hf import to_hf
 
 E, K, D = 8, 2, 256
@@ -119,25 +121,55 @@ def layer_variants(width: int, tokens: int, equal_params: bool) -> tuple[dict, d
     return {key: fwd_bwd(fn, x, grad) for key, fn in forwards.items()}, saved
 
 
-# The FFN's three GEMM shapes, each as f(x [n, D], W [F, D], g [n, F]).
-GEMMS = {
-    "forward x W^T": lambda x, w, g: x @ w.t(),
-    "weight grad g^T x": lambda x, w, g: g.t() @ x,
-    "input grad g W": lambda x, w, g: g @ w,
-}
+def breakdown_variants(width: int, tokens: int) -> dict:
+    """The MoE layer and its parts, each forward + backward, next to the dense FFN of equal FLOPs:
+    the experts' Function alone (on the layer's routing, computed once), the router with its
+    statistics alone, and the Function's GEMM calls alone (same shapes, weights and counts, on
+    preallocated operands): what the layer spends outside its GEMMs, part by part."""
+    cfg = MoEConfig(num_experts=E, top_k=K, expert_hidden=width)
+    ours = MoE(D, cfg, n_layers=1)
+    ours.reset_parameters()
+    dense = SwiGLU(D, K * width, n_layers=1)
+    dense.reset_parameters()
+    x = torch.randn(tokens, D, requires_grad=True)
+    grad = torch.randn(tokens, D)
+    with torch.no_grad():
+        weights_TK, indices_TK, _, _ = ours.router(x)
+    order = indices_TK.flatten().argsort(stable=True)
+    rows_S = order // K
+    scale_S = weights_TK.flatten()[order].requires_grad_()
+    counts = torch.bincount(indices_TK.flatten(), minlength=E).tolist()
 
+    def route(t):
+        weights, indices, probs, logits = ours.router(t)
+        stats = ours.router.stats(probs, logits, indices, torch.zeros(()))
+        return weights.sum() + stats.probs_E.sum() + stats.lse_sq
 
-def gemm_variants(width: int, tokens: int) -> dict:
-    """Each GEMM shape as E experts' calls on k * tokens / E rows each, and as one dense call on
-    all tokens at width k * F: equal FLOPs."""
-    rows = K * tokens // E
-    xe, we, ge = torch.randn(rows, D), torch.randn(width, D), torch.randn(rows, width)
-    xd, wd, gd = torch.randn(tokens, D), torch.randn(K * width, D), torch.randn(tokens, K * width)
-    variants = {}
-    for name, f in GEMMS.items():
-        variants[f"{E} experts, {name}"] = lambda f=f: [f(xe, we, ge) for _ in range(E)]
-        variants[f"dense, {name}"] = lambda f=f: f(xd, wd, gd)
-    return variants
+    def route_fwd_bwd():
+        x.grad = None
+        route(x).backward()
+
+    w1, v1, w2 = (p.detach().view(E, width, D) for p in (ours.w1, ours.v1, ours.w2))
+    x_S, dy_S = (torch.randn(sum(counts), D).split(counts) for _ in range(2))
+    h_S, dg_S, du_S = (torch.randn(sum(counts), width).split(counts) for _ in range(3))
+
+    def gemms():  # the Function's calls per expert: 3 forward, 6 backward (dx as mm + addmm_)
+        for e in range(E):
+            x_S[e] @ w1[e].t(), x_S[e] @ v1[e].t(), h_S[e] @ w2[e]
+        for e in range(E):
+            dy_S[e] @ w2[e].t(), h_S[e].t() @ dy_S[e], dg_S[e].t() @ x_S[e], du_S[e].t() @ x_S[e]
+            torch.mm(dg_S[e], w1[e]).addmm_(du_S[e], v1[e])
+
+    experts = partial(swiglu_experts, w1=ours.w1, v1=ours.v1, w2=ours.w2, counts=counts)
+    return {
+        "MoE layer": fwd_bwd(lambda t: ours(t)[0], x, grad),
+        "experts' Function alone": fwd_bwd(
+            lambda t: experts(t, rows_S=rows_S, scale_S=scale_S), x, grad
+        ),
+        "router and statistics alone": route_fwd_bwd,
+        "experts' GEMM calls alone": gemms,
+        f"dense SwiGLU, width {K * width}": fwd_bwd(lambda t: dense(t)[0], x, grad),
+    }
 
 
 def step_variants() -> dict:
@@ -196,7 +228,7 @@ def main() -> None:
         "--equal-params", action="store_true", help="add a dense FFN as wide as all the experts"
     )
     parser.add_argument(
-        "--gemm-shapes", action="store_true", help="also time the experts' GEMM shapes alone"
+        "--breakdown", action="store_true", help="also time the layer's parts alone"
     )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default="bench/results/moe_layer.json")
@@ -215,21 +247,18 @@ def main() -> None:
         results["layer"][width] = ratio_table(
             title, medians, base, ("saved activations", "saved_mib", saved)
         )
-    if args.gemm_shapes:
-        results["gemm"] = {}
+    if args.breakdown:
+        results["breakdown"] = {}
         for width in (344, 688):
-            medians, peak = interleaved(gemm_variants(width, args.tokens), args.rounds, args.warmup)
-            print(
-                f"\nGEMM shapes at F={width}, {args.tokens} tokens: {E} experts' calls vs one "
-                f"dense call of equal FLOPs (mm peak {peak / 1e9:.0f} GFLOP/s)"
+            medians, peak = interleaved(
+                breakdown_variants(width, args.tokens), args.rounds, args.warmup
             )
-            results["gemm"][width] = {}
-            for name in GEMMS:
-                ours, dense = (medians[f"{v}, {name}"] * 1e3 for v in (f"{E} experts", "dense"))
-                print(
-                    f"{name:20s} experts {ours:6.2f} ms, dense {dense:6.2f} ms: {ours / dense:.2f}x"
-                )
-                results["gemm"][width][name] = {"experts_ms": ours, "dense_ms": dense}
+            title = (
+                f"MoE layer by parts, fwd+bwd: F={width}, {args.tokens} tokens "
+                f"(mm peak {peak / 1e9:.0f} GFLOP/s)"
+            )
+            base = f"dense SwiGLU, width {K * width}"
+            results["breakdown"][width] = ratio_table(title, medians, base)
     if args.layer_only:
         write_json(args.out, results)
         return
