@@ -99,7 +99,8 @@ class MoEConfig:
     E/(k T) * sum c P, summed over layers (OLMo-core); ``megablocks`` the same averaged over layers
     (MegaBlocks); ``mixtral`` E * sum_{k,e} f_ke P_e over all layers' tokens concatenated
     (transformers' Mixtral). Balanced routing gives 1 per layer (``mixtral``: k); every token on one
-    expert gives E. The default, ``switch`` with weight 0.01, is the Switch Transformer recipe.
+    expert gives E (``olmo``, ``megablocks``: E/k). The default, ``switch`` with weight 0.01, is the
+    Switch Transformer recipe.
     """
 
     num_experts: int = 8

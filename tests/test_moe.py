@@ -145,6 +145,28 @@ def test_aux_free_bias_moves_against_the_load_and_only_steers_selection():
     torch.testing.assert_close(weights, torch.ones(6, 1))  # renormalised score, bias excluded
 
 
+def test_aux_free_bias_under_a_restriction_balances_the_allowed_experts_only():
+    layer = _moe(num_experts=8, top_k=2, bias_update_rate=0.1)
+    router = layer.router
+    router.restrict([0, 1, 2, 3])
+    router.tokens_per_expert.copy_(torch.tensor([10.0, 20, 30, 40, 0, 0, 0, 0]))
+    router.update_bias()
+    # against the allowed experts' mean load (25): the forbidden experts' zeros pull it nowhere
+    assert router.expert_bias.tolist() == pytest.approx([0.1, 0.1, -0.1, -0.1, 0, 0, 0, 0])
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_router_scores_stay_fp32_under_bf16_autocast(score):
+    router = _moe(num_experts=8, score=score).router.eval()
+    x = torch.randn(512, D)
+    expected = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = router(x)
+    for e, g in zip(expected, got, strict=True):
+        assert g.dtype == e.dtype
+        assert torch.equal(g, e)  # with bf16 sigmoid scores 2 of these tokens change experts
+
+
 # ---- losses --------------------------------------------------------------------------------------
 
 
@@ -185,6 +207,10 @@ def test_top2_balance_values_and_the_mixtral_cross_layer_form():
     s = _stats(uniform, idx)
     assert load_balancing_loss([s], "olmo").item() == pytest.approx(1.0)
     assert load_balancing_loss([s], "mixtral").item() == pytest.approx(2.0)  # k at balance
+    # collapse at k=2: first choice expert 0 with probability 1, second choice expert 1 with 0
+    one = _stats(F.one_hot(torch.zeros(T, dtype=torch.long), E).float(), torch.tensor([[0, 1]] * T))
+    for form, value in {"switch": E, "olmo": E / 2, "megablocks": E / 2, "mixtral": E}.items():
+        assert load_balancing_loss([one], form).item() == pytest.approx(value)
     # mixtral multiplies layer-averaged f and P: two opposite collapses look balanced overall
     to0, to1 = (
         _routing(1.0),

@@ -10,14 +10,15 @@ name           formula                                                     balan
 =============  ==========================================================  =================
 switch         sum over layers of  E * sum_e f_e P_e  (Fedus et al. 2021;     1 per layer / E
                fairseq's E^2 * mean(me * ce), summed over layers)
-olmo           sum over layers of  E / (k T) * sum_e c_e P_e  (OLMo-core)     1 per layer / E
-megablocks     mean over layers of the same (MegaBlocks'                      1 / E
+olmo           sum over layers of  E / (k T) * sum_e c_e P_e  (OLMo-core)     1 per layer / E/k
+megablocks     mean over layers of the same (MegaBlocks'                      1 / E/k
                batched_load_balancing_loss with num_layers = MoE layers)
-mixtral        E * sum_{k,e} f_ke P_e  with f and P over all layers'          k / E (k = 1)
+mixtral        E * sum_{k,e} f_ke P_e  with f and P over all layers'          k / E
                tokens concatenated (transformers' load_balancing_loss_func)
 =============  ==========================================================  =================
 
-"balanced" is uniform routing; "one" is every token on one expert with probability 1. The weight
+"balanced" is uniform routing; "one" is every token on one expert with probability 1 (its other
+k - 1 choices get probability 0, hence E/k where c counts every slot). The weight
 (``lbl_weight``) multiplies the value in the table. The z-loss (Zoph et al. 2022, ST-MoE) is
 ``mean_t logsumexp(logits_t)^2`` per layer, summed over layers, times ``z_loss_weight``.
 """

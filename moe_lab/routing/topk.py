@@ -78,7 +78,9 @@ class TopKRouter(nn.Module):
         if self.training and cfg.jitter > 0:
             noise = torch.empty_like(x_TD).uniform_(1 - cfg.jitter, 1 + cfg.jitter)
             x_TD = x_TD * noise
-        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        # Autocast would cast the fp32 operands back down: scores stay in fp32 only without it.
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         top_k = cfg.top_k
         if self.allowed is not None:
             logits_TE = logits_TE.masked_fill(~self.allowed, float("-inf"))
@@ -101,10 +103,16 @@ class TopKRouter(nn.Module):
 
     @torch.no_grad()
     def update_bias(self) -> None:
-        """b_e += rate * sign(mean load - load_e), centred; then reset the counts (DeepSeek-V3)."""
+        """b_e += rate * sign(mean load - load_e), centred; then reset the counts (DeepSeek-V3).
+
+        Under :meth:`restrict` only the allowed experts' biases move, against their own mean
+        load: the others get no tokens, and counting them would pull the mean down.
+        """
         load = self.tokens_per_expert
-        step = self.cfg.bias_update_rate * torch.sign(load.mean() - load)
-        self.expert_bias += step - step.mean()
+        allowed = torch.ones_like(load, dtype=torch.bool) if self.allowed is None else self.allowed
+        step = self.cfg.bias_update_rate * torch.sign(load[allowed].mean() - load)
+        step = (step - step[allowed].mean()) * allowed
+        self.expert_bias += step
         self.tokens_per_expert.zero_()
 
     def stats(
