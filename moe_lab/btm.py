@@ -53,9 +53,8 @@ def _shard_data(cfg, shard: Shard):
     """The template's data config narrowed to one expert's shard."""
     if isinstance(shard, dict):  # the template's documents whose group fields match
         groups = sorted(set(cfg.data.group_fields or []) | set(shard))
-        return replace(
-            cfg.data, include={k: list(v) for k, v in shard.items()}, group_fields=groups
-        )
+        include = {**cfg.data.include, **{k: list(v) for k, v in shard.items()}}
+        return replace(cfg.data, include=include, group_fields=groups)
     return replace(cfg.data, train_files=list(shard))
 
 
@@ -139,6 +138,12 @@ def train_experts(
     from moe_lab.train import train
 
     out = Path(out_dir)
+    if seed is None and cfg.data.tokenizer == "bpe":
+        raise ConfigError(
+            "experts trained from scratch with data.tokenizer=bpe would each fit their own BPE "
+            "on their own shard, and their predictions could not be mixed: branch them from a "
+            "seed run, or give data.tokenizer a tokenizer file (or byte)"
+        )
     budgets = _split_budget(cfg, shards, budget_split)
     unknown = sorted(set(only or []) - set(shards))
     if unknown:
@@ -183,7 +188,17 @@ def load_experts(out_dir: str | Path, device="cpu") -> tuple[list[str], list[Tra
     if not (out / "manifest.json").is_file():
         raise FileNotFoundError(f"{out} has no manifest.json: run train_experts first")
     names = list(json.loads((out / "manifest.json").read_text())["experts"])
-    return names, [load_run(out / "experts" / n / "run", device=device)[1] for n in names]
+    if not names:
+        raise ConfigError(f"{out}/manifest.json lists no finished expert: train them first")
+    runs = [load_run(out / "experts" / n / "run", device=device) for n in names]
+    prints = [tokenizer.fingerprint() for _, _, tokenizer in runs]
+    if len(set(prints)) > 1:
+        other = next(n for n, p in zip(names, prints, strict=True) if p != prints[0])
+        raise ConfigError(
+            f"experts {names[0]!r} and {other!r} tokenize differently: their predictions "
+            "cannot be mixed or merged (experts must share one tokenizer, e.g. a seed run's)"
+        )
+    return names, [model for _, model, _ in runs]
 
 
 def _check_compatible(models: Sequence[Transformer]) -> None:
@@ -318,6 +333,11 @@ def btx(
     """
     _check_compatible(experts)
     dense = experts[0].cfg
+    if set_here := sorted({"num_experts", "top_k", "expert_hidden"} & set(moe_fields)):
+        raise ConfigError(
+            f"btx sets model.moe.{set_here[0]} itself (one expert per model, each as wide as "
+            "its FFN; top_k is its own argument)"
+        )
     if moe_fields.get("every", 1) != 1:
         raise ConfigError(
             "btx turns every block's FFN into an MoE layer: model.moe.every must be 1"
@@ -335,6 +355,8 @@ def btx(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         merged = build_model(replace(dense, moe=moe), device=param.device, dtype=param.dtype)
+        for layer in merged.layers:
+            torch.nn.init.normal_(layer.feed_forward.router.gate.weight, std=router_std)
     state = merged.state_dict()
     for name, value in shared.items():
         if name in state and state[name].shape == value.shape:
@@ -345,5 +367,4 @@ def btx(
         ffn.w1.copy_(torch.cat([s.w1.weight for s in sources]))
         ffn.v1.copy_(torch.cat([s.w3.weight for s in sources]))
         ffn.w2.copy_(torch.cat([s.w2.weight.t() for s in sources]))
-        torch.nn.init.normal_(ffn.router.gate.weight, std=router_std)
     return merged

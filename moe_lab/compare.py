@@ -262,6 +262,12 @@ def plan(exp: ExperimentConfig, out: Path) -> dict[str, dict]:
             raise ConfigError(f"variant {v.name!r}: merge must be none, average or btx")
         if v.merge == "btx" and not 0 < v.finetune_share < 1 - v.seed_share:
             raise ConfigError(f"variant {v.name!r}: finetune_share must be in (0, 1 - seed_share)")
+        if v.family == "cbtm" and v.k < 1:
+            raise ConfigError(f"variant {v.name!r}: k (clusters) must be at least 1")
+        if v.family == "cbtm" and v.top_k is not None and not 1 <= v.top_k <= v.k:
+            raise ConfigError(f"variant {v.name!r}: top_k must be in [1, k={v.k}] or null")
+        if v.family == "xelm":
+            _check_xelm_languages(cfg, v.name)
         try:
             achieved = _achievable(cfg, v, budget)
         except ConfigError as e:
@@ -275,6 +281,21 @@ def plan(exp: ExperimentConfig, out: Path) -> dict[str, dict]:
             )
         plans[v.name] = {"config": cfg, "flops": achieved}
     return plans
+
+
+def _check_xelm_languages(cfg: Config, name: str) -> None:
+    """X-ELM is scored on its own languages only: in a comparison they must be all the data's."""
+    from moe_lab.data import with_group_field
+    from moe_lab.xelm import _plan, _texts_by_language
+
+    cfg = with_group_field(cfg, cfg.xelm.lang_field)
+    left_out = sorted(set(_texts_by_language(cfg)) - set(_plan(cfg)["languages"]))
+    if left_out:
+        raise ConfigError(
+            f"variant {name!r}: its X-ELM experts leave out the languages {left_out}, on which "
+            "the other variants would still be scored: narrow the data of every variant with "
+            f"data.include.{cfg.xelm.lang_field} instead"
+        )
 
 
 def _eval_summary(valid: dict) -> dict:
@@ -394,9 +415,16 @@ def _run_cbtm(cfg: Config, v: VariantConfig, budget: float, job: Path) -> dict:
     shards = {
         f"c{c}": [str(clusters / "shards" / "train" / f"cluster_{c:03d}.jsonl")] for c in range(v.k)
     }
+    # Each expert is validated on its cluster's share of the validation documents (all of them
+    # where none fell to it): without valid_files its run would hold out part of its shard.
+    valid = [clusters / "shards" / "valid" / f"cluster_{c:03d}.jsonl" for c in range(v.k)]
+    every = [str(f) for f in valid if f.stat().st_size]
+    valid_files = {f"c{c}": [str(f)] if f.stat().st_size else every for c, f in enumerate(valid)}
     expert_share = 1 - v.seed_share - (v.finetune_share if v.merge == "btx" else 0.0)
     template = replace(cfg, train=replace(cfg.train, max_flops=budget * expert_share))
-    manifest = train_experts(template, shards, job / "experts", seed=seed.run_dir)
+    manifest = train_experts(
+        template, shards, job / "experts", seed=seed.run_dir, valid_files=valid_files
+    )
     runs = [seed.run_dir] + [job / "experts" / "experts" / n / "run" for n in manifest["experts"]]
     est = estimate(cfg.model, cfg.train.seq_len)
     if v.merge == "btx":

@@ -337,6 +337,9 @@ class TrainConfig:
             _positive_float(getattr(self, name), f"{prefix}.{name}")
         _require(self.warmup_steps >= 0, f"{prefix}.warmup_steps must be >= 0")
         _require(self.eval_every >= 0, f"{prefix}.eval_every must be >= 0")
+        _require(
+            self.spike_window >= 2, f"{prefix}.spike_window must be >= 2 (a spread to judge by)"
+        )
         _require(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio must be in [0, 1]")
         _require(self.weight_decay >= 0, f"{prefix}.weight_decay must be >= 0")
         _require(self.grad_clip >= 0, f"{prefix}.grad_clip must be >= 0")
@@ -498,6 +501,8 @@ class RunConfig:
             self.device.startswith("cuda:") and self.device[5:].isdigit()
         )
         _require(ok, f"{prefix}.device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        ok = isinstance(self.seed, int) and 0 <= self.seed < 2**32
+        _require(ok, f"{prefix}.seed must be in [0, 2**32); got {self.seed!r}")
 
 
 @dataclass

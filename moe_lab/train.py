@@ -270,7 +270,7 @@ def _init_checkpoint(path: Path) -> Path:
 
 def _init_tokenizer_dir(path: Path) -> Path | None:
     """The tokenizer saved with the run that ``train.init_from`` names, if any."""
-    run = path.parent.parent if (path / "model.safetensors").is_file() else path
+    run = path.parent.parent if (path / "COMPLETE").is_file() else path  # a checkpoint
     return run / "tokenizer" if (run / "tokenizer").is_dir() else None
 
 
@@ -415,7 +415,11 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
             return model
         if not main:
             return None
-        copy = build_model(cfg.model, device=device)
+        # Building draws from rank 0's generator only: a resumed run, which restores one state
+        # on every rank, would then draw different jitter on the other ranks.
+        on_gpu = [device] if torch.device(device).type == "cuda" else []
+        with torch.random.fork_rng(devices=on_gpu):
+            copy = build_model(cfg.model, device=device)
         load_weights(copy, {k: v.to(device) for k, v in weights.items()})
         return copy
 
@@ -479,6 +483,9 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
             for router in biased_routers:  # aux-loss-free balancing follows the global load
                 dist.sum_(router.tokens_per_expert)
                 router.update_bias()
+        else:  # a rejected batch's load must not steer the next bias update
+            for router in biased_routers:
+                router.tokens_per_expert.zero_()
         optimizer.zero_grad(set_to_none=True)
 
         tokens = t.batch_size * dist.world * t.grad_accum * t.seq_len

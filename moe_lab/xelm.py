@@ -259,7 +259,8 @@ def evaluate_by_language(
     route = {lang: n for n, langs in chosen.items() for lang in langs}
     tokenizer = load_tokenizer(out / "seed" / "tokenizer")
     cfg = with_group_field(cfg, x.lang_field)
-    cfg = replace(cfg, data=replace(cfg.data, include={x.lang_field: plan["languages"]}))
+    include = {**cfg.data.include, x.lang_field: plan["languages"]}
+    cfg = replace(cfg, data=replace(cfg.data, include=include))
     store = validation_store(cfg, tokenizer)
     g = store.group_fields.index(x.lang_field)
     by_plan = {**plan, "groups": chosen}
@@ -305,7 +306,8 @@ def run_xelm_experiment(cfg: Config) -> dict:
     )
     dense = train(dense_cfg)
     _, model, tokenizer = load_run(dense.run_dir)
-    eval_cfg = replace(cfg, data=replace(cfg.data, include={x.lang_field: plan["languages"]}))
+    include = {**cfg.data.include, x.lang_field: plan["languages"]}
+    eval_cfg = replace(cfg, data=replace(cfg.data, include=include))
     store = validation_store(eval_cfg, tokenizer)
     columns = {
         "dense (joint, alpha sampling)": evaluate(

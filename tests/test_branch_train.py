@@ -1,6 +1,7 @@
 """Branch-train-merge end to end: seed -> clusters -> independent experts -> routed ensemble."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import moe_lab.train as train_module
-from moe_lab.btm import load_experts, train_experts
+from moe_lab.btm import _shard_data, load_experts, train_experts
 from moe_lab.checkpoint import latest_checkpoint
 from moe_lab.clustering import Clusterer
 from moe_lab.clustering.run import cluster_documents
@@ -19,7 +20,7 @@ from moe_lab.evaluate import evaluate
 from moe_lab.experts.ensemble import ExpertEnsemble, ensemble_document_nll
 from moe_lab.packing import build_store, cache_root
 from moe_lab.routing.cluster import ClusterRouter
-from moe_lab.tokenizer import ByteTokenizer
+from moe_lab.tokenizer import ByteTokenizer, train_bpe
 from moe_lab.train import train
 from tests.conftest import SHORT_RUN
 
@@ -186,6 +187,32 @@ def test_experts_per_group_value_train_on_that_value_only(pipeline, tmp_path):
         assert load_config(run / "config.yaml").data.include == {"lang": [name]}
         report = json.loads((run / "eval.json").read_text())["valid"]
         assert list(report["groups"]["lang"]) == [name]  # validated on its own language too
+
+
+def test_a_group_shard_narrows_the_templates_own_filters():
+    template = load_config(overrides=["data.include.domain=[legal,code]"])
+    assert _shard_data(template, {"lang": ["de"]}).include == {
+        "domain": ["legal", "code"],
+        "lang": ["de"],
+    }
+
+
+def test_experts_that_cannot_be_mixed_are_refused(pipeline, tmp_path):
+    root, _, shards, template, _ = pipeline
+    bpe = replace(template, data=replace(template.data, tokenizer="bpe"))
+    with pytest.raises(ConfigError, match="each fit their own BPE"):
+        train_experts(bpe, shards, tmp_path / "scratch", seed=None)
+    assert not (tmp_path / "scratch").exists()  # refused before anything was written
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "experts", copy)
+    other = train_bpe(iter(["an expert with a tokenizer of its own"] * 20), vocab_size=300)
+    shutil.rmtree(copy / "experts" / "c1" / "run" / "tokenizer")
+    other.save(copy / "experts" / "c1" / "run" / "tokenizer")
+    with pytest.raises(ConfigError, match="'c0' and 'c1' tokenize differently"):
+        load_experts(copy)
+    (copy / "manifest.json").write_text(json.dumps({"experts": {}}))
+    with pytest.raises(ConfigError, match="no finished expert"):
+        load_experts(copy)
 
 
 def test_expert_jobs_as_ray_tasks(pipeline, tmp_path):

@@ -115,11 +115,26 @@ def test_btx_experts_are_the_source_ffns_and_the_rest_is_averaged():
     assert ffn.router.gate.weight.requires_grad
 
 
+def test_btx_routers_follow_its_seed_not_the_global_generator():
+    experts = _models(2)
+
+    def routers(seed):
+        torch.rand(5)  # whatever the global generator did before
+        merged = btx(experts, top_k=1, seed=seed)
+        return [layer.feed_forward.router.gate.weight for layer in merged.layers]
+
+    first, again, other = routers(1), routers(1), routers(2)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
 def test_incompatible_models_are_refused():
     other = build_model(ModelConfig(**{**CFG.__dict__, "vocab_size": 80}))
     with pytest.raises(ConfigError, match=r"model 1 differs from model 0 in model\.vocab_size"):
         average([build_model(CFG), other])
     with pytest.raises(ConfigError, match="every must be 1"):
         btx(_models(2), every=2)
+    with pytest.raises(ConfigError, match="btx sets model.moe.num_experts itself"):
+        btx(_models(2), num_experts=4)
     with pytest.raises(ValueError, match="2 weights for 3 models"):
         average(_models(3), weights=[0.5, 0.5])

@@ -11,7 +11,7 @@ from moe_lab.accounting import estimate
 from moe_lab.checkpoint import load_run
 from moe_lab.compare import fit_scaling, load_experiment, run_compare
 from moe_lab.config import ConfigError, ModelConfig, load_config
-from moe_lab.data import CORPUS_DIR, load_documents
+from moe_lab.data import CORPUS_DIR, load_documents, load_splits
 from moe_lab.fewshot import choice_logliks, corpus_cloze, evaluate_task, load_task
 from moe_lab.scoring import TransformerScorer
 from moe_lab.xelm import expert_for
@@ -108,6 +108,20 @@ def test_every_variant_reaches_the_budget_within_one_percent(compared):
     assert cbtm["inference_flops_per_token"] == dense["inference_flops_per_token"]  # top-1
 
 
+def test_cbtm_experts_train_on_their_whole_shard_and_validate_on_their_cluster(compared):
+    exp, _ = compared
+    shards = Path(exp.dir) / "variants" / "cbtm" / "seed0" / "clusters" / "shards"
+    experts = shards.parents[1] / "experts" / "experts"
+    for c in range(2):
+        cfg = load_config(experts / f"c{c}" / "run" / "config.yaml")
+        train_docs, _, _ = load_splits(cfg)  # none held out for validation
+        assert len(train_docs) == len(
+            (shards / "train" / f"cluster_00{c}.jsonl").read_text().splitlines()
+        )
+        valid = shards / "valid" / f"cluster_00{c}.jsonl"
+        assert valid.stat().st_size and cfg.data.valid_files == [str(valid)]
+
+
 def test_the_report_holds_every_variant_and_group_value(compared):
     exp, records = compared
     out = Path(exp.dir)
@@ -175,6 +189,13 @@ def test_an_interrupted_compare_redoes_only_unfinished_variants(compared, monkey
         ([{"name": "a"}], {"budget": {"train_flops": 1e3}}, "smallest run exceeds the budget"),
         ([{"name": "a"}], {"budget": {"train_flops": budget() / STEPS * 20.5}}, "more than 1% off"),
         ([{"name": "a", "family": "moe"}], {}, "sets no model.moe"),
+        ([{"name": "c", "family": "cbtm", "k": 0}], {}, r"k \(clusters\) must be at least 1"),
+        ([{"name": "c", "family": "cbtm", "top_k": 5}], {}, r"top_k must be in \[1, k=4\]"),
+        (
+            [{"name": "x", "family": "xelm", "overrides": ["xelm.languages=[en,de]"]}],
+            {},
+            r"leave out the languages \[.*'fr'.*\].*data.include.lang",
+        ),
         ([], {}, "lists no variants"),
     ],
 )

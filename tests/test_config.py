@@ -96,6 +96,8 @@ def test_every_listed_preset_loads():
         (["model.dim"], r"not of the form key=value"),
         (["run.device=gpu"], r"run\.device must be auto, cpu, cuda or cuda:N; got 'gpu'"),
         (["train.eval_batch_size=0"], r"train\.eval_batch_size must be a positive integer, got 0"),
+        (["train.spike_window=1"], r"train\.spike_window must be >= 2"),
+        (["run.seed=-1"], r"run\.seed must be in \[0, 2\*\*32\); got -1"),
         (
             ["model.moe.num_experts=4", "parallel.ep=true"],
             r"parallel\.ep=true .* needs parallel\.dp=ddp or fsdp2",

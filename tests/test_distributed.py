@@ -47,8 +47,19 @@ PARALLEL = {
     "moe-ep": (2, [*MOE, "train.batch_size=2", "parallel.dp=ddp", "parallel.ep=true"]),
     "moe-ep2-of-4": (4, [*EP2, "parallel.dp=ddp"]),
     "moe-ep2-of-4-fsdp2": (4, [*EP2, "parallel.dp=fsdp2"]),
+    # rank 0 alone builds a model to evaluate mid-run: that must not move its generator
+    "moe-fsdp2-jitter-eval": (
+        2,
+        [
+            *MOE,
+            "train.batch_size=2",
+            "parallel.dp=fsdp2",
+            "model.moe.jitter=0.2",
+            "train.eval_every=2",
+        ],
+    ),
 }
-SHARDED = {"fsdp2", "moe-ep2-of-4-fsdp2"}  # DCP: converted before being read
+SHARDED = {"fsdp2", "moe-ep2-of-4-fsdp2", "moe-fsdp2-jitter-eval"}  # DCP: converted before read
 
 
 def moe_lab(*args, world=1):
@@ -148,11 +159,13 @@ def test_moe_on_several_processes_matches_one_process(runs, mode):
     assert_same_training(root / "moe", root / mode)
 
 
-@pytest.mark.parametrize("mode", ["fsdp2", "moe-ep2-of-4", "moe-ep2-of-4-fsdp2"])
+@pytest.mark.parametrize(
+    "mode", ["fsdp2", "moe-ep2-of-4", "moe-ep2-of-4-fsdp2", "moe-fsdp2-jitter-eval"]
+)
 def test_resume_is_exact_at_equal_world_size(runs, mode):
     """From FSDP2's sharded checkpoint, from expert-parallel's gathered one (under DDP, so this
-    covers DDP's resume too), and from FSDP2's where the experts are row shards of the ep mesh
-    dimension, replicated over the other."""
+    covers DDP's resume too), from FSDP2's where the experts are row shards of the ep mesh
+    dimension, replicated over the other, and with router jitter and mid-run evaluations."""
     root, _ = runs
     resumed = root / f"{mode}-resumed"
     shutil.copytree(root / mode, resumed)

@@ -229,6 +229,19 @@ def ifc_cfg(tmp_path, files, *extra):
     )
 
 
+def test_the_dense_baseline_trains_on_the_ifc_runs_domains_only(tmp_path, monkeypatch):
+    import moe_lab.train as train_module
+    from moe_lab.data import load_splits
+    from moe_lab.ifc.experiment import dense_baseline
+
+    seen = []
+    monkeypatch.setattr(train_module, "train", seen.append)  # the config it would train
+    cfg = ifc_cfg(tmp_path / "run", corpus_files(tmp_path), "ifc.domains=[legal]")
+    dense_baseline(pipeline._with_domain_field(cfg), 1e15, tmp_path / "dense", ["legal"])
+    train_docs, _, _ = load_splits(seen[0])
+    assert sorted(set(train_docs["domain"])) == ["legal", "literature"]  # code is not the run's
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("ifc")

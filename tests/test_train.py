@@ -16,6 +16,8 @@ from moe_lab.checkpoint import latest_checkpoint, list_checkpoints, load_checkpo
 from moe_lab.config import ConfigError, ModelConfig, load_config
 from moe_lab.data import DataError
 from moe_lab.evaluate import evaluate
+from moe_lab.routing.topk import TopKRouter
+from moe_lab.tokenizer import ByteTokenizer
 from moe_lab.train import NonFiniteError, SpikeDetector, lr_at, planned_steps, train
 
 TINY = [
@@ -281,6 +283,37 @@ def test_nan_loss_with_skip_skips_and_counts(tmp_path, lang_files, monkeypatch):
     w2, w3 = (load_file(c / "model.safetensors") for c in ckpts[1:3])
     assert all(torch.equal(w2[k], w3[k]) for k in w2)
     assert json.loads((ckpts[-1] / "state.json").read_text())["skipped_nonfinite"] == 1
+
+
+def test_a_skipped_step_leaves_no_load_for_the_next_bias_update(tmp_path, lang_files, monkeypatch):
+    _nan_at_step(monkeypatch, 3, [])
+    loads, real = [], TopKRouter.update_bias
+    monkeypatch.setattr(
+        TopKRouter,
+        "update_bias",
+        lambda r: loads.append(r.tokens_per_expert.sum().item()) or real(r),
+    )
+    moe = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_hidden=32"]
+    cfg = _cfg(
+        tmp_path,
+        lang_files,
+        *moe,
+        "model.moe.bias_update_rate=0.01",
+        "train.max_steps=4",
+        "train.on_nonfinite=skip",
+    )
+    train(cfg)
+    per_step = cfg.train.batch_size * cfg.train.seq_len * 2  # every token's 2 assignments
+    assert len(loads) == 3 * cfg.model.n_layers and set(loads) == {per_step}
+
+
+def test_branching_from_a_sharded_checkpoint_keeps_its_runs_tokenizer(tmp_path):
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    (checkpoint / "sharded").mkdir(parents=True)  # FSDP2's: no model.safetensors
+    (checkpoint / "COMPLETE").touch()
+    ByteTokenizer().save(tmp_path / "run" / "tokenizer")
+    assert train_module._init_tokenizer_dir(checkpoint) == tmp_path / "run" / "tokenizer"
+    assert train_module._init_tokenizer_dir(tmp_path / "run") == tmp_path / "run" / "tokenizer"
 
 
 def test_spike_detector_flags_outliers_after_half_a_window():

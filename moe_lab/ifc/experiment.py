@@ -50,15 +50,18 @@ def evaluate_ifc(ifc: IFCModel, cfg: Config, device: str = "cpu") -> dict:
     return ensemble_document_nll(ensemble, store, uniform, t.seq_len, t.eval_batch, device)
 
 
-def dense_baseline(cfg: Config, train_flops: float, out_dir: Path):
-    """Train the dense model of equal active compute on every domain for ``train_flops``."""
+def dense_baseline(cfg: Config, train_flops: float, out_dir: Path, domains: list[str]):
+    """Train the dense model of equal active compute for ``train_flops`` on the IFC run's data:
+    the public domain and the private ``domains`` together (other domains in the files stay out,
+    as they do for the IFC model)."""
     from moe_lab.train import train
 
     moe = cfg.model.moe
     ffn = cfg.model.ffn_hidden if moe is None else min(moe.top_k, 2) * moe.expert_hidden
     model = replace(cfg.model, moe=None, ffn_hidden=ffn)
     budget = replace(cfg.train, max_steps=None, max_tokens=None, max_flops=train_flops)
-    data = replace(cfg.data, include={})
+    field = cfg.ifc.domain_field
+    data = replace(cfg.data, include={**cfg.data.include, field: [cfg.ifc.public, *domains]})
     run = replace(cfg.run, dir=str(out_dir), resume=True)
     return train(replace(cfg, model=model, train=budget, data=data, run=run))
 
@@ -73,7 +76,7 @@ def run_ifc_experiment(cfg: Config, policy: AccessPolicy, device: str = "cpu") -
     for principal in policy.grants:  # fail closed before any training
         policy.permitted(principal, cfg.ifc.public, domains)
     manifest = train_ifc(cfg, out / "ifc")
-    dense = dense_baseline(cfg, manifest["train_flops"], out / "dense")
+    dense = dense_baseline(cfg, manifest["train_flops"], out / "dense", domains)
     field = cfg.ifc.domain_field
     _, model, tokenizer = load_run(dense.run_dir, device=device)
     store = validation_store(_with_domain_field(cfg), tokenizer)
