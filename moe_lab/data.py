@@ -95,10 +95,7 @@ def _check_field(ds: datasets.Dataset, source: str, name: str, key: str) -> None
         for i, value in enumerate(values):
             if not isinstance(value, str):
                 what = "has no" if value is None else f"has a non-string ({type(value).__name__})"
-                raise DataError(
-                    f"{source}: record {start + i + 1} (line {start + i + 1}) {what} field "
-                    f"{name!r} ({key})"
-                )
+                raise DataError(f"{source}: record {start + i + 1} {what} field {name!r} ({key})")
 
 
 def load_documents(

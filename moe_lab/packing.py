@@ -234,11 +234,18 @@ class TrainBatches:
             "epoch": list(self.epoch),
             "pos": list(self.pos),
             "seed": self.seed,
+            "n_blocks": list(self.n_blocks),
         }
 
     def load_state_dict(self, state: dict, restore_rng: bool = True) -> None:
         if len(state["pos"]) != len(self.groups):
             raise ValueError("data position does not match the data: the groups changed")
+        if state.get("n_blocks", self.n_blocks) != self.n_blocks:  # older states lack it
+            raise ValueError(
+                f"the training data changed since the checkpoint ({state['n_blocks']} blocks of "
+                f"train.seq_len per group, now {self.n_blocks}): resume needs the same data, "
+                "or start a new run.dir"
+            )
         self.epoch, self.pos = list(state["epoch"]), list(state["pos"])
         if restore_rng:
             self.rng.bit_generator.state = state["rng"]

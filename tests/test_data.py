@@ -43,12 +43,13 @@ def test_include_keeps_only_listed_values(tmp_path):
     [
         ("", [], r"no records"),
         ('{"body": "x"}\n', [], r"records have no field 'text' \(data.text_field\)"),
-        ('{"text": "a"}\n{"other": 1}\n', [], r"record 2 \(line 2\) has no field 'text'"),
+        ('{"text": "a"}\n{"other": 1}\n', [], r"record 2 has no field 'text'"),
+        ('{"text": "a"}\n\n{"other": 1}\n', [], r"record 2 has no field"),  # on line 3
         ('{"text": 5}\n', [], r"non-string \(int\) field 'text'"),
         (
             '{"text": "a", "lang": "en"}\n{"text": "b"}\n',
             ["lang"],
-            r"record 2 \(line 2\) has no field 'lang' \(data.group_fields\)",
+            r"record 2 has no field 'lang' \(data.group_fields\)",
         ),
     ],
 )
@@ -210,6 +211,9 @@ def test_sampler_resumes_exactly_and_is_seeded(store):
     c = TrainBatches(store, 16, 4, seed=3, sample_by="lang", alpha=0.3)
     c.load_state_dict(saved, restore_rng=False)
     assert not all((c.next_batch()["input_ids"] == e).all() for e in expected)
+    other = TrainBatches(store, 32, 4, seed=3, sample_by="lang", alpha=0.3)  # fewer, longer blocks
+    with pytest.raises(ValueError, match="the training data changed since the checkpoint"):
+        other.load_state_dict(saved)
 
 
 def test_temperature_sampling_matches_n_to_the_alpha(store):

@@ -37,6 +37,16 @@ def test_megablocks_layer_on_cpu_says_it_needs_cuda():
         mb(torch.randn(4, D))
 
 
+def test_a_restriction_below_top_k_runs_the_reference_experts():
+    """dMoE is built for top_k slots per token: one allowed expert of a top-2 layer must not reach
+    it (it would pair slots with the wrong tokens); the reference path runs, on CPU too."""
+    ref, mb = _pair()
+    for layer in (ref, mb):
+        layer.router.restrict([3])
+    x = torch.randn(6, D)
+    torch.testing.assert_close(mb(x)[0], ref(x)[0], rtol=0, atol=0)
+
+
 def test_missing_megablocks_says_how_to_install_it():
     try:
         import megablocks  # noqa: F401

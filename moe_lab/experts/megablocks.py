@@ -130,6 +130,10 @@ class MegaBlocksMoE(MoE):
     def _experts(
         self, x_TD: Tensor, weights_TK: Tensor, indices_TK: Tensor, kept_TK: Tensor
     ) -> Tensor:
+        if indices_TK.shape[1] != self.cfg.top_k:
+            # A restriction to fewer experts than top_k shrank k; dMoE maps slot s to token
+            # s // top_k with the k it was built with, so the reference path runs these.
+            return super()._experts(x_TD, weights_TK, indices_TK, kept_TK)
         mlp = self._dropless_mlp(x_TD.device)
         mlp.train(self.training)
         # Plain attributes (object.__setattr__: never registered as parameters), set per call so
