@@ -296,8 +296,8 @@ def _load_ifc(args: argparse.Namespace, device: str):
 
 
 def _generate_ensemble(args: argparse.Namespace, experts=None, tokenizer=None) -> None:
-    """Generation from a train_experts directory, routed by ``ensemble.*`` (prefix or uniform),
-    or from given ``experts`` mixed uniformly."""
+    """Generation from a train_experts directory, routed by ``ensemble.*`` (prefix or uniform, or
+    one model of the averaged experts), or from given ``experts`` mixed uniformly."""
     import torch
 
     from moe_lab.btm import load_experts
@@ -311,6 +311,15 @@ def _generate_ensemble(args: argparse.Namespace, experts=None, tokenizer=None) -
         names, experts = load_experts(args.run_dir)
         tokenizer = load_tokenizer(Path(args.run_dir) / "experts" / names[0] / "run" / "tokenizer")
         routing = ensemble_routing(args.run_dir, cfg, names, tokenizer, args.lang)
+        if args.lang is None and ens.routing == "oracle":
+            raise ConfigError(
+                "ensemble.routing=oracle routes by the whole document, which generation has not "
+                "written yet: generate with ensemble.routing=prefix, uniform or average"
+            )
+        if args.lang is None and ens.routing == "average":
+            from moe_lab.btm import average
+
+            experts, routing = [average(experts)], FixedRouting.uniform(1)
     else:
         routing = FixedRouting.uniform(len(experts))
 

@@ -159,6 +159,22 @@ def test_moe_lab_generate_from_a_directory_of_experts(pipeline, capsys):
     assert rc == 0 and capsys.readouterr().out.startswith("And God said")
 
 
+def test_moe_lab_generate_with_averaged_experts_is_the_average_model(pipeline, capsys):
+    from moe_lab.btm import average
+    from moe_lab.cli import main
+    from moe_lab.generation import generate
+
+    root = pipeline[0]
+    args = ["generate", str(root / "experts"), "--prompt", "And God", "--max-new-tokens", "6"]
+    assert main([*args, "--temperature", "0", "ensemble.routing=average"]) == 0
+    tok = ByteTokenizer()
+    prompt = [tok.bos_id, *tok.encode("And God")]
+    ids = generate(average(load_experts(root / "experts")[1]), torch.tensor([prompt]), 6)[0]
+    assert capsys.readouterr().out == "And God" + tok.decode(ids[len(prompt) :].tolist()) + "\n"
+    assert main([*args, "ensemble.routing=oracle"]) == 2
+    assert "has not written yet" in capsys.readouterr().err
+
+
 def test_expert_jobs_through_submitit_local_processes(pipeline, tmp_path):
     submitit = pytest.importorskip("submitit")
     from moe_lab.launch import submit_experts, wait_for
