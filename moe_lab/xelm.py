@@ -74,7 +74,11 @@ def group_languages(
     """Expert name (its languages joined by ``+``) -> languages, in a stable order."""
     if not 1 <= n_groups <= len(langs):
         raise ConfigError(f"xelm.n_groups ({n_groups}) must be in [1, {len(langs)} languages]")
-    if method == "similarity":
+    if method not in ("similarity", "kmeans"):
+        raise ConfigError(f"unknown grouping {method!r}")
+    if n_groups == 1:  # nothing to cluster (and sklearn refuses to cluster one language)
+        labels = [0] * len(langs)
+    elif method == "similarity":
         from sklearn.cluster import AgglomerativeClustering
 
         distance = np.clip(1.0 - similarity, 0.0, None)
@@ -86,8 +90,6 @@ def group_languages(
 
         # Rows of the similarity table embed each language by its closeness to all others.
         labels = BalancedKMeans(n_groups, seed=0).fit(similarity)
-    else:
-        raise ConfigError(f"unknown grouping {method!r}")
     groups = [
         sorted(lang for lang, g in zip(langs, labels, strict=True) if g == c) for c in set(labels)
     ]

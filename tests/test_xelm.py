@@ -64,6 +64,7 @@ def test_grouping_recovers_obvious_blocks(method):
     assert groups == {"a1+a2+a3": ["a1", "a2", "a3"], "b1+b2+b3": ["b1", "b2", "b3"]}
     with pytest.raises(ConfigError, match="n_groups"):
         group_languages(langs, sim, 7, method)
+    assert group_languages(["en"], np.ones((1, 1)), 1, method) == {"en": ["en"]}
 
 
 def _hashes(out):
