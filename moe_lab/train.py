@@ -356,6 +356,13 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
     detector = SpikeDetector(t.spike_window, t.spike_sigma)
     state = {"step": 0, "tokens": 0, "flops": 0.0, "skipped_nonfinite": 0, "skipped_spikes": 0}
     if resume_from is not None:
+        saved_world = json.loads((resume_from / "state.json").read_text()).get("world", dist.world)
+        if saved_world != dist.world:
+            raise ConfigError(
+                f"{resume_from} was saved by {saved_world} processes and this run has "
+                f"{dist.world}: the global batch (train.batch_size per process) and the data "
+                "order would change; resume with as many processes, or start a new run.dir"
+            )
         if dist.mode == "fsdp2":
             dist.load_sharded(resume_from / SHARDED, model, optimizer)
         else:
@@ -390,7 +397,8 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
         """Every rank calls this (sharded state is written or gathered collectively); rank 0
         writes the rest and commits the checkpoint."""
         directory = run_dir / "checkpoints"
-        extra = {**state, "data": batches.state_dict(), "spike": detector.state_dict()}
+        extra = {**state, "world": dist.world, "data": batches.state_dict()}
+        extra["spike"] = detector.state_dict()
         if dist.mode == "fsdp2":  # each rank writes its shards; nothing is gathered
             staged = staging_dir(directory, state["step"], create=main)
             dist.barrier()

@@ -132,6 +132,15 @@ def test_only_rank_0_reports_and_tokens_count_every_rank(runs):
     assert evaluation["tokens"] == 4 * 4 * 64  # global tokens: 2 ranks x 2 sequences x 4 steps
 
 
+def test_resuming_with_another_number_of_processes_is_a_clear_error(runs, tmp_path):
+    root, _ = runs
+    shutil.copytree(root / "ddp", tmp_path / "ddp")
+    out = moe_lab(
+        "train", *ARGS, *PARALLEL["ddp"][1], f"run.dir={tmp_path / 'ddp'}", "run.resume=true"
+    )
+    assert out.returncode == 2 and "saved by 2 processes and this run has 1" in out.stderr
+
+
 def test_torchrun_without_a_parallel_mode_is_a_clear_error(tmp_path):
     out = moe_lab("train", *ARGS, f"run.dir={tmp_path}", world=2)
     assert out.returncode != 0 and "set parallel.dp=ddp" in out.stderr
