@@ -397,8 +397,12 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
         """Every rank calls this (sharded state is written or gathered collectively); rank 0
         writes the rest and commits the checkpoint."""
         directory = run_dir / "checkpoints"
-        extra = {**state, "world": dist.world, "data": batches.state_dict()}
-        extra["spike"] = detector.state_dict()
+        extra = {
+            **state,
+            "world": dist.world,
+            "data": batches.state_dict(),
+            "spike": detector.state_dict(),
+        }
         if dist.mode == "fsdp2":  # each rank writes its shards; nothing is gathered
             staged = staging_dir(directory, state["step"], create=main)
             dist.barrier()
