@@ -45,7 +45,8 @@ def document_nll(
     """Summed NLL (nats) and number of scored tokens for every document: two ``[D]`` arrays.
 
     With ``max_batches`` only part of the documents is scored (the others keep zero tokens),
-    taken in a fixed random order so that every group is represented, not just the first ones.
+    taken in a fixed random order so that every group is represented, not just the first ones;
+    a document the last batch cut short is left out whole, or its bytes would count in full.
     """
     was_training = model.training
     model.eval()
@@ -66,6 +67,8 @@ def document_nll(
         np.add.at(count, docs, 1)
         bar.update()
     bar.close()
+    partial = count < np.diff(store.offsets) - 1  # targets: every token after BOS
+    nll[partial], count[partial] = 0.0, 0
     model.train(was_training)
     return nll, count
 

@@ -18,7 +18,7 @@ def sample_next(
     Nucleus sampling (Holtzman et al. 2020) keeps the smallest set of tokens whose probability mass
     reaches ``top_p``; the most likely token is always kept.
     """
-    if temperature < 0 or not 0 < top_p <= 1:
+    if not temperature >= 0 or not 0 < top_p <= 1:  # `not >=`: NaN fails too
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -54,6 +54,8 @@ def generate(
         raise ValueError(
             f"prompt must be a non-empty [batch, tokens] tensor, got {tuple(prompt.shape)}"
         )
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     total = prompt.shape[1] + max_new_tokens
     if total > model.cfg.max_seq_len:
         raise ValueError(

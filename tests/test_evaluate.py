@@ -46,6 +46,18 @@ def test_per_group_evaluation_equals_scoring_each_document_alone(lang_files, tmp
     assert np.isfinite(report["overall"]["perplexity"])
 
 
+def test_a_capped_evaluation_scores_whole_documents_only(lang_files, tmp_path):
+    ds = load_documents([str(lang_files[1])], "text", ["lang"])
+    store = build_store(ds, ByteTokenizer(), "text", ["lang"], tmp_path / "cache")
+    model = build_model(ModelConfig(dim=32, n_heads=2, ffn_hidden=64, vocab_size=260, init_std=0.2))
+    full = evaluate(model, store, seq_len=48, batch_size=3)["overall"]
+    capped = evaluate(model, store, seq_len=48, batch_size=3, max_batches=2)["overall"]
+    assert 0 < capped["documents"] < full["documents"]
+    # bytes as tokens: each whole document is scored on its bytes and EOS
+    assert capped["tokens"] == capped["bytes"] + capped["documents"]
+    assert full["tokens"] == full["bytes"] + full["documents"]
+
+
 def test_validation_needs_no_training_data_unless_cut_from_it(lang_files, tmp_path):
     from moe_lab.config import load_config
     from moe_lab.data import DataError

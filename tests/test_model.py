@@ -235,6 +235,8 @@ def test_top_p_keeps_only_the_nucleus():
     assert sample_next(logits, 0.0).item() == 0
     with pytest.raises(ValueError, match="top_p"):
         sample_next(logits, 1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature >= 0"):
+        sample_next(logits, float("nan"))
 
 
 def test_generation_stops_at_eos_and_respects_max_seq_len():
@@ -245,3 +247,5 @@ def test_generation_stops_at_eos_and_respects_max_seq_len():
     assert out.shape == (1, 4) and out[0, -1].item() == first
     with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
         generate(model, prompt, 62)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        generate(model, prompt, -1)
