@@ -314,6 +314,11 @@ class Transformer(nn.Module):
             )
         if doc_ids is not None and cache is not None:
             raise ValueError("doc_ids (document masking) cannot be combined with a KV cache")
+        if cache is not None and (past + T > cache.max_len or B != cache.k[0].shape[0]):
+            raise ValueError(
+                f"a KV cache for {cache.k[0].shape[0]} sequences of {cache.max_len} tokens cannot "
+                f"take {B} sequences reaching {past + T} tokens"
+            )
         mask = None
         if doc_ids is not None:
             if doc_ids.shape != input_ids.shape:

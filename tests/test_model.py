@@ -211,6 +211,10 @@ def test_kv_cache_logits_equal_full_forward():
     parts = [model(seq[:, :7], cache=cache).logits]
     parts += [model(seq[:, t : t + 1], cache=cache).logits for t in range(7, 20)]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot take 2 sequences reaching 21 tokens"):
+        model(seq[:, :1], cache=cache)  # full
+    with pytest.raises(ValueError, match="for 3 sequences of 20 tokens cannot take 2"):
+        model(seq[:, :4], cache=KVCache(CFG, 3, 20))
 
 
 def test_sampled_generation_is_seeded_and_matches_without_cache():
