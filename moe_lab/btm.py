@@ -52,9 +52,10 @@ Shard = list[str] | dict[str, list[str]]  # files, or group-field filters: {"lan
 def _shard_data(cfg, shard: Shard):
     """The template's data config narrowed to one expert's shard."""
     if isinstance(shard, dict):  # the template's documents whose group fields match
+        from moe_lab.data import narrowed
+
         groups = sorted(set(cfg.data.group_fields or []) | set(shard))
-        include = {**cfg.data.include, **{k: list(v) for k, v in shard.items()}}
-        return replace(cfg.data, include=include, group_fields=groups)
+        return replace(narrowed(cfg.data, shard), group_fields=groups)
     return replace(cfg.data, train_files=list(shard))
 
 

@@ -285,11 +285,10 @@ def plan(exp: ExperimentConfig, out: Path) -> dict[str, dict]:
 
 def _check_xelm_languages(cfg: Config, name: str) -> None:
     """X-ELM is scored on its own languages only: in a comparison they must be all the data's."""
-    from moe_lab.data import with_group_field
-    from moe_lab.xelm import _plan, _texts_by_language
+    from moe_lab.xelm import _first_round, _texts_by_language
 
-    cfg = with_group_field(cfg, cfg.xelm.lang_field)
-    left_out = sorted(set(_texts_by_language(cfg)) - set(_plan(cfg)["languages"]))
+    texts = _texts_by_language(cfg)
+    left_out = sorted(set(texts) - set(_first_round(cfg.xelm, texts)))  # xelm.add is refused
     if left_out:
         raise ConfigError(
             f"variant {name!r}: its X-ELM experts leave out the languages {left_out}, on which "

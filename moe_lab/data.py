@@ -23,6 +23,7 @@ __all__ = [
     "build_tokenizer",
     "load_documents",
     "load_splits",
+    "narrowed",
 ]
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,14 @@ def load_splits(
         split = train.train_test_split(test_size=data.valid_fraction, seed=cfg.run.seed)
         train, valid = split["train"], split["test"]
     return train, valid, groups
+
+
+def narrowed(data: DataConfig, filters: dict[str, list[str]]) -> DataConfig:
+    """``data`` keeping only the documents whose fields also match ``filters`` (field -> allowed
+    values): the filters it already has stay, except one on the same field, which is replaced."""
+    from dataclasses import replace
+
+    return replace(data, include={**data.include, **{k: list(v) for k, v in filters.items()}})
 
 
 def with_group_field(cfg: Config, name: str) -> Config:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from moe_lab.accounting import estimate
 from moe_lab.checkpoint import (
+    MARKER,
     SHARDED,
     find_checkpoint,
     latest_checkpoint,
@@ -270,7 +271,7 @@ def _init_checkpoint(path: Path) -> Path:
 
 def _init_tokenizer_dir(path: Path) -> Path | None:
     """The tokenizer saved with the run that ``train.init_from`` names, if any."""
-    run = path.parent.parent if (path / "COMPLETE").is_file() else path  # a checkpoint
+    run = path.parent.parent if (path / MARKER).is_file() else path  # a checkpoint
     return run / "tokenizer" if (run / "tokenizer").is_dir() else None
 
 
@@ -356,8 +357,8 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
     detector = SpikeDetector(t.spike_window, t.spike_sigma)
     state = {"step": 0, "tokens": 0, "flops": 0.0, "skipped_nonfinite": 0, "skipped_spikes": 0}
     if resume_from is not None:
-        saved_world = json.loads((resume_from / "state.json").read_text()).get("world", dist.world)
-        if saved_world != dist.world:
+        saved = read_training_state(resume_from, cfg.run.restore_rng)
+        if (saved_world := saved.get("world", dist.world)) != dist.world:
             raise ConfigError(
                 f"{resume_from} was saved by {saved_world} processes and this run has "
                 f"{dist.world}: the global batch (train.batch_size per process) and the data "
@@ -368,7 +369,6 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
         else:
             full = read_optimizer_state(resume_from)
             optimizer.load_state_dict(dist.local_optimizer_state(full, optimizer))
-        saved = read_training_state(resume_from, cfg.run.restore_rng)
         state = {k: saved[k] for k in state}
         batches.load_state_dict(saved["data"], restore_rng=cfg.run.restore_rng)
         detector.load_state_dict(saved["spike"])

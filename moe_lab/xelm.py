@@ -34,7 +34,7 @@ import numpy as np
 
 from moe_lab.checkpoint import write_json
 from moe_lab.config import Config, ConfigError
-from moe_lab.data import DataError, load_splits, with_group_field
+from moe_lab.data import DataError, load_splits, narrowed, with_group_field
 
 __all__ = [
     "add_language",
@@ -106,13 +106,18 @@ def _texts_by_language(cfg: Config) -> dict[str, list[str]]:
     return texts
 
 
+def _first_round(x, texts: dict[str, list[str]]) -> list[str]:
+    """The first round's languages (``xelm.languages``, the mapping's, or all but ``xelm.add``)."""
+    if x.grouping == "mapping":
+        return sorted({lang for langs in x.groups.values() for lang in langs})
+    return list(x.languages) or sorted(set(texts) - set(x.add))
+
+
 def _plan(cfg: Config) -> dict:
     """Languages, similarity table and first-round groups; every language checked for data."""
     x = cfg.xelm
     texts = _texts_by_language(cfg)
-    first = list(x.languages) or sorted(set(texts) - set(x.add))
-    if x.grouping == "mapping":
-        first = sorted({lang for langs in x.groups.values() for lang in langs})
+    first = _first_round(x, texts)
     missing = sorted(set(first + list(x.add)) - set(texts))
     if missing:
         raise DataError(
@@ -187,7 +192,7 @@ def train_xelm(cfg: Config) -> dict:
     first = sorted({lang for langs in round1.values() for lang in langs})
     if not (out / "seed" / "eval.json").exists():
         seed = _sampled(cfg)
-        seed_data = replace(seed.data, include={**seed.data.include, x.lang_field: first})
+        seed_data = narrowed(seed.data, {x.lang_field: first})
         seed_train = replace(cfg.train, **cfg.train.budget_share(x.seed_share))
         seed_run = replace(cfg.run, dir=str(out / "seed"), resume=True)
         train(replace(seed, data=seed_data, train=seed_train, run=seed_run))
@@ -261,8 +266,7 @@ def evaluate_by_language(
     route = {lang: n for n, langs in chosen.items() for lang in langs}
     tokenizer = load_tokenizer(out / "seed" / "tokenizer")
     cfg = with_group_field(cfg, x.lang_field)
-    include = {**cfg.data.include, x.lang_field: plan["languages"]}
-    cfg = replace(cfg, data=replace(cfg.data, include=include))
+    cfg = replace(cfg, data=narrowed(cfg.data, {x.lang_field: plan["languages"]}))
     store = validation_store(cfg, tokenizer)
     g = store.group_fields.index(x.lang_field)
     by_plan = {**plan, "groups": chosen}
@@ -302,14 +306,13 @@ def run_xelm_experiment(cfg: Config) -> dict:
     cfg = with_group_field(cfg, x.lang_field)
     dense_cfg = replace(
         _sampled(cfg),
-        data=replace(_sampled(cfg).data, include={**cfg.data.include, x.lang_field: first_langs}),
+        data=narrowed(_sampled(cfg).data, {x.lang_field: first_langs}),
         train=replace(cfg.train, max_steps=None, max_tokens=None, max_flops=xelm_flops),
         run=replace(cfg.run, dir=str(out / "dense"), resume=True),
     )
     dense = train(dense_cfg)
     _, model, tokenizer = load_run(dense.run_dir)
-    include = {**cfg.data.include, x.lang_field: plan["languages"]}
-    eval_cfg = replace(cfg, data=replace(cfg.data, include=include))
+    eval_cfg = replace(cfg, data=narrowed(cfg.data, {x.lang_field: plan["languages"]}))
     store = validation_store(eval_cfg, tokenizer)
     columns = {
         "dense (joint, alpha sampling)": evaluate(

@@ -18,6 +18,7 @@ import numpy as np
 
 from moe_lab.checkpoint import load_run
 from moe_lab.config import Config, ConfigError
+from moe_lab.data import narrowed
 from moe_lab.evaluate import evaluate, validation_store
 from moe_lab.experts.ensemble import ExpertEnsemble, ensemble_document_nll
 from moe_lab.ifc.pipeline import (
@@ -60,8 +61,7 @@ def dense_baseline(cfg: Config, train_flops: float, out_dir: Path, domains: list
     ffn = cfg.model.ffn_hidden if moe is None else min(moe.top_k, 2) * moe.expert_hidden
     model = replace(cfg.model, moe=None, ffn_hidden=ffn)
     budget = replace(cfg.train, max_steps=None, max_tokens=None, max_flops=train_flops)
-    field = cfg.ifc.domain_field
-    data = replace(cfg.data, include={**cfg.data.include, field: [cfg.ifc.public, *domains]})
+    data = narrowed(cfg.data, {cfg.ifc.domain_field: [cfg.ifc.public, *domains]})
     run = replace(cfg.run, dir=str(out_dir), resume=True)
     return train(replace(cfg, model=model, train=budget, data=data, run=run))
 

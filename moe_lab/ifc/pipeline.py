@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 
 from moe_lab.checkpoint import write_json, write_safetensors
 from moe_lab.config import Config, ConfigError, load_config, save_config
-from moe_lab.data import DataError, load_splits, with_group_field
+from moe_lab.data import DataError, load_splits, narrowed, with_group_field
 from moe_lab.experts.moe import MoE
 from moe_lab.ifc.policy import AccessPolicy
 from moe_lab.ifc.scope import ExpertScope, expert_rows, restrict_experts
@@ -99,11 +99,10 @@ def _phase(cfg: Config, out: Path, domain: str, budget: dict, **train) -> Config
     its domain's and public documents, half and half (public text is what teaches the domain's
     router row when *not* to pick its expert; public data may flow anywhere)."""
     ifc = cfg.ifc
-    data = replace(cfg.data, include={**cfg.data.include, ifc.domain_field: [domain]})
+    data = narrowed(cfg.data, {ifc.domain_field: [domain]})
     if domain != ifc.public:
         data = replace(
-            data,
-            include={**data.include, ifc.domain_field: [ifc.public, domain]},
+            narrowed(data, {ifc.domain_field: [ifc.public, domain]}),
             sample_by=ifc.domain_field,
             sampling_alpha=0.0,
         )
