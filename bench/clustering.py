@@ -18,9 +18,9 @@ import numpy as np
 from sklearn.cluster import KMeans
 from timing import write_json
 
-from moe_lab.clustering import Clusterer
 from moe_lab.config import load_config
-from moe_lab.data import load_splits
+from moe_lab.data.documents import load_splits
+from moe_lab.ensembles.clustering import Clusterer
 
 
 def short_documents(n: int, words: int = 20, seed: int = 0) -> list[str]:

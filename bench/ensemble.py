@@ -15,7 +15,7 @@ import torch
 from timing import interleaved, write_json
 
 from moe_lab import ModelConfig, build_model
-from moe_lab.experts.ensemble import ExpertEnsemble
+from moe_lab.ensembles.ensemble import ExpertEnsemble
 
 CFG = ModelConfig(
     dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_hidden=688, vocab_size=8192, max_seq_len=256

@@ -22,9 +22,9 @@ from timing import interleaved, write_json
 from moe_lab import ModelConfig, build_model
 from moe_lab.accounting import estimate
 from moe_lab.config import MoEConfig
-from moe_lab.experts import MoE
-from moe_lab.generation import generate
-from moe_lab.ifc import restrict_experts
+from moe_lab.eval.generation import generate
+from moe_lab.families.ifc import restrict_experts
+from moe_lab.nn.experts import MoE
 
 SHAPES = {  # name: (dim, layers, heads, kv heads, dense FFN width)
     "ifc experiment (d=128)": (128, 4, 4, 2, 352),

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from timing import write_json
 
-from moe_lab.checkpoint import load_run
 from moe_lab.config import load_config
-from moe_lab.data import load_splits
-from moe_lab.evaluate import summarize
-from moe_lab.knnlm import (
+from moe_lab.data.documents import load_splits
+from moe_lab.data.packing import IGNORE, build_store, cache_root, eval_rows
+from moe_lab.eval.evaluate import summarize
+from moe_lab.eval.knnlm import (
     IndexSpec,
     build_datastore,
     knn_document_nll,
@@ -34,8 +34,8 @@ from moe_lab.knnlm import (
     split_documents,
     tune_knn,
 )
-from moe_lab.packing import IGNORE, build_store, cache_root, eval_rows
-from moe_lab.train import train
+from moe_lab.store.checkpoint import load_run
+from moe_lab.train.loop import train
 
 
 def _queries(model, ds, store, docs, seq_len):

@@ -24,8 +24,8 @@ from timing import interleaved, ratio_table, write_json
 
 from moe_lab import ModelConfig, build_model
 from moe_lab.config import MoEConfig
-from moe_lab.experts import MegaBlocksMoE, MoE, SwiGLU
-from moe_lab.experts.megablocks import megablocks_available
+from moe_lab.nn.experts import MegaBlocksMoE, MoE, SwiGLU
+from moe_lab.nn.experts.megablocks import megablocks_available
 
 E, K = 8, 2
 # (model dim, expert width, tokens): a 1B-class FFN, and Mixtral 8x7B's.

@@ -26,9 +26,9 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from moe_lab import ModelConfig, build_model
 from moe_lab.config import MoEConfig
-from moe_lab.experts import MoE, SwiGLU
-from moe_lab.experts.fused import swiglu_experts
-from moe_lab.hf import to_hf
+from moe_lab.interop.hf import to_hf
+from moe_lab.nn.experts import MoE, SwiGLU
+from moe_lab.nn.experts.fused import swiglu_experts
 
 E, K, D = 8, 2, 256
 # "batched_mm" is left out: ~170x slower than the dense FFN on CPU (8 s per call here).

@@ -20,7 +20,7 @@ from timing import interleaved, write_json
 
 from moe_lab import ModelConfig, build_model
 from moe_lab.accounting import estimate
-from moe_lab.hf import to_hf
+from moe_lab.interop.hf import to_hf
 
 SHAPES = {
     "small": ModelConfig(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from moe_lab import load_config
 from moe_lab.accounting import estimate, matched_moe
-from moe_lab.train import train
+from moe_lab.train.loop import train
 
 
 def main() -> None:

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from moe_lab import load_config
-from moe_lab.generation import generate
-from moe_lab.ifc import AccessPolicy, load_ifc, train_ifc
-from moe_lab.ifc.experiment import evaluate_ifc
+from moe_lab.data.policy import AccessPolicy
+from moe_lab.eval.generation import generate
+from moe_lab.families.ifc import load_ifc, train_ifc
+from moe_lab.families.ifc.experiment import evaluate_ifc
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, replace
 
 from moe_lab.config import ModelConfig, MoEConfig
 
-__all__ = ["ComputeEstimate", "estimate", "matched_moe"]
+__all__ = ["ComputeEstimate", "ensemble", "estimate", "matched_moe"]
 
 
 @dataclass(frozen=True)
@@ -42,23 +42,6 @@ class ComputeEstimate:
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
-
-
-def _attention_params(cfg: ModelConfig) -> int:
-    q_and_o = 2 * cfg.dim * cfg.n_heads * cfg.head_dim
-    k_and_v = 2 * cfg.dim * cfg.kv_heads * cfg.head_dim
-    return q_and_o + k_and_v
-
-
-def _ffn_params(cfg: ModelConfig, layer_id: int) -> tuple[int, int]:
-    """(total, active per token) parameters of layer ``layer_id``'s FFN."""
-    moe = cfg.moe
-    if moe is None or not moe.is_moe_layer(layer_id):
-        n = 3 * cfg.dim * cfg.ffn_hidden  # SwiGLU: w1, w3 [F, D] and w2 [D, F]
-        return n, n
-    expert = 3 * cfg.dim * moe.expert_hidden  # w1, v1, w2: [F, D] per expert
-    always = cfg.dim * moe.num_experts + 3 * cfg.dim * moe.shared_expert_hidden  # router, shared
-    return moe.num_experts * expert + always, moe.top_k * expert + always
 
 
 def matched_moe(dense: ModelConfig, num_experts: int, top_k: int, **moe_fields) -> ModelConfig:
@@ -93,26 +76,27 @@ def estimate(cfg: ModelConfig, seq_len: int | None = None) -> ComputeEstimate:
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
-    embedding = cfg.vocab_size * cfg.dim
-    head = cfg.vocab_size * cfg.dim
-    norms = (2 * cfg.n_layers + 1) * cfg.dim
-    ffn = [_ffn_params(cfg, i) for i in range(cfg.n_layers)]
-    attention = cfg.n_layers * _attention_params(cfg)
-    ffn_total, ffn_active = sum(t for t, _ in ffn), sum(a for _, a in ffn)
-
-    untied_head = 0 if cfg.tie_embeddings else head
-    total = embedding + attention + ffn_total + norms + untied_head
-    active = embedding + attention + ffn_active + norms + untied_head
-    matmul = attention + ffn_active + head
-    attention_scores = 4 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
-    forward = 2 * matmul + attention_scores
+    forward = cfg.forward_flops_per_token(seq_len)
     return ComputeEstimate(
-        total_params=total,
-        active_params=active,
-        embedding_params=embedding,
-        matmul_params=matmul,
+        total_params=cfg.num_params(),
+        active_params=cfg.num_active_params(),
+        embedding_params=cfg.vocab_size * cfg.dim,
+        matmul_params=cfg.matmul_params(),
         seq_len=seq_len,
-        forward_flops_per_token=float(forward),
-        train_flops_per_token=float(3 * forward),
-        inference_flops_per_token=float(forward),
+        forward_flops_per_token=forward,
+        train_flops_per_token=3 * forward,
+        inference_flops_per_token=forward,
+    )
+
+
+def ensemble(member: ComputeEstimate, experts: int, active: int) -> ComputeEstimate:
+    """An ensemble of ``experts`` models shaped like ``member``, ``active`` of which run per token
+    (C-BTM's top-k, X-ELM's one expert per language, IFC's permitted experts): parameters of all
+    of them, active parameters and inference FLOPs of the ``active`` ones. Sequence routing (a
+    tf-idf vector per context) is not counted."""
+    return replace(
+        member,
+        total_params=experts * member.total_params,
+        active_params=active * member.active_params,
+        inference_flops_per_token=active * member.inference_flops_per_token,
     )

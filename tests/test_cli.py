@@ -91,9 +91,10 @@ def test_eval_tasks_adds_few_shot_accuracy_for_a_run_and_an_experts_directory(
     tmp_path, lang_files, capsys
 ):
     from moe_lab.cli import main
-    from moe_lab.fewshot import evaluate_task, load_task
-    from moe_lab.scoring import EnsembleScorer, TransformerScorer
-    from moe_lab.tokenizer import ByteTokenizer
+    from moe_lab.data.tokenizer import ByteTokenizer
+    from moe_lab.ensembles.scoring import EnsembleScorer
+    from moe_lab.eval.fewshot import evaluate_task, load_task
+    from moe_lab.eval.scoring import TransformerScorer
     from tests.conftest import write_jsonl
     from tests.tiny import write_experts, write_run
 
@@ -109,8 +110,8 @@ def test_eval_tasks_adds_few_shot_accuracy_for_a_run_and_an_experts_directory(
     model = write_run(tmp_path / "run", *data)
     experts = write_experts(tmp_path / "x", 2, *data, "ensemble.routing=uniform")
     tok = ByteTokenizer()
-    from moe_lab.experts.ensemble import ExpertEnsemble
-    from moe_lab.scoring import FixedRouting
+    from moe_lab.ensembles.ensemble import ExpertEnsemble
+    from moe_lab.ensembles.scoring import FixedRouting
 
     scorers = {
         "run": TransformerScorer(model, tok),

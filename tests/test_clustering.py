@@ -5,9 +5,14 @@ import sys
 import numpy as np
 import pytest
 
-from moe_lab.clustering import BalancedKMeans, Clusterer, balanced_assign, nearest_centroid
 from moe_lab.config import load_config
-from moe_lab.data import load_splits
+from moe_lab.data.documents import load_splits
+from moe_lab.ensembles.clustering import (
+    BalancedKMeans,
+    Clusterer,
+    balanced_assign,
+    nearest_centroid,
+)
 
 
 @pytest.mark.parametrize("n, k", [(3, 3), (4, 3), (10, 3), (1000, 7), (5000, 16)])
@@ -143,7 +148,7 @@ def test_cluster_command_writes_clusterer_and_one_assignment_per_document(tmp_pa
 
 
 def test_random_clusters_keep_the_sizes_but_ignore_the_content(tmp_path):
-    from moe_lab.clustering.run import cluster_documents
+    from moe_lab.ensembles.clustering.run import cluster_documents
 
     def labels(method, seed, name):
         cfg = load_config(overrides=["cluster.k=3", f"cluster.method={method}", f"run.seed={seed}"])

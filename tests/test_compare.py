@@ -6,15 +6,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import moe_lab.train as train_module
+import moe_lab.families.cbtm as cbtm_module
+import moe_lab.families.dense as dense_module
 from moe_lab.accounting import estimate
-from moe_lab.checkpoint import load_run
 from moe_lab.compare import fit_scaling, load_experiment, run_compare
 from moe_lab.config import ConfigError, ModelConfig, load_config
-from moe_lab.data import CORPUS_DIR, load_documents, load_splits
-from moe_lab.fewshot import choice_logliks, corpus_cloze, evaluate_task, load_task
-from moe_lab.scoring import TransformerScorer
-from moe_lab.xelm import expert_for
+from moe_lab.data.documents import CORPUS_DIR, load_documents, load_splits
+from moe_lab.eval.fewshot import choice_logliks, corpus_cloze, evaluate_task, load_task
+from moe_lab.eval.scoring import TransformerScorer
+from moe_lab.families.xelm import expert_for
+from moe_lab.store.checkpoint import load_run
 from tests.conftest import write_jsonl
 
 MODEL = {
@@ -156,10 +157,11 @@ def test_every_variant_is_scored_on_the_fewshot_task(compared):
 def test_an_interrupted_compare_redoes_only_unfinished_variants(compared, monkeypatch):
     exp, records = compared
     calls = []
-    original = train_module.train
-    monkeypatch.setattr(
-        train_module, "train", lambda cfg, **kw: calls.append(cfg.run.dir) or original(cfg, **kw)
-    )
+    original = dense_module.train
+    for module in (dense_module, cbtm_module):  # the modules that train dense, moe and cbtm
+        monkeypatch.setattr(
+            module, "train", lambda cfg, **kw: calls.append(cfg.run.dir) or original(cfg, **kw)
+        )
     (Path(exp.dir) / "variants" / "moe" / "seed0" / "result.json").unlink()
     again = run_compare(exp)
     assert len(calls) == 1 and "/moe/" in calls[0]  # dense and cbtm were not touched
@@ -305,8 +307,8 @@ def test_moe_lab_scaling_prints_and_plots_a_fit_per_variant(tmp_path, capsys):
 
 
 def test_knn_lm_is_reported_for_single_model_variants(tmp_path, lang_files):
-    from moe_lab.evaluate import document_nll, validation_store
-    from moe_lab.knnlm.lm import split_documents
+    from moe_lab.eval.evaluate import document_nll, validation_store
+    from moe_lab.eval.knnlm.lm import split_documents
 
     exp = experiment(tmp_path, [{"name": "dense", "family": "dense"}], knn={"enabled": True})
     exp.base["data"] = {

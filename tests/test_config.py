@@ -125,7 +125,7 @@ def test_missing_file_and_bad_python_values_are_config_errors(tmp_path):
 def test_the_shipped_experiments_and_policy_load():
     from moe_lab.compare import load_experiment
     from moe_lab.config import PRESET_DIR
-    from moe_lab.ifc import AccessPolicy
+    from moe_lab.data.policy import AccessPolicy
 
     experiments = PRESET_DIR.parent / "experiments"
     ifc = load_config(experiments / "ifc.yaml")

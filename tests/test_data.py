@@ -7,9 +7,9 @@ import pytest
 from conftest import write_jsonl
 
 from moe_lab.config import load_config
-from moe_lab.data import DataError, build_tokenizer, load_documents, load_splits
-from moe_lab.packing import IGNORE, TrainBatches, build_store, eval_rows
-from moe_lab.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
+from moe_lab.data.documents import DataError, build_tokenizer, load_documents, load_splits
+from moe_lab.data.packing import IGNORE, TrainBatches, build_store, eval_rows
+from moe_lab.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
 
 
 def test_jsonl_parquet_text_and_gzip_load_alike(tmp_path):

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moe_lab.checkpoint import latest_checkpoint
 from moe_lab.config import ConfigError
-from moe_lab.distributed import setup
-from moe_lab.metrics import read_metrics
+from moe_lab.store.checkpoint import latest_checkpoint
+from moe_lab.store.metrics import read_metrics
+from moe_lab.train.distributed import setup
 
 ARGS = [
     "run.device=cpu",  # gloo on CPU: fp32 and deterministic, so one process is matched exactly

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from moe_lab import ModelConfig, build_model
-from moe_lab.btm import average
-from moe_lab.clustering import Clusterer
 from moe_lab.config import load_config
-from moe_lab.data import load_splits
-from moe_lab.evaluate import evaluate
-from moe_lab.experts.ensemble import ExpertEnsemble, ensemble_document_nll
-from moe_lab.packing import build_store
-from moe_lab.routing.cluster import ClusterRouter
-from moe_lab.tokenizer import ByteTokenizer
+from moe_lab.data.documents import load_splits
+from moe_lab.data.packing import build_store
+from moe_lab.data.tokenizer import ByteTokenizer
+from moe_lab.ensembles.clustering import Clusterer
+from moe_lab.ensembles.ensemble import ExpertEnsemble, ensemble_document_nll
+from moe_lab.ensembles.merge import average
+from moe_lab.ensembles.routers import ClusterRouter
+from moe_lab.eval.evaluate import evaluate
 
 CFG = ModelConfig(dim=32, n_layers=1, n_heads=4, vocab_size=260, ffn_hidden=48, init_std=0.3)
 
@@ -142,8 +142,8 @@ def test_ensemble_evaluation_of_identical_experts_equals_the_single_model(routed
 
 
 def test_ensemble_generation_with_one_hot_routing_equals_the_expert_alone():
-    from moe_lab.experts.ensemble import generate_ensemble
-    from moe_lab.generation import generate
+    from moe_lab.ensembles.ensemble import generate_ensemble
+    from moe_lab.eval.generation import generate
 
     experts = _experts(3)
     prompt = [256, 10, 20, 30]

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from moe_lab import ModelConfig, build_model
-from moe_lab.data import load_documents
-from moe_lab.evaluate import evaluate
-from moe_lab.packing import build_store
-from moe_lab.tokenizer import ByteTokenizer
+from moe_lab.data.documents import load_documents
+from moe_lab.data.packing import build_store
+from moe_lab.data.tokenizer import ByteTokenizer
+from moe_lab.eval.evaluate import evaluate
 
 
 def test_per_group_evaluation_equals_scoring_each_document_alone(lang_files, tmp_path):
@@ -60,8 +60,8 @@ def test_a_capped_evaluation_scores_whole_documents_only(lang_files, tmp_path):
 
 def test_validation_needs_no_training_data_unless_cut_from_it(lang_files, tmp_path):
     from moe_lab.config import load_config
-    from moe_lab.data import DataError
-    from moe_lab.evaluate import validation_store
+    from moe_lab.data.documents import DataError
+    from moe_lab.eval.evaluate import validation_store
 
     gone = str(tmp_path / "moved-away.jsonl")  # a run's training file, no longer there
     cfg = load_config(

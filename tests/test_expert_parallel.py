@@ -10,8 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moe_lab.config import ConfigError, ModelConfig, MoEConfig
-from moe_lab.experts.parallel import expert_parameters, gather_experts, shard_experts
-from moe_lab.model import build_model
+from moe_lab.nn.experts.parallel import expert_parameters, gather_experts, shard_experts
+from moe_lab.nn.model import build_model
 
 WORLD = 2
 CFG = ModelConfig(

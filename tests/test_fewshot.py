@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from moe_lab.fewshot import TaskFormat, choice_logliks, corpus_cloze, evaluate_task, load_task
-from moe_lab.scoring import TransformerScorer
-from moe_lab.tokenizer import ByteTokenizer
+from moe_lab.data.tokenizer import ByteTokenizer
+from moe_lab.eval.fewshot import TaskFormat, choice_logliks, corpus_cloze, evaluate_task, load_task
+from moe_lab.eval.scoring import TransformerScorer
 from tests.conftest import write_jsonl
 from tests.tiny import MOE, naive_logprobs, tiny_model
 
@@ -78,7 +78,7 @@ def test_accuracies_equal_a_naive_item_by_item_loop_overall_and_per_group(kind, 
 
 
 def test_priming_is_seeded_and_never_the_item_itself():
-    from moe_lab.fewshot import _priming
+    from moe_lab.eval.fewshot import _priming
 
     records = _records(5)
     fmt = TaskFormat()

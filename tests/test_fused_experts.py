@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_lab.config import MoEConfig
-from moe_lab.experts import MoE
-from moe_lab.experts.fused import swiglu_experts
+from moe_lab.nn.experts import MoE
+from moe_lab.nn.experts.fused import swiglu_experts
 from tests.conftest import rel_error, to_bf16_grid
 
 E, D, FH, N = 4, 6, 5, 7

@@ -13,10 +13,11 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
 
-from moe_lab.experts.ensemble import ExpertEnsemble  # noqa: E402
-from moe_lab.harness import MoeLabLM  # noqa: E402
-from moe_lab.scoring import EnsembleScorer, FixedRouting, TransformerScorer  # noqa: E402
-from moe_lab.tokenizer import ByteTokenizer  # noqa: E402
+from moe_lab.data.tokenizer import ByteTokenizer  # noqa: E402
+from moe_lab.ensembles.ensemble import ExpertEnsemble  # noqa: E402
+from moe_lab.ensembles.scoring import EnsembleScorer, FixedRouting  # noqa: E402
+from moe_lab.eval.scoring import TransformerScorer  # noqa: E402
+from moe_lab.interop.harness import MoeLabLM  # noqa: E402
 from tests.tiny import MOE, ascii_model, naive_logprobs, tiny_model, write_run  # noqa: E402
 
 TOK = ByteTokenizer()
@@ -146,9 +147,9 @@ def test_moe_lab_harness_runs_a_local_jsonl_task_offline(tmp_path, monkeypatch, 
         lls = [_manual(model, r["query"], " " + c)[0] for c in r["choices"]]
         picks.append(int(np.argmax(lls)) == r["label"])
     assert math.isclose(acc["acc,none"], np.mean(picks))
-    # lm-eval builds its prompts its own way; moe_lab.fewshot agrees with it on the same items
-    from moe_lab.fewshot import evaluate_task
-    from moe_lab.scoring import load_scorer
+    # lm-eval builds its prompts its own way; moe_lab.eval.fewshot agrees with it on the same items
+    from moe_lab.eval.fewshot import evaluate_task
+    from moe_lab.families.loading import load_scorer
 
     ours = evaluate_task(load_scorer(tmp_path / "run"), records[:5])["overall"]
     assert math.isclose(acc["acc,none"], ours["acc"]) and 0 < ours["acc"] < 1

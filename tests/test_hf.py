@@ -8,8 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from moe_lab import ModelConfig, build_model
 from moe_lab.config import RopeScalingConfig
-from moe_lab.hf import config_to_hf, from_hf, to_hf
-from moe_lab.weights import WeightsMismatchError
+from moe_lab.interop.hf import config_to_hf, from_hf, to_hf
+from moe_lab.store.weights import WeightsMismatchError
 
 transformers = pytest.importorskip("transformers")
 
@@ -143,7 +143,7 @@ def test_directory_without_safetensors_is_refused(tmp_path):
 from dataclasses import replace  # noqa: E402
 
 from moe_lab.config import MoEConfig  # noqa: E402
-from moe_lab.routing import load_balancing_loss  # noqa: E402
+from moe_lab.nn.routing import load_balancing_loss  # noqa: E402
 
 MIXTRAL = ModelConfig(
     **BASE

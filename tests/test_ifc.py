@@ -9,24 +9,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import moe_lab.ifc.pipeline as pipeline
+import moe_lab.families.ifc.pipeline as pipeline
 from moe_lab.accounting import estimate
-from moe_lab.checkpoint import latest_checkpoint
 from moe_lab.config import ConfigError, ModelConfig, MoEConfig, load_config
-from moe_lab.data import CORPUS_DIR, DataError, load_documents
-from moe_lab.experts.moe import MoE
-from moe_lab.generation import generate
-from moe_lab.ifc import (
-    AccessPolicy,
-    ExpertScope,
-    PolicyError,
-    expert_rows,
-    load_ifc,
-    restrict_experts,
-    train_ifc,
-)
-from moe_lab.model import build_model
-from moe_lab.routing.topk import TopKRouter
+from moe_lab.data.documents import CORPUS_DIR, DataError, load_documents
+from moe_lab.data.policy import AccessPolicy, PolicyError
+from moe_lab.eval.generation import generate
+from moe_lab.families.ifc import ExpertScope, expert_rows, load_ifc, restrict_experts, train_ifc
+from moe_lab.nn.experts.moe import MoE
+from moe_lab.nn.model import build_model
+from moe_lab.nn.routing.topk import TopKRouter
+from moe_lab.store.checkpoint import latest_checkpoint
 from tests.conftest import SHORT_RUN, write_jsonl
 
 POLICY = AccessPolicy.from_dict(
@@ -230,14 +223,13 @@ def ifc_cfg(tmp_path, files, *extra):
 
 
 def test_the_dense_baseline_trains_on_the_ifc_runs_domains_only(tmp_path, monkeypatch):
-    import moe_lab.train as train_module
-    from moe_lab.data import load_splits
-    from moe_lab.ifc.experiment import dense_baseline
+    import moe_lab.families.ifc.experiment as experiment
+    from moe_lab.data.documents import load_splits
 
     seen = []
-    monkeypatch.setattr(train_module, "train", seen.append)  # the config it would train
+    monkeypatch.setattr(experiment, "train", seen.append)  # the config it would train
     cfg = ifc_cfg(tmp_path / "run", corpus_files(tmp_path), "ifc.domains=[legal]")
-    dense_baseline(pipeline._with_domain_field(cfg), 1e15, tmp_path / "dense", ["legal"])
+    experiment.dense_baseline(pipeline.with_domain_field(cfg), 1e15, tmp_path / "dense", ["legal"])
     train_docs, _, _ = load_splits(seen[0])
     assert sorted(set(train_docs["domain"])) == ["legal", "literature"]  # code is not the run's
 
@@ -423,8 +415,8 @@ def test_moe_lab_eval_and_generate_serve_one_principal(trained, tmp_path, capsys
     report = json.loads((out / "eval-alice.json").read_text())
     assert report["permitted"] == ["literature", "legal"]
     assert set(report["valid"]["groups"]["domain"]) == {"literature", "legal", "code"}
-    from moe_lab.fewshot import evaluate_task
-    from moe_lab.scoring import TransformerScorer
+    from moe_lab.eval.fewshot import evaluate_task
+    from moe_lab.eval.scoring import TransformerScorer
 
     alice = load_ifc(out, AccessPolicy.load(policy), "alice")
     expected = evaluate_task(TransformerScorer(alice.model, alice.tokenizer), records)
@@ -444,7 +436,7 @@ def test_moe_lab_eval_and_generate_serve_one_principal(trained, tmp_path, capsys
 
 
 def test_the_scorer_runs_only_what_the_principal_may(trained, monkeypatch):
-    from moe_lab.scoring import load_scorer
+    from moe_lab.families.loading import load_scorer
 
     out, _, _ = trained
     with pytest.raises(ConfigError, match="pass --principal and --policy"):

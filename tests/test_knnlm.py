@@ -9,9 +9,11 @@ import torch
 
 from moe_lab import ModelConfig, build_model
 from moe_lab.config import MoEConfig
-from moe_lab.data import load_documents
-from moe_lab.evaluate import document_nll, evaluate
-from moe_lab.knnlm import (
+from moe_lab.data.documents import load_documents
+from moe_lab.data.packing import TokenStore, build_store, eval_rows
+from moe_lab.data.tokenizer import ByteTokenizer, train_bpe
+from moe_lab.eval.evaluate import document_nll, evaluate
+from moe_lab.eval.knnlm import (
     Datastore,
     IndexSpec,
     build_datastore,
@@ -25,8 +27,6 @@ from moe_lab.knnlm import (
     split_documents,
     tune_knn,
 )
-from moe_lab.packing import TokenStore, build_store, eval_rows
-from moe_lab.tokenizer import ByteTokenizer, train_bpe
 from tests.conftest import write_jsonl
 
 SEQ_LEN = 64  # shorter than some documents: they are keyed in consecutive spans

@@ -3,7 +3,7 @@ import json
 import numpy as np
 
 from moe_lab.cli import main
-from moe_lab.knnlm import DEFAULT_GRID, Datastore
+from moe_lab.eval.knnlm import DEFAULT_GRID, Datastore
 from tests.test_knnlm import _one_thread  # noqa: F401
 
 

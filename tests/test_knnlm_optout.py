@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from moe_lab.ifc import AccessPolicy, PolicyError
-from moe_lab.knnlm import (
+from moe_lab.data.packing import eval_rows
+from moe_lab.data.policy import AccessPolicy, PolicyError
+from moe_lab.eval.knnlm import (
     Datastore,
     IndexSpec,
     KnnIndex,
@@ -13,7 +14,6 @@ from moe_lab.knnlm import (
     next_token_log_probs,
     opt_out,
 )
-from moe_lab.packing import eval_rows
 from tests.test_knnlm import SEQ_LEN, _one_thread, make_docs, make_store, tiny_model  # noqa: F401
 
 OPTED = 4  # the document that opts out (a "ui" document, security domain public)

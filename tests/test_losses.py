@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_lab import ModelConfig, build_model
-from moe_lab.losses import fused_linear_cross_entropy
+from moe_lab.nn.losses import fused_linear_cross_entropy
 
 
 def _reference(h, w, t):
@@ -64,7 +64,7 @@ def test_model_loss_equals_cross_entropy_over_forward_logits(tied):
 
 
 def test_token_nll_equals_unreduced_cross_entropy():
-    from moe_lab.losses import token_nll
+    from moe_lab.nn.losses import token_nll
 
     h, w = torch.randn(2, 13, 8, dtype=torch.float64), torch.randn(40, 8, dtype=torch.float64)
     t = torch.randint(0, 40, (2, 13))

@@ -7,8 +7,8 @@ import torch
 
 from moe_lab import build_model
 from moe_lab.config import ConfigError, MoEConfig, load_config
-from moe_lab.experts import MegaBlocksMoE, MoE, resolve_backend
-from moe_lab.experts.megablocks import import_megablocks
+from moe_lab.nn.experts import MegaBlocksMoE, MoE, resolve_backend
+from moe_lab.nn.experts.megablocks import import_megablocks
 from tests.conftest import rel_error, to_bf16_grid
 
 D = 64

@@ -10,10 +10,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from moe_lab import ModelConfig, build_model
 from moe_lab.accounting import estimate, matched_moe
 from moe_lab.config import ConfigError, MoEConfig, load_config
-from moe_lab.experts import MoE, SwiGLU
-from moe_lab.experts.moe import capacity, expert_slots
-from moe_lab.experts.upcycle import upcycle
-from moe_lab.routing import RouterStats, load_balancing_loss, moe_aux_loss, z_loss
+from moe_lab.ensembles.upcycle import upcycle
+from moe_lab.nn.experts import MoE, SwiGLU
+from moe_lab.nn.experts.moe import capacity, expert_slots
+from moe_lab.nn.routing import RouterStats, load_balancing_loss, moe_aux_loss, z_loss
 
 D = 16
 
@@ -316,7 +316,7 @@ def test_invalid_moe_settings_name_the_key(override, message):
 def test_a_small_moe_trains_on_the_shipped_corpus_and_logs_routing(tmp_path):
     import json
 
-    from moe_lab.train import train
+    from moe_lab.train.loop import train
 
     result = train(
         load_config(
@@ -342,7 +342,7 @@ def test_a_small_moe_trains_on_the_shipped_corpus_and_logs_routing(tmp_path):
     assert 0 < routing[0]["dropped"] < 1 and records[-2]["aux_loss"] > 0
     from safetensors.torch import load_file
 
-    from moe_lab.checkpoint import latest_checkpoint
+    from moe_lab.store.checkpoint import latest_checkpoint
 
     state = load_file(latest_checkpoint(result.run_dir / "checkpoints") / "model.safetensors")
     assert state["layers.1.feed_forward.router.expert_bias"].abs().sum() > 0  # bias learned

@@ -8,20 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from moe_lab.btm import average
-from moe_lab.clustering import Clusterer
 from moe_lab.config import ConfigError
-from moe_lab.data import CORPUS_DIR
-from moe_lab.generation import generate
-from moe_lab.routing.cluster import ClusterRouter
-from moe_lab.scoring import (
-    EnsembleScorer,
-    TransformerScorer,
-    encode_pair,
-    load_scorer,
-    rolling_windows,
-)
-from moe_lab.tokenizer import ByteTokenizer
+from moe_lab.data.documents import CORPUS_DIR
+from moe_lab.data.tokenizer import ByteTokenizer
+from moe_lab.ensembles.clustering import Clusterer
+from moe_lab.ensembles.merge import average
+from moe_lab.ensembles.routers import ClusterRouter
+from moe_lab.ensembles.scoring import EnsembleScorer
+from moe_lab.eval.generation import generate
+from moe_lab.eval.scoring import TransformerScorer, encode_pair, rolling_windows
+from moe_lab.families.loading import load_scorer
 from tests.tiny import MOE, naive_logprobs, tiny_model, write_experts, write_run
 
 TOK = ByteTokenizer()
@@ -147,7 +143,7 @@ def test_load_scorer_recognises_runs_experts_and_their_routing(tmp_path):
 def test_encode_pair_moves_trailing_space_to_the_continuation():
     assert encode_pair(TOK, "Q: a b ", "c") == (TOK.encode("Q: a b"), TOK.encode(" c"))
     assert encode_pair(TOK, "", "xy") == ([], TOK.encode("xy"))
-    from moe_lab.tokenizer import train_bpe
+    from moe_lab.data.tokenizer import train_bpe
 
     bpe = train_bpe(iter(["the world is the world of the words"] * 50), vocab_size=300)
     ctx, cont = encode_pair(bpe, "hello the ", "world")  # BPE merges " world" into one token

@@ -9,16 +9,26 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import moe_lab.checkpoint as checkpoint_module
-import moe_lab.train as train_module
+import moe_lab.store.checkpoint as checkpoint_module
+import moe_lab.train.loop as train_module
+import moe_lab.train.state as train_state
 from moe_lab import build_model
-from moe_lab.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from moe_lab.budget import planned_steps
 from moe_lab.config import ConfigError, ModelConfig, load_config
-from moe_lab.data import DataError
-from moe_lab.evaluate import evaluate
-from moe_lab.routing.topk import TopKRouter
-from moe_lab.tokenizer import ByteTokenizer
-from moe_lab.train import NonFiniteError, SpikeDetector, lr_at, planned_steps, train
+from moe_lab.data.documents import DataError
+from moe_lab.data.tokenizer import ByteTokenizer
+from moe_lab.eval.evaluate import evaluate
+from moe_lab.nn.routing.topk import TopKRouter
+from moe_lab.store.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from moe_lab.train.loop import train
+from moe_lab.train.optim import SpikeDetector, lr_at
+from moe_lab.train.run_dir import init_checkpoint, init_tokenizer_dir
+from moe_lab.train.step import NonFiniteError
 
 TINY = [
     "model.dim=32",
@@ -245,7 +255,7 @@ def _nan_at_step(monkeypatch, bad_step, seen_models):
         seen_models.append(model)
         return model
 
-    monkeypatch.setattr(train_module, "build_model", recording_build)
+    monkeypatch.setattr(train_state, "build_model", recording_build)
 
 
 def test_nan_loss_stops_before_the_optimizer_step(tmp_path, lang_files, monkeypatch):
@@ -312,8 +322,8 @@ def test_branching_from_a_sharded_checkpoint_keeps_its_runs_tokenizer(tmp_path):
     (checkpoint / "sharded").mkdir(parents=True)  # FSDP2's: no model.safetensors
     (checkpoint / "COMPLETE").touch()
     ByteTokenizer().save(tmp_path / "run" / "tokenizer")
-    assert train_module._init_tokenizer_dir(checkpoint) == tmp_path / "run" / "tokenizer"
-    assert train_module._init_tokenizer_dir(tmp_path / "run") == tmp_path / "run" / "tokenizer"
+    assert init_tokenizer_dir(checkpoint) == tmp_path / "run" / "tokenizer"
+    assert init_tokenizer_dir(tmp_path / "run") == tmp_path / "run" / "tokenizer"
 
 
 def test_spike_detector_flags_outliers_after_half_a_window():
@@ -407,9 +417,9 @@ def test_evaluations_run_in_batches_of_eval_batch_size(tmp_path, lang_files, mon
 
 def test_a_sharded_checkpoint_loads_converts_and_initialises_in_one_process(tmp_path, lang_files):
     """The DCP form FSDP2 runs write (here by a single process) is read without a process group."""
-    from moe_lab.checkpoint import SHARDED, convert_checkpoint, staging_dir
     from moe_lab.config import save_config
-    from moe_lab.distributed import Dist
+    from moe_lab.store.checkpoint import SHARDED, convert_checkpoint, staging_dir
+    from moe_lab.train.distributed import Dist
 
     cfg = _cfg(tmp_path, lang_files)
     run = Path(cfg.run.dir)
@@ -423,7 +433,7 @@ def test_a_sharded_checkpoint_loads_converts_and_initialises_in_one_process(tmp_
     ckpt = latest_checkpoint(run / "checkpoints")
     assert not (ckpt / "model.safetensors").exists()
     # train.init_from may name the checkpoint itself or its run
-    assert train_module._init_checkpoint(ckpt) == train_module._init_checkpoint(run) == ckpt
+    assert init_checkpoint(ckpt) == init_checkpoint(run) == ckpt
     other = build_model(cfg.model)
     load_checkpoint(ckpt, other, restore_rng_state=False)
     converted = load_file(convert_checkpoint(run))

@@ -9,17 +9,22 @@ import pytest
 import torch
 
 from moe_lab.accounting import estimate
-from moe_lab.btm import load_experts
 from moe_lab.config import ConfigError, load_config
-from moe_lab.data import CORPUS_DIR, DataError, load_documents, load_splits, with_group_field
-from moe_lab.evaluate import evaluate
-from moe_lab.packing import build_store, cache_root
-from moe_lab.tokenizer import ByteTokenizer
-from moe_lab.xelm import (
+from moe_lab.data.documents import (
+    CORPUS_DIR,
+    DataError,
+    load_documents,
+    load_splits,
+    with_group_field,
+)
+from moe_lab.data.packing import build_store, cache_root
+from moe_lab.data.tokenizer import ByteTokenizer
+from moe_lab.ensembles.directory import load_experts
+from moe_lab.ensembles.languages import group_languages, language_similarity
+from moe_lab.eval.evaluate import evaluate
+from moe_lab.families.xelm import (
     add_language,
     evaluate_by_language,
-    group_languages,
-    language_similarity,
     run_xelm_experiment,
     train_xelm,
 )
@@ -167,14 +172,16 @@ def test_the_experiment_reports_every_language_next_to_a_dense_baseline_of_equal
 
 
 def test_a_second_call_after_adding_a_language_retrains_nothing(xelm, monkeypatch):
-    import moe_lab.train as train_module
+    import moe_lab.families.xelm as xelm_module
+    import moe_lab.train.branch as branch_module
 
     cfg, out, _, _, hashes, _ = xelm
 
     def fail(*args, **kwargs):
         raise AssertionError("nothing should train again")
 
-    monkeypatch.setattr(train_module, "train", fail)
+    monkeypatch.setattr(xelm_module, "train", fail)
+    monkeypatch.setattr(branch_module, "train", fail)
     plan = train_xelm(cfg)
     assert list(plan["manifest"]["experts"]) == ["romance", "de", "ru", "pt"]
     assert {k: v for k, v in _hashes(out).items() if k in hashes} == hashes
@@ -182,7 +189,7 @@ def test_a_second_call_after_adding_a_language_retrains_nothing(xelm, monkeypatc
 
 def test_moe_lab_generate_routes_a_prompt_by_its_language(xelm, capsys):
     from moe_lab.cli import main
-    from moe_lab.generation import generate
+    from moe_lab.eval.generation import generate
 
     _, out, _, _, _, _ = xelm
     names, experts = load_experts(out)

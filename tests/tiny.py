@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from moe_lab.checkpoint import save_checkpoint
 from moe_lab.config import load_config, save_config
-from moe_lab.model import build_model
-from moe_lab.tokenizer import ByteTokenizer
+from moe_lab.data.tokenizer import ByteTokenizer
+from moe_lab.nn.model import build_model
+from moe_lab.store.checkpoint import save_checkpoint
 from tests.conftest import SHORT_RUN
 
 TINY = [

@@ -1,0 +1,145 @@
+"""The subcommands that train or inspect: train, cluster, info, presets, convert, ifc, xelm,
+compare, scaling."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from moe_lab.accounting import estimate
+from moe_lab.compare import fit_scaling, load_experiment, run_compare
+from moe_lab.compare.plots import plot_scaling
+from moe_lab.config import (
+    PRESET_DIR,
+    Config,
+    ConfigError,
+    load_config,
+    load_model_preset,
+    model_presets,
+)
+from moe_lab.data.policy import AccessPolicy
+from moe_lab.ensembles.clustering.run import cluster_documents
+from moe_lab.families.ifc.experiment import run_ifc_experiment
+from moe_lab.families.xelm import run_xelm_experiment
+from moe_lab.store.checkpoint import convert_checkpoint
+from moe_lab.train.loop import train
+
+__all__ = [
+    "print_config",
+    "cmd_train",
+    "cmd_cluster",
+    "cmd_info",
+    "cmd_presets",
+    "cmd_convert",
+    "cmd_ifc",
+    "cmd_xelm",
+    "cmd_compare",
+    "cmd_scaling",
+]
+
+
+def print_config(cfg: Config) -> None:
+    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="", flush=True)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train a model (under torchrun too); without --config, a small model on the shipped corpus."""
+    cfg = load_config(args.config, args.overrides)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    if main_rank:
+        print_config(cfg)
+    result = train(cfg)
+    if main_rank:
+        print(
+            f"trained {result.steps} steps, {result.tokens:,d} tokens, {result.flops:.3g} FLOPs; "
+            f"valid loss {result.valid_loss:.4f}; run directory {result.run_dir}"
+        )
+
+
+def cmd_cluster(args: argparse.Namespace) -> None:
+    """Discover domains: fit tf-idf + balanced k-means on the training documents."""
+    cfg = load_config(args.config, args.overrides)
+    print_config(cfg)
+    report = cluster_documents(cfg)
+    for c, (size, terms) in enumerate(zip(report["sizes"], report["top_terms"], strict=True)):
+        print(f"cluster {c:3d}  {size:7,d} docs  {' '.join(terms)}")
+    print(f"wrote {report['dir']}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """Print the resolved config and its parameter and FLOP counts."""
+    cfg = load_config(args.config, args.overrides)
+    print_config(cfg)
+    print("# accounting (moe_lab.accounting.estimate)")
+    print(json.dumps(estimate(cfg.model, args.seq_len).as_dict(), indent=2))
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    """List the model presets with their parameter counts."""
+    for name in model_presets():
+        print(f"{name:14s} {estimate(load_model_preset(name)).total_params:>16,d} params")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    """Write a sharded (FSDP2) checkpoint's weights as one model.safetensors file."""
+    print(f"wrote {convert_checkpoint(args.checkpoint)}")
+
+
+def cmd_ifc(args: argparse.Namespace) -> None:
+    """Information-flow control: train the IFC model and a dense baseline, report per domain."""
+    import torch
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.ifc.policy is None:
+        raise ConfigError("ifc.policy: set the access policy file (principal -> domains)")
+    policy = Path(cfg.ifc.policy)
+    if not policy.is_absolute() and not policy.exists() and args.config:
+        policy = Path(args.config).parent / policy  # relative to the experiment's file
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = run_ifc_experiment(cfg, AccessPolicy.load(policy), device)
+    print(f"validation loss per {cfg.ifc.domain_field}; training FLOPs {result['train_flops']}")
+    print(result["table"])
+    print(f"wrote {Path(cfg.run.dir) / 'report.json'}")
+
+
+def cmd_xelm(args: argparse.Namespace) -> None:
+    """Cross-lingual experts: seed, language experts, added languages, dense baseline, report."""
+    cfg = load_config(args.config, args.overrides)
+    result = run_xelm_experiment(cfg)
+    print(f"validation loss per {cfg.xelm.lang_field}; training FLOPs {result['train_flops']}")
+    print(result["table"])
+    print(f"wrote {Path(cfg.run.dir) / 'report.json'}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    """Train every variant of an experiment to one FLOP budget; write results.json and report.md."""
+    path = args.config or PRESET_DIR.parent / "experiments" / "default.yaml"
+    exp = load_experiment(path, args.overrides)
+    run_compare(exp)
+    out = Path(exp.dir)
+    print((out / "report.md").read_text(), end="")
+    print(f"wrote {out / 'results.json'}, {out / 'report.md'} and plots")
+
+
+def cmd_scaling(args: argparse.Namespace) -> None:
+    """Fit L(C) = E + A C^-gamma per variant over results.json files from several budgets."""
+    records = [r for path in args.results for r in json.loads(Path(path).read_text())]
+    fits = {}
+    for name in dict.fromkeys(r["name"] for r in records):
+        try:
+            fits[name] = fit_scaling([r for r in records if r["name"] == name])
+        except ValueError as e:
+            print(f"{name}: {e}")
+            continue
+        f = fits[name]
+        print(
+            f"{name}: L(C) = {f['E']:.4f} + {f['A']:.4g} * C^-{f['gamma']:.4f}  "
+            f"(rmse {f['rmse']:.4f})"
+        )
+    if fits:
+        out = plot_scaling(records, fits, Path(args.results[0]).parent / "scaling.png")
+        print(f"wrote {out}")

@@ -1,0 +1,68 @@
+"""Planning a comparison before anything trains: every variant's config and the FLOPs its runs
+reach in whole steps, refusing what cannot be compared fairly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moe_lab.budget import achievable
+from moe_lab.compare.experiment import ExperimentConfig, variant_config
+from moe_lab.config import ConfigError
+from moe_lab.families.registry import get_family
+
+__all__ = ["SHARED_DATA", "TOLERANCE", "plan"]
+
+TOLERANCE = 0.01  # achieved training FLOPs must lie within 1% of the budget
+# What every variant must share, so that their losses are comparable.
+SHARED_DATA = (
+    "train_files",
+    "valid_files",
+    "valid_fraction",
+    "text_field",
+    "group_fields",
+    "include",
+    "tokenizer",
+    "bpe_vocab_size",
+)
+
+
+def plan(exp: ExperimentConfig, out: Path) -> dict[str, dict]:
+    """Per variant: its config and achievable FLOPs; refuse what cannot be compared.
+
+    Raises:
+        ConfigError: a variant that cannot fit its smallest run in the budget, misses the budget
+            by more than 1%, or changes the tokenizer or evaluation data.
+    """
+    reference = None
+    plans = {}
+    for v in exp.variants:
+        cfg = variant_config(exp, v, exp.seeds[0], out / "variants" / v.name / "seed0")
+        data = {k: getattr(cfg.data, k) for k in SHARED_DATA}
+        if reference is None:
+            reference = (v.name, data)
+        elif data != reference[1]:
+            diff = sorted(k for k in SHARED_DATA if data[k] != reference[1][k])
+            raise ConfigError(
+                f"variant {v.name!r} changes data.{', data.'.join(diff)} relative to "
+                f"{reference[0]!r}: every variant must share the tokenizer and evaluation data"
+            )
+        budget = exp.budget.train_flops
+        family = get_family(v.family)
+        if v.merge not in ("none", "average", "btx"):
+            raise ConfigError(f"variant {v.name!r}: merge must be none, average or btx")
+        if v.merge == "btx" and not 0 < v.finetune_share < 1 - v.seed_share:
+            raise ConfigError(f"variant {v.name!r}: finetune_share must be in (0, 1 - seed_share)")
+        family.check(cfg, v)
+        try:
+            achieved = achievable(family.phases(cfg, v), budget)
+        except ConfigError as e:
+            msg = f"variant {v.name!r}: its smallest run exceeds the budget ({e})"
+            raise ConfigError(msg) from None
+        if abs(achieved - budget) > TOLERANCE * budget:
+            raise ConfigError(
+                f"variant {v.name!r} can only reach {achieved:.4g} of the {budget:.4g} FLOP budget "
+                f"in whole steps (more than {TOLERANCE:.0%} off): raise budget.train_flops or "
+                "lower train.batch_size / seq_len"
+            )
+        plans[v.name] = {"config": cfg, "flops": achieved}
+    return plans

@@ -1,0 +1,90 @@
+"""The comparison's report for people: one row per variant, mean ± std over seeds."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from moe_lab.compare.experiment import ExperimentConfig
+from moe_lab.compare.plan import TOLERANCE
+
+__all__ = ["report_markdown"]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def report_markdown(exp: ExperimentConfig, records: list[dict]) -> str:
+    """The report for people: one row per variant, mean ± std over seeds, best loss in bold."""
+    names = [v.name for v in exp.variants]
+    by_name = {n: [r for r in records if r["name"] == n] for n in names}
+    groups = sorted({(f, g) for r in records for f, values in r["groups"].items() for g in values})
+    metrics = [
+        ("valid loss", lambda r: r["valid_loss"]),
+        ("bits/byte", lambda r: r["bits_per_byte"]),
+    ]
+    metrics += [
+        (f"{f}={g}", lambda r, f=f, g=g: r["groups"].get(f, {}).get(g, math.nan)) for f, g in groups
+    ]
+    if exp.knn.enabled:  # on the half of the validation documents kNN-LM was not tuned on
+        metrics += [
+            (f"{name} (half)", lambda r, key=key: r.get("knn", {}).get(key, math.nan))
+            for name, key in (("LM loss", "lm_loss"), ("kNN-LM loss", "knn_loss"))
+        ]
+    n_losses = len(metrics)  # lower is better; the accuracies after them: higher is better
+    metrics += [
+        (
+            f"{Path(t).stem} {a}",
+            lambda r, t=t, a=a: r.get("fewshot", {}).get(t, {}).get(a, math.nan),
+        )
+        for t in exp.fewshot.tasks
+        for a in ("acc", "acc_norm")
+    ]
+    means = {n: {m: _mean_std([fn(r) for r in by_name[n]]) for m, fn in metrics} for n in names}
+    best = {}
+    for i, (m, _) in enumerate(metrics):
+        sign = 1 if i < n_losses else -1
+        best[m] = min(names, key=lambda n: np.nan_to_num(sign * means[n][m][0], nan=np.inf))
+    within = all(abs(r["flops_vs_budget"] - 1) <= TOLERANCE for r in records)
+    lines = [
+        f"# {exp.name}",
+        "",
+        f"Budget: {exp.budget.train_flops:.4g} training FLOPs per variant; seeds {exp.seeds}. "
+        f"Every variant's achieved training FLOPs {'lie' if within else 'do NOT all lie'} within "
+        f"{TOLERANCE:.0%} of the budget. Losses in nats per token (mean ± std over seeds), lower "
+        "is better"
+        + (f"; {exp.fewshot.shots}-shot accuracies, higher" if exp.fewshot.tasks else "")
+        + "; the best of each column in bold.",
+        "",
+        "| variant | family | params (total / active) | train FLOPs (× budget) | tokens | "
+        "inference FLOPs/token | wall s | tokens/s | " + " | ".join(m for m, _ in metrics) + " |",
+        "|---" * (8 + len(metrics)) + "|",
+    ]
+    for n in names:
+        rs = by_name[n]
+        r0 = rs[0]
+        cells = []
+        for m, _ in metrics:
+            mean, std = means[n][m]
+            text = f"{mean:.4f} ± {std:.4f}" if len(rs) > 1 else f"{mean:.4f}"
+            text = "–" if math.isnan(mean) else text
+            cells.append(f"**{text}**" if best[m] == n else text)
+        ratio = np.mean([r["flops_vs_budget"] for r in rs])
+        lines.append(
+            f"| [{n}]({r0['config']}) | {r0['family']} | "
+            f"{r0['total_params'] / 1e6:.2f}M / {r0['active_params'] / 1e6:.2f}M | "
+            f"{np.mean([r['train_flops'] for r in rs]):.4g} ({ratio:.4f}) | "
+            f"{int(np.mean([r['tokens'] for r in rs])):,d} | "
+            f"{r0['inference_flops_per_token']:.4g} | {np.mean([r['wall_s'] for r in rs]):.0f} | "
+            f"{np.mean([r['tokens_per_s'] for r in rs]):,.0f} | " + " | ".join(cells) + " |"
+        )
+    lines += [
+        "",
+        "![loss against training FLOPs](loss_vs_flops.png)",
+        "",
+        "![per group](groups.png)",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,141 @@
+"""Running a comparison: each (variant, seed) an independent resumable job, through the family
+registry, then the report and the plots.
+
+A job lives in ``dir/variants/<name>/seed<s>``; its ``result.json`` marks it finished, so an
+interrupted compare redoes nothing that finished. Outputs in ``dir``: ``results.json`` (one record
+per variant and seed), ``report.md`` (mean ± std over seeds, best per column in bold, links to each
+variant's resolved config), ``loss_vs_flops.png`` and ``groups.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from moe_lab.compare.experiment import (
+    ExperimentConfig,
+    FewshotConfig,
+    KnnConfig,
+    VariantConfig,
+    variant_config,
+)
+from moe_lab.compare.plan import plan
+from moe_lab.compare.plots import plot_compare
+from moe_lab.compare.report import report_markdown
+from moe_lab.config import ConfigError, save_config
+from moe_lab.eval.evaluate import validation_store
+from moe_lab.eval.fewshot import evaluate_task, load_task
+from moe_lab.eval.knnlm.run import build_run_datastore, evaluate_run_knn
+from moe_lab.families.loading import load_scorer
+from moe_lab.families.registry import get_family
+from moe_lab.store.checkpoint import load_run, write_json
+
+__all__ = ["run_compare", "run_variant"]
+
+log = logging.getLogger(__name__)
+
+
+def run_variant(exp: ExperimentConfig, v: VariantConfig, seed: int, out: Path) -> dict:
+    """Train and evaluate one (variant, seed); a finished job returns its saved record."""
+    job = out / "variants" / v.name / f"seed{seed}"
+    if (job / "result.json").exists():
+        return json.loads((job / "result.json").read_text())
+    log.info("variant %s (%s), seed %d: training in %s", v.name, v.family, seed, job)
+    cfg = variant_config(exp, v, seed, job)
+    cfg = replace(cfg, run=replace(cfg.run, resume=True))
+    job.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, job / "config.yaml")
+    started = time.perf_counter()
+    record = get_family(v.family).run(cfg, v, exp.budget.train_flops, job)
+    wall = time.perf_counter() - started
+    scorer = record.pop("scorer", None)  # how to load the trained variant for scoring
+    if exp.fewshot.tasks:
+        record["fewshot"] = _fewshot(exp.fewshot, scorer, v)
+    if exp.knn.enabled:
+        record["knn"] = _knn(exp.knn, scorer, v)
+    record = {
+        "name": v.name,
+        "family": v.family,
+        "seed": seed,
+        "config": str((job / "config.yaml").relative_to(out)),
+        "budget_flops": exp.budget.train_flops,
+        "flops_vs_budget": record["train_flops"] / exp.budget.train_flops,
+        "wall_s": wall,
+        "tokens_per_s": record["tokens"] / wall,
+        **record,
+    }
+    write_json(job / "result.json", record)
+    log.info(
+        "variant %s, seed %d: valid loss %.4f in %.0f s", v.name, seed, record["valid_loss"], wall
+    )
+    return record
+
+
+def _fewshot(fs: FewshotConfig, scorer: dict | None, v: VariantConfig) -> dict:
+    """``{task: {"acc", "acc_norm", "n"}}`` of a trained variant; {} where none can be scored.
+
+    An X-ELM variant (``route_by``) scores each item with the expert of its language, as it
+    evaluates documents; its priming examples come from items of the same language.
+    """
+    if scorer is None:
+        log.warning("variant %s (%s): no few-shot scoring for this family", v.name, v.family)
+        return {}
+    scorer = dict(scorer)
+    field = scorer.pop("route_by", None)
+    loaded = {}  # lang (None: not routed by language) -> Scorer, loaded once for all tasks
+
+    def scorer_for(lang: str | None):
+        if lang not in loaded:
+            loaded[lang] = load_scorer(**scorer, lang=lang)
+        return loaded[lang]
+
+    results = {}
+    for task in fs.tasks:
+        items = load_task(task)[: fs.limit]
+        if field is None:
+            results[task] = evaluate_task(scorer_for(None), items, fs.shots)["overall"]
+            continue
+        if any(field not in r for r in items):
+            raise ConfigError(f"variant {v.name!r} routes by {field!r}: task {task} lacks it")
+        parts = []
+        for value in sorted({r[field] for r in items}):
+            subset = [r for r in items if r[field] == value]
+            parts.append(evaluate_task(scorer_for(value), subset, fs.shots)["overall"])
+        n = sum(p["n"] for p in parts)
+        results[task] = {
+            **{m: sum(p[m] * p["n"] for p in parts) / n for m in ("acc", "acc_norm")},
+            "n": n,
+        }
+    return results
+
+
+def _knn(kc: KnnConfig, scorer: dict | None, v: VariantConfig) -> dict:
+    """kNN-LM of a single-model variant: tuned on half the validation documents, and the loss of
+    the model with and without it on the other half; {} for ensembles and IFC models."""
+    if scorer is None or set(scorer) != {"run_dir"}:
+        log.warning("variant %s (%s): no kNN-LM for this family", v.name, v.family)
+        return {}
+    run = scorer["run_dir"]
+    build_run_datastore(run, kc.index, kc.key_type)
+    cfg, model, tokenizer = load_run(run)
+    store = validation_store(cfg, tokenizer)
+    knn = evaluate_run_knn(run, model, tokenizer, store, cfg.train.seq_len, cfg.train.eval_batch)
+    return {
+        **{k: knn["tuned"][k] for k in ("lambda", "temperature", "k")},
+        "lm_loss": knn["lm"]["overall"]["loss"],
+        "knn_loss": knn["knn"]["overall"]["loss"],
+    }
+
+
+def run_compare(exp: ExperimentConfig) -> list[dict]:
+    """Plan (refusing what cannot be compared), run every job, write the report and plots."""
+    out = Path(exp.dir)
+    plan(exp, out)
+    records = [run_variant(exp, v, s, out) for v in exp.variants for s in exp.seeds]
+    (out / "results.json").write_text(json.dumps(records, indent=2))
+    (out / "report.md").write_text(report_markdown(exp, records))
+    plot_compare(records, out)
+    return records

@@ -1,0 +1,372 @@
+"""The one Llama backbone: RMSNorm, RoPE, grouped-query attention, and an FFN from ``build_ffn``.
+
+Parameter names follow Meta's Llama and torchtitan (``tok_embeddings``, ``layers.{i}.attention.wq``,
+``feed_forward.w1``, ``norm``, ``output``) so checkpoint layouts map one to one. RoPE uses the
+rotate-half layout of transformers, so Hugging Face weights load without permuting ``wq``/``wk``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from moe_lab.config import ModelConfig, RopeScalingConfig
+from moe_lab.nn.causal_attention import causal_attention
+from moe_lab.nn.experts import build_ffn
+from moe_lab.nn.losses import fused_linear_cross_entropy
+from moe_lab.nn.routing import RouterStats, moe_aux_loss
+
+__all__ = ["KVCache", "ModelOutput", "RMSNorm", "Transformer", "build_model", "rope_frequencies"]
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B, T, V]
+    aux_loss: Tensor  # [] weighted balancing + z-losses of the MoE layers; exactly 0 for dense
+    routing: list[RouterStats] = field(default_factory=list)  # one entry per MoE layer
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 (or wider) whatever the
+    input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _RMSNorm.apply(x, self.weight, self.eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``weight * x / rms(x)`` with the normalisation in fp32, and a hand-written backward.
+
+    Autograd's backward of the three-line formula makes about twice as many passes over the
+    activations as needed; this one is 2x faster on CPU, where these passes are memory-bound
+    (17 norms are ~4% of a d=512 training step, bench/train_step.py).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        ms = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x.shape[-1])
+        inv_rms = torch.rsqrt(ms.add_(eps))
+        x_hat = x32 * inv_rms  # kept in fp32 for the backward
+        ctx.save_for_backward(x_hat, weight, inv_rms)
+        ctx.in_dtype = x.dtype
+        return weight * x_hat.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        x_hat, weight, inv_rms = ctx.saved_tensors
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * x_hat.to(ctx.in_dtype)).flatten(0, -2).sum(0).to(weight.dtype)
+        # d/dx of w * x * r(x): r * (g_hat - x_hat * mean(g_hat * x_hat)), g_hat = grad * w
+        g_hat = (grad * weight).to(x_hat.dtype)
+        mean_gx = torch.linalg.vecdot(g_hat, x_hat).unsqueeze(-1).div_(x_hat.shape[-1])
+        grad_x = torch.addcmul(g_hat, x_hat, mean_gx, value=-1).mul_(inv_rms)
+        return grad_x.to(ctx.in_dtype), grad_weight, None
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig | None) -> Tensor:
+    """Inverse RoPE frequencies ``[head_dim // 2]`` in fp32, with Llama 3.1 scaling if given."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    if scaling is None:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
+    # Long wavelengths are stretched by `factor`; short ones kept; the band between interpolated.
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x [B, H, T, hd]`` by position; ``cos``/``sin`` are ``[B, 1, T, hd // 2]``."""
+    if torch.compiler.is_compiling():  # inductor fuses the formula into one kernel
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return _Rope.apply(x, cos, sin)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``(x1 cos - x2 sin, x2 cos + x1 sin)`` over the halves of the last dim, written in place
+    into one output: four kernels and no temporaries instead of seven kernels and six."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x1, x2 = x.chunk(2, dim=-1)
+    out1, out2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin)
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    """RoPE with a hand-written backward: a rotation's gradient is the rotation by ``-angle``.
+
+    Autograd through the formula runs ~3x as many kernels; this halves RoPE's cost on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+
+def positions_in_documents(doc_ids: Tensor) -> Tensor:
+    """Position of each token within its document: ``[B, T]`` ids -> ``[B, T]`` positions.
+
+    Restarting RoPE positions at every document boundary makes a packed document compute exactly
+    what it would compute alone (Llama 3 document masking plus per-document positions).
+    """
+    T = doc_ids.shape[1]
+    idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    is_start = torch.ones_like(doc_ids, dtype=torch.bool)
+    is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.where(is_start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start
+
+
+class KVCache:
+    """Keys and values of past positions for every layer, preallocated up to ``max_len``."""
+
+    def __init__(
+        self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None
+    ) -> None:
+        shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
+        self.length = 0  # positions filled so far; advanced by the model after each forward
+
+    def update(self, layer_id: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``k, v [B, Hkv, T, hd]`` after the past; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer_id][:, :, self.length : end] = k
+        self.v[layer_id][:, :, self.length : end] = v
+        return self.k[layer_id][:, :, :end], self.v[layer_id][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention (Ainslie et al. 2023): causal through
+    :func:`~moe_lab.nn.causal_attention.causal_attention`, with a document mask or after a cached
+    past through ``scaled_dot_product_attention`` and that mask."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.init_std, self.n_layers = cfg.init_std, cfg.n_layers
+
+    def reset_parameters(self) -> None:
+        for lin in (self.wq, self.wk, self.wv):
+            nn.init.normal_(lin.weight, std=self.init_std)
+        nn.init.normal_(self.wo.weight, std=self.init_std / math.sqrt(2 * self.n_layers))
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None
+    ) -> Tensor:
+        B, T, _ = x.shape
+        # One GEMM for q, k and v over the concatenated weights (a 1.5 MB copy at d=512): ~10%
+        # faster than three on CPU, while the state dict keeps Llama's separate wq, wk, wv.
+        w_qkv = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = F.linear(x, w_qkv).split((q_dim, kv_dim, kv_dim), dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)  # [B, Hkv, past + T, hd]
+        if mask is None:  # no document mask, no cached past: plain causal, as many keys as queries
+            y = causal_attention(q, k, v)
+        else:  # enable_gqa: each group of query heads reads its kv head without copying it
+            gqa = self.n_kv_heads != self.n_heads
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layer_id)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = build_ffn(cfg, layer_id)
+
+    def reset_parameters(self) -> None:
+        self.attention_norm.reset_parameters()
+        self.attention.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.feed_forward.reset_parameters()
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None
+    ) -> tuple[Tensor, RouterStats | None]:
+        #  x ─┬─ norm ─ attention ─(+)─┬─ norm ─ ffn ─(+)─> out
+        #     └────────────────────────┘└───────────────┘
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+        y, routing = self.feed_forward(self.ffn_norm(x))
+        return x + y, routing
+
+
+class Transformer(nn.Module):
+    """Decoder-only Llama: ``input_ids [B, T] -> ModelOutput(logits [B, T, V], aux_loss [])``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # _weight: skip nn.Embedding's own init. build_model() constructs on the meta device,
+        # where normal_ runs a Python reference that imports torch._dynamo: 1.2 s of every
+        # `moe-lab eval` or `generate`. reset_parameters() initialises every weight anyway.
+        self.tok_embeddings = nn.Embedding(
+            cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim)
+        )
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # With tied embeddings there is no `output` module: the head reads tok_embeddings.weight.
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # RoPE frequencies stay fp32 and out of the state dict: a cache, not a buffer .to() casts.
+        self._inv_freq: Tensor | None = None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re-)initialise every parameter: normal(0, init_std), residual projections scaled."""
+        nn.init.normal_(self.tok_embeddings.weight, std=self.cfg.init_std)
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, std=self.cfg.init_std)
+        for layer in self.layers:
+            layer.reset_parameters()
+        self.norm.reset_parameters()
+
+    def _rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if self._inv_freq is None or self._inv_freq.device != positions.device:
+            cfg = self.cfg
+            inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            self._inv_freq = inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * self._inv_freq  # [B, T, hd/2], fp32 as transformers
+        return freqs.cos().to(dtype)[:, None], freqs.sin().to(dtype)[:, None]  # [B, 1, T, hd/2]
+
+    @property
+    def head_weight(self) -> Tensor:
+        """``[V, D]`` output projection: the embedding matrix when tied."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def forward(
+        self, input_ids: Tensor, doc_ids: Tensor | None = None, cache: KVCache | None = None
+    ) -> ModelOutput:
+        """Next-token logits.
+
+        Args:
+            input_ids: ``[B, T]`` token ids.
+            doc_ids: optional ``[B, T]`` document ids of a packed sequence; attention never crosses
+                a document boundary and RoPE positions restart at each document.
+            cache: optional :class:`KVCache`; the tokens continue the cached prefix.
+        """
+        h, aux_loss, routing = self.hidden_states(input_ids, doc_ids, cache)
+        return ModelOutput(F.linear(h, self.head_weight), aux_loss, routing)
+
+    def loss(
+        self, input_ids: Tensor, targets: Tensor, doc_ids: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, list[RouterStats]]:
+        """``(mean next-token cross-entropy, aux_loss, routing)`` without materialising logits.
+
+        ``targets`` is ``[B, T]`` with -100 where no loss is taken. Same value and gradients as
+        cross-entropy over ``forward(...).logits``; see :mod:`moe_lab.nn.losses`.
+        """
+        h, aux_loss, routing = self.hidden_states(input_ids, doc_ids)
+        return fused_linear_cross_entropy(h, self.head_weight, targets), aux_loss, routing
+
+    def hidden_states(
+        self, input_ids: Tensor, doc_ids: Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[Tensor, Tensor, list[RouterStats]]:
+        """Final normalised hidden states ``[B, T, D]``, the auxiliary loss, the routing stats."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {past + T} tokens exceeds model.max_seq_len ({self.cfg.max_seq_len})"
+            )
+        if doc_ids is not None and cache is not None:
+            raise ValueError("doc_ids (document masking) cannot be combined with a KV cache")
+        if cache is not None and (past + T > cache.max_len or B != cache.k[0].shape[0]):
+            raise ValueError(
+                f"a KV cache for {cache.k[0].shape[0]} sequences of {cache.max_len} tokens cannot "
+                f"take {B} sequences reaching {past + T} tokens"
+            )
+        mask = None
+        if doc_ids is not None:
+            if doc_ids.shape != input_ids.shape:
+                raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != input_ids {(B, T)}")
+            positions = positions_in_documents(doc_ids)
+            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            mask = (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]  # [B, 1, T, T]
+        else:
+            positions = torch.arange(past, past + T, device=input_ids.device)[None]
+            if past > 0:  # new queries see every cached key and the causal part of the new ones
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=input_ids.device).tril(past)
+
+        h = self.tok_embeddings(input_ids)
+        cos, sin = self._rope(positions, h.dtype)
+        routing = []
+        for layer in self.layers:
+            h, stats = layer(h, cos, sin, mask, cache)
+            if stats is not None:
+                routing.append(stats)
+        if cache is not None:
+            cache.length += T
+        if routing:
+            aux_loss = moe_aux_loss(routing, self.cfg.moe)
+        else:
+            aux_loss = torch.zeros((), device=h.device, dtype=torch.float32)
+        return self.norm(h), aux_loss, routing
+
+
+def build_model(
+    cfg: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Transformer:
+    """Build and initialise a model; ``device="meta"`` builds shapes only, allocating nothing.
+
+    Args:
+        cfg: the model shape; validated first.
+        device: where to allocate parameters (default: the current default device).
+        dtype: parameter dtype (default: the current default dtype, fp32).
+    """
+    cfg.validate()
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    with torch.device(
+        "meta"
+    ):  # shapes first; memory is allocated once, below, and initialised once
+        model = Transformer(cfg)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    if device.type == "meta":
+        return model
+    model.to_empty(device=device)
+    model.reset_parameters()
+    return model

@@ -1,0 +1,116 @@
+"""A training run's directory: refusing to overwrite or to resume with another config, the
+checkpoint and tokenizer that ``train.init_from`` names, and the metrics log a resume rewinds."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from moe_lab.budget import BUDGET_KEYS
+from moe_lab.config import Config, ConfigError, load_config
+from moe_lab.store.checkpoint import MARKER, find_checkpoint, latest_checkpoint
+from moe_lab.store.metrics import read_metrics
+
+__all__ = [
+    "RESUMABLE_KEYS",
+    "init_checkpoint",
+    "init_tokenizer_dir",
+    "prepare_run_dir",
+    "truncate_metrics",
+]
+
+log = logging.getLogger(__name__)
+
+# Keys that may differ between a run and its resumption; any other change is refused, because a
+# checkpoint's optimizer state would silently override it (the OPT-175B logbook's betas lesson).
+RESUMABLE_KEYS = {
+    "train.max_steps",
+    "train.max_tokens",
+    "train.max_flops",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_max_batches",
+    "train.eval_batch_size",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.progress",
+    "train.tensorboard",
+    "train.on_nonfinite",
+    "train.spike_action",
+    "train.compile",
+    "run.dir",
+    "run.resume",
+    "run.restore_rng",
+    "run.device",
+    "data.cache_dir",
+}
+
+
+def _flat(cfg: Config) -> dict[str, object]:
+    container = OmegaConf.to_container(OmegaConf.structured(cfg))
+    flat: dict[str, object] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else k)
+        else:
+            flat[prefix] = node
+
+    walk(container, "")
+    return flat
+
+
+def prepare_run_dir(cfg: Config) -> Path | None:
+    """Check the run directory; return the checkpoint to resume from, if any."""
+    run_dir = Path(cfg.run.dir)
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if not cfg.run.resume:
+        if (run_dir / "metrics.jsonl").exists() or ckpt is not None:
+            raise ConfigError(
+                f"run.dir {run_dir} already holds a run; set run.resume=true to continue it "
+                "or choose another run.dir"
+            )
+        return None
+    if ckpt is None:
+        return None
+    old, new = _flat(load_config(run_dir / "config.yaml")), _flat(cfg)
+    changed = sorted(k for k, v in new.items() if old.get(k) != v and k not in RESUMABLE_KEYS)
+    if changed:
+        raise ConfigError(
+            f"cannot resume {run_dir} with a different {', '.join(changed)}; only "
+            f"{', '.join(sorted(RESUMABLE_KEYS))} may change"
+        )
+    if any(old.get(f"train.{b}") != new[f"train.{b}"] for b in BUDGET_KEYS):
+        log.warning(
+            "the budget changed on resume: the cosine schedule is re-stretched to the "
+            "new length, so the run no longer matches an uninterrupted one"
+        )
+    return ckpt
+
+
+def init_checkpoint(path: Path) -> Path:
+    """The checkpoint ``train.init_from`` names: a checkpoint directory or a run's latest one."""
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise ConfigError(
+            f"train.init_from ({path}) is neither a checkpoint nor a run directory "
+            "with a complete checkpoint"
+        )
+    return ckpt
+
+
+def init_tokenizer_dir(path: Path) -> Path | None:
+    """The tokenizer saved with the run that ``train.init_from`` names, if any."""
+    run = path.parent.parent if (path / MARKER).is_file() else path  # a checkpoint
+    return run / "tokenizer" if (run / "tokenizer").is_dir() else None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metric records up to ``step``: later ones (and a torn last line) belong to the
+    interrupted attempt that the resumed run repeats."""
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
