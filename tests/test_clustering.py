@@ -172,3 +172,21 @@ def test_random_clusters_keep_the_sizes_but_ignore_the_content(tmp_path):
         ) / (len(lab) / 3)
 
     assert purity(kmeans) > purity(random) + 0.2  # k-means groups the domains, random mixes them
+
+
+def test_random_clusters_route_by_their_own_centroids(tmp_path):
+    """The random-cluster ablation routes like its twin, through centroids of its own clusters."""
+    from moe_lab.ensembles.clustering import Clusterer
+    from moe_lab.ensembles.clustering.run import cluster_documents
+
+    cfg = load_config(overrides=["cluster.k=3", "cluster.method=random"])
+    cfg.run.dir = str(tmp_path / "r")
+    cluster_documents(cfg)
+    clusterer = Clusterer.load(tmp_path / "r" / "clusterer")
+    train = load_splits(cfg)[0]["text"]
+    lines = (tmp_path / "r" / "assignments" / "train.jsonl").read_text().splitlines()
+    labels = [json.loads(x)["cluster"] for x in lines]
+    features = clusterer.features(train)
+    for c in range(3):
+        rows = [f for f, label in zip(features, labels, strict=True) if label == c]
+        np.testing.assert_allclose(clusterer.kmeans.centroids[c], np.mean(rows, axis=0), atol=1e-6)

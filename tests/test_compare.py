@@ -14,6 +14,8 @@ from moe_lab.config import ConfigError, ModelConfig, load_config
 from moe_lab.data.documents import CORPUS_DIR, load_documents, load_splits
 from moe_lab.eval.fewshot import choice_logliks, corpus_cloze, evaluate_task, load_task
 from moe_lab.eval.scoring import TransformerScorer
+from moe_lab.families.base import VariantConfig
+from moe_lab.families.cbtm import CBTM
 from moe_lab.families.xelm import expert_for
 from moe_lab.store.checkpoint import load_run
 from tests.conftest import write_jsonl
@@ -76,6 +78,7 @@ VARIANTS = [
         "overrides": ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_hidden=32"],
     },
     {"name": "cbtm", "family": "cbtm", "k": 2, "top_k": 1},
+    {"name": "cbtm-random", "family": "cbtm", "k": 2, "top_k": 1, "random_clusters": True},
 ]
 
 
@@ -97,16 +100,24 @@ def compared(tmp_path_factory):
 
 def test_every_variant_reaches_the_budget_within_one_percent(compared):
     exp, records = compared
-    assert [r["name"] for r in records] == ["dense", "moe", "cbtm"]
+    assert [r["name"] for r in records] == ["dense", "moe", "cbtm", "cbtm-random"]
     for r in records:
         assert abs(r["train_flops"] / exp.budget.train_flops - 1) <= 0.01, r["name"]
         assert r["flops_vs_budget"] == r["train_flops"] / exp.budget.train_flops
-    dense, moe, cbtm = records
+    dense, moe, cbtm, random = records
     per_token = estimate(ModelConfig(**MODEL), 32).train_flops_per_token
     assert dense["train_flops"] == dense["tokens"] * per_token  # tokens follow from the budget
     assert moe["total_params"] > moe["active_params"]  # 4 experts, 2 active
     assert cbtm["total_params"] == 2 * dense["total_params"]
     assert cbtm["inference_flops_per_token"] == dense["inference_flops_per_token"]  # top-1
+    # The random-cluster ablation differs from its twin in the clusters only: same costs, and
+    # routed the same way (prefix, top-1) through its own clusters' centroids.
+    for key in ("total_params", "active_params", "inference_flops_per_token", "train_flops"):
+        assert random[key] == cbtm[key], key
+    cfg = load_config(Path(exp.dir) / "variants" / "cbtm" / "seed0" / "config.yaml")
+    twin, ablation = (CBTM().ensemble(cfg, VariantConfig(**v), Path("c")) for v in VARIANTS[2:])
+    assert twin == ablation and twin.routing == "prefix" and twin.top_k == 1
+    assert random["valid_loss"] != cbtm["valid_loss"]
 
 
 def test_cbtm_experts_train_on_their_whole_shard_and_validate_on_their_cluster(compared):
@@ -137,6 +148,8 @@ def test_the_report_holds_every_variant_and_group_value(compared):
     assert {"domain", "lang"} <= set(records[0]["groups"])
     n_groups = sum(len(v) for v in records[0]["groups"].values())
     assert report.count("**") == 2 * (2 + n_groups + 2)  # + acc and acc_norm of the task
+    assert report.splitlines()[2].startswith("- moe ")  # the findings first, against dense
+    assert "## Against dense" in report and "(1 seed)" in report
     assert "cloze acc | cloze acc_norm" in report
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(records))
     assert (out / "loss_vs_flops.png").stat().st_size > 0 and (out / "groups.png").is_file()
@@ -166,7 +179,7 @@ def test_an_interrupted_compare_redoes_only_unfinished_variants(compared, monkey
     again = run_compare(exp)
     assert len(calls) == 1 and "/moe/" in calls[0]  # dense and cbtm were not touched
     assert again[1]["valid_loss"] == records[1]["valid_loss"]  # resumed from its last checkpoint
-    assert [r["name"] for r in again] == ["dense", "moe", "cbtm"]
+    assert [r["name"] for r in again] == ["dense", "moe", "cbtm", "cbtm-random"]
 
 
 @pytest.mark.parametrize(
@@ -328,3 +341,32 @@ def test_knn_lm_is_reported_for_single_model_variants(tmp_path, lang_files):
     assert knn["knn_loss"] < knn["lm_loss"]  # the datastore holds the same two languages
     report = (Path(exp.dir) / "report.md").read_text()
     assert "LM loss (half) | kNN-LM loss (half)" in report and f"{knn['knn_loss']:.4f}" in report
+
+
+def test_a_budget_sweep_runs_every_variant_at_every_budget_and_fits_the_curves(
+    tmp_path, monkeypatch
+):
+    budgets = [budget() / 4, budget() / 2, budget()]
+    variants = VARIANTS[:2]  # dense, moe: one run each, whole steps within 1% at B / 4
+    exp = experiment(tmp_path, variants, budget={"sweep": budgets}, seeds=[0, 1])
+    records = run_compare(exp)
+    assert [(r["name"], r["budget_flops"], r["seed"]) for r in records] == [
+        (v["name"], b, s) for b in budgets for v in variants for s in (0, 1)
+    ]
+    for r in records:
+        assert abs(r["flops_vs_budget"] - 1) <= 0.01 and r["budget_flops"] in budgets
+    out = Path(exp.dir)
+    assert len(list(out.glob("variants/*/flops*/seed*/result.json"))) == len(records)
+    study = json.loads((out / "scaling.json").read_text())
+    assert set(study) == {"dense", "moe"} and study["moe"]["crossover"]["searched"][1] > budgets[-1]
+    report = (out / "report.md").read_text()
+    assert "## Scaling fits" in report and report.count("## Against dense") == 1
+    for b in budgets:  # a paired test per budget
+        assert f"| {b:.3g} | moe | " in report
+    assert "over 2 seeds" in report.splitlines()[2]
+
+    def retrain(*args, **kwargs):
+        raise AssertionError("a finished job trained again")
+
+    monkeypatch.setattr(dense_module, "train", retrain)
+    assert run_compare(exp) == json.loads((out / "results.json").read_text())

@@ -11,8 +11,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from moe_lab.accounting import estimate
-from moe_lab.compare import fit_scaling, load_experiment, run_compare
+from moe_lab.compare import load_experiment, run_compare
 from moe_lab.compare.plots import plot_scaling
+from moe_lab.compare.scaling import scaling_study
 from moe_lab.config import (
     PRESET_DIR,
     Config,
@@ -128,18 +129,22 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_scaling(args: argparse.Namespace) -> None:
     """Fit L(C) = E + A C^-gamma per variant over results.json files from several budgets."""
     records = [r for path in args.results for r in json.loads(Path(path).read_text())]
-    fits = {}
+    baseline = records[0]["name"]
+    study = scaling_study(records, baseline)
     for name in dict.fromkeys(r["name"] for r in records):
-        try:
-            fits[name] = fit_scaling([r for r in records if r["name"] == name])
-        except ValueError as e:
-            print(f"{name}: {e}")
+        if name not in study:
+            print(f"{name}: a scaling fit needs results at 3 or more different budgets")
             continue
-        f = fits[name]
+        f, p = study[name]["fit"], study[name]["predicted"]["10x"]
         print(
             f"{name}: L(C) = {f['E']:.4f} + {f['A']:.4g} * C^-{f['gamma']:.4f}  "
-            f"(rmse {f['rmse']:.4f})"
+            f"(rmse {f['rmse']:.4f}); at {p['flops']:.3g} FLOPs: {p['loss']:.4f} "
+            f"[{p['interval'][0]:.4f}, {p['interval'][1]:.4f}]"
         )
-    if fits:
-        out = plot_scaling(records, fits, Path(args.results[0]).parent / "scaling.png")
+        cross = study[name].get("crossover")
+        if cross is not None:
+            at = "none" if cross["flops"] is None else f"{cross['flops']:.3g} FLOPs"
+            print(f"  crosses {baseline}: {at} (up to {cross['searched'][1]:.3g})")
+    if study:
+        out = plot_scaling(records, study, Path(args.results[0]).parent / "scaling.png", baseline)
         print(f"wrote {out}")

@@ -30,11 +30,13 @@ whose ``result.json`` marks it finished: an interrupted compare redoes nothing t
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from moe_lab.config import Config, ConfigError, load_config
@@ -54,7 +56,36 @@ __all__ = [
 
 @dataclass
 class BudgetConfig:
-    train_flops: float = MISSING
+    """The training FLOPs every variant gets: one budget, or a sweep of them (a scaling study)."""
+
+    train_flops: float | None = None  # one budget
+    sweep: list[float] = field(default_factory=list)  # several budgets: every variant at each
+    start: float | None = None  # or a geometric sweep: start * factor**i, i < count
+    factor: float = 2.0
+    count: int | None = None
+
+    def values(self) -> list[float]:
+        """The budgets, ascending; a :class:`ConfigError` unless exactly one form is set."""
+        forms = [self.train_flops is not None, bool(self.sweep), self.start is not None]
+        if sum(forms) != 1:
+            raise ConfigError(
+                "set one of budget.train_flops, budget.sweep or budget.start (with budget.count)"
+            )
+        if self.start is not None:
+            if not (isinstance(self.count, int) and self.count >= 1 and self.factor > 1):
+                raise ConfigError(
+                    f"budget.start needs budget.count >= 1 and budget.factor > 1; got "
+                    f"count={self.count}, factor={self.factor}"
+                )
+            values = [self.start * self.factor**i for i in range(self.count)]
+        else:
+            values = [self.train_flops] if self.train_flops is not None else list(self.sweep)
+        bad = [v for v in values if not (v > 0 and math.isfinite(v))]
+        if bad:
+            raise ConfigError(f"budgets must be positive and finite, got {bad}")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"budget.sweep repeats a budget: {values}")
+        return sorted(values)
 
 
 @dataclass
@@ -85,12 +116,31 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     base: dict[str, Any] = field(default_factory=dict)  # a moe_lab config shared by all variants
     variants: list[VariantConfig] = field(default_factory=list)
+    baseline: str | None = None  # the variant the others are tested against; None = the first
+
+    @property
+    def budgets(self) -> list[float]:
+        return self.budget.values()
+
+    @property
+    def baseline_name(self) -> str:
+        return self.baseline or self.variants[0].name
+
+    def job_dir(self, name: str, budget: float, seed: int) -> Path:
+        """Where one (variant, budget, seed) job lives; one budget keeps the layout without it."""
+        variant = Path(self.dir) / "variants" / name
+        if len(self.budgets) > 1:
+            variant = variant / f"flops{budget:.4g}"
+        return variant / f"seed{seed}"
 
 
 def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read an experiment file with ``key=value`` overrides (``budget.train_flops=1e12``)."""
+    """Read an experiment file with ``key=value`` overrides (``budget.train_flops=1e12``); a run
+    config key (``data.train_files=[...]``) is shorthand for the same key under ``base``."""
     if path is not None and not Path(path).is_file():
         raise ConfigError(f"experiment file {str(path)!r} does not exist")
+    sections = {f.name for f in dataclasses.fields(Config)}
+    overrides = [f"base.{o}" if o.split(".")[0].split("=")[0] in sections else o for o in overrides]
     try:
         merged = OmegaConf.merge(
             OmegaConf.structured(ExperimentConfig),
@@ -105,8 +155,7 @@ def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> Exper
         raise ConfigError("the experiment lists no variants")
     if not exp.seeds:
         raise ConfigError("seeds: list at least one seed")
-    if not exp.budget.train_flops > 0:
-        raise ConfigError(f"budget.train_flops must be positive, got {exp.budget.train_flops}")
+    exp.budget.values()  # exactly one form of budget, every one positive
     names = [v.name for v in exp.variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"variant names must be unique: {names}")
@@ -115,20 +164,23 @@ def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> Exper
             raise ConfigError(
                 f"variant {v.name!r}: unknown family {v.family!r}; known: {', '.join(FAMILIES)}"
             )
+    if exp.baseline is not None and exp.baseline not in names:
+        raise ConfigError(f"baseline {exp.baseline!r} is not a variant; variants: {names}")
     return exp
 
 
-def variant_config(exp: ExperimentConfig, variant: VariantConfig, seed: int, job: Path) -> Config:
-    """The resolved moe_lab config of one (variant, seed) job, its budget the experiment's."""
+def variant_config(
+    exp: ExperimentConfig, variant: VariantConfig, seed: int, job: Path, budget: float
+) -> Config:
+    """The resolved moe_lab config of one (variant, budget, seed) job."""
     bad = [o for o in variant.overrides if o.split("=")[0].strip().startswith("train.max_")]
     if bad:
         raise ConfigError(f"variant {variant.name!r}: the budget is the experiment's, not {bad}")
     base = Path(exp.dir) / "base.yaml"  # the shared part, as a file load_config can read
     base.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(exp.base), base)
-    budget = ["train.max_steps=null", "train.max_tokens=null"]
-    budget.append(f"train.max_flops={exp.budget.train_flops}")
-    extra = [*variant.overrides, *budget, f"run.seed={seed}", f"run.dir={job / 'run'}"]
+    limits = ["train.max_steps=null", "train.max_tokens=null", f"train.max_flops={budget}"]
+    extra = [*variant.overrides, *limits, f"run.seed={seed}", f"run.dir={job / 'run'}"]
     cfg = load_config(base, extra)
     get_family(variant.family).check_moe(cfg, variant)
     return cfg

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moe_lab.budget import achievable
-from moe_lab.compare.experiment import ExperimentConfig, variant_config
+from moe_lab.budget import Phase, achievable
+from moe_lab.compare.experiment import ExperimentConfig, VariantConfig, variant_config
 from moe_lab.config import ConfigError
 from moe_lab.families.registry import get_family
 
@@ -27,16 +27,18 @@ SHARED_DATA = (
 
 
 def plan(exp: ExperimentConfig, out: Path) -> dict[str, dict]:
-    """Per variant: its config and achievable FLOPs; refuse what cannot be compared.
+    """Per variant: its config and, per budget, the FLOPs it reaches; refuse what cannot be
+    compared.
 
     Raises:
-        ConfigError: a variant that cannot fit its smallest run in the budget, misses the budget
-            by more than 1%, or changes the tokenizer or evaluation data.
+        ConfigError: a variant that cannot fit its smallest run in a budget, misses one by more
+            than 1%, or changes the tokenizer or evaluation data.
     """
     reference = None
     plans = {}
     for v in exp.variants:
-        cfg = variant_config(exp, v, exp.seeds[0], out / "variants" / v.name / "seed0")
+        first = exp.budgets[0]
+        cfg = variant_config(exp, v, exp.seeds[0], exp.job_dir(v.name, first, 0), first)
         data = {k: getattr(cfg.data, k) for k in SHARED_DATA}
         if reference is None:
             reference = (v.name, data)
@@ -46,23 +48,27 @@ def plan(exp: ExperimentConfig, out: Path) -> dict[str, dict]:
                 f"variant {v.name!r} changes data.{', data.'.join(diff)} relative to "
                 f"{reference[0]!r}: every variant must share the tokenizer and evaluation data"
             )
-        budget = exp.budget.train_flops
         family = get_family(v.family)
         if v.merge not in ("none", "average", "btx"):
             raise ConfigError(f"variant {v.name!r}: merge must be none, average or btx")
         if v.merge == "btx" and not 0 < v.finetune_share < 1 - v.seed_share:
             raise ConfigError(f"variant {v.name!r}: finetune_share must be in (0, 1 - seed_share)")
         family.check(cfg, v)
-        try:
-            achieved = achievable(family.phases(cfg, v), budget)
-        except ConfigError as e:
-            msg = f"variant {v.name!r}: its smallest run exceeds the budget ({e})"
-            raise ConfigError(msg) from None
-        if abs(achieved - budget) > TOLERANCE * budget:
-            raise ConfigError(
-                f"variant {v.name!r} can only reach {achieved:.4g} of the {budget:.4g} FLOP budget "
-                f"in whole steps (more than {TOLERANCE:.0%} off): raise budget.train_flops or "
-                "lower train.batch_size / seq_len"
-            )
-        plans[v.name] = {"config": cfg, "flops": achieved}
+        phases = family.phases(cfg, v)
+        plans[v.name] = {"config": cfg, "flops": {b: _reached(v, phases, b) for b in exp.budgets}}
     return plans
+
+
+def _reached(v: VariantConfig, phases: list[Phase], budget: float) -> float:
+    try:
+        achieved = achievable(phases, budget)
+    except ConfigError as e:
+        msg = f"variant {v.name!r}: its smallest run exceeds the budget {budget:.4g} ({e})"
+        raise ConfigError(msg) from None
+    if abs(achieved - budget) > TOLERANCE * budget:
+        raise ConfigError(
+            f"variant {v.name!r} can only reach {achieved:.4g} of the {budget:.4g} FLOP budget "
+            f"in whole steps (more than {TOLERANCE:.0%} off): raise the budget or "
+            "lower train.batch_size / seq_len"
+        )
+    return achieved

@@ -1,83 +1,94 @@
-"""Plots of a comparison: loss against training FLOPs, loss per group, scaling fits (matplotlib,
-no display needed)."""
+"""Plots of a comparison (matplotlib, no display needed): validation loss against training FLOPs
+with the fitted curves, their bootstrap bands and the crossovers; the loss per group value as a
+heatmap of differences from the baseline."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 __all__ = ["plot_compare", "plot_scaling"]
 
 
-def plot_compare(records: list[dict], out_dir: Path) -> None:
-    """``loss_vs_flops.png`` (training loss curves and final validation losses against training
-    FLOPs, one colour per variant) and ``groups.png`` (validation loss per group value)."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    names = list(dict.fromkeys(r["name"] for r in records))
+    return plt
+
+
+def plot_compare(records: list[dict], out_dir: Path, study: dict, baseline: str) -> None:
+    """``loss_vs_flops.png`` and ``groups.png`` in ``out_dir``."""
+    plot_scaling(records, study, out_dir / "loss_vs_flops.png", baseline)
+    _groups(records, baseline, out_dir / "groups.png")
+
+
+def plot_scaling(records: list[dict], study: dict, out: Path, baseline: str | None = None) -> Path:
+    """Validation loss against training FLOPs: each variant's mean over seeds (bars: min to max),
+    its fitted ``E + A C^-gamma`` with the 95% bootstrap band where ``study`` has one, and where it
+    crosses ``baseline``'s curve."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, name in enumerate(names):
-        rs = [r for r in records if r["name"] == name]
+    for i, name in enumerate(dict.fromkeys(r["name"] for r in records)):
         color = f"C{i}"
-        if rs[0]["curve"]:
-            ax.plot(*zip(*rs[0]["curve"], strict=True), color=color, alpha=0.5, linewidth=1)
-        ax.plot(
-            [r["train_flops"] for r in rs],
-            [r["valid_loss"] for r in rs],
-            "o",
-            color=color,
-            label=f"{name} (valid)",
-        )
-    ax.set(xlabel="training FLOPs", ylabel="loss (nats/token)", xscale="log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss_vs_flops.png", dpi=120)
-    plt.close(fig)
-
-    keys = sorted({(f, g) for r in records for f, v in r["groups"].items() for g in v})
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(keys) * len(names) / 2), 4.5))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
         rs = [r for r in records if r["name"] == name]
-        means = [np.mean([r["groups"][f][g] for r in rs]) for f, g in keys]
-        ax.bar(np.arange(len(keys)) + i * width, means, width, label=name)
-    ax.set_xticks(
-        np.arange(len(keys)) + 0.4 - width / 2,
-        [f"{f}={g}" for f, g in keys],
-        rotation=60,
-        ha="right",
-        fontsize=7,
+        budgets = sorted({r.get("budget_flops", r["train_flops"]) for r in rs})
+        at = [[r for r in rs if r.get("budget_flops", r["train_flops"]) == b] for b in budgets]
+        c = [np.mean([r["train_flops"] for r in group]) for group in at]
+        losses = [[r["valid_loss"] for r in group] for group in at]
+        mean = np.array([np.mean(v) for v in losses])
+        spread = [mean - [min(v) for v in losses], [max(v) for v in losses] - mean]
+        ax.errorbar(c, mean, yerr=spread, fmt="o", color=color, capsize=3, label=name)
+        s = study.get(name)
+        if s is not None:
+            band = s["band"]
+            ax.plot(band["flops"], band["loss"], "-", color=color, alpha=0.8, linewidth=1)
+            if band["low"]:
+                ax.fill_between(band["flops"], band["low"], band["high"], color=color, alpha=0.15)
+            cross = s.get("crossover")
+            if cross and cross["flops"] is not None:
+                ax.axvline(cross["flops"], color=color, linestyle="--", linewidth=1)
+                ax.annotate(f"crosses {baseline}", (cross["flops"], mean.min()), color=color,
+                            fontsize=7, rotation=90, va="bottom", ha="right")  # fmt: skip
+    ax.set(xlabel="training FLOPs", ylabel="validation loss (nats/token)", xscale="log")
+    ax.set_title(
+        "Validation loss against training compute" + (" (fits: 95% bands)" if study else "")
     )
-    ax.set(ylabel="validation loss (nats/token)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "groups.png", dpi=120)
-    plt.close(fig)
-
-
-def plot_scaling(records: list[dict], fits: dict[str, dict], out: Path) -> Path:
-    """Validation loss against training FLOPs with each variant's fitted ``E + A C^-gamma``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (name, f) in enumerate(fits.items()):
-        rs = [r for r in records if r["name"] == name]
-        c = np.array([r["train_flops"] for r in rs])
-        ax.plot(c, [r["valid_loss"] for r in rs], "o", color=f"C{i}", label=name)
-        grid = np.geomspace(c.min(), c.max() * 4, 50)
-        ax.plot(grid, f["E"] + f["A"] * grid ** (-f["gamma"]), "-", color=f"C{i}", alpha=0.6)
-    ax.set(xlabel="training FLOPs", ylabel="validation loss", xscale="log")
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _groups(records: list[dict], baseline: str, out: Path) -> None:
+    """Heatmap at the largest budget: each variant's mean validation loss per group value minus
+    the baseline's (blue: lower than the baseline)."""
+    plt = _pyplot()
+    top = max(r.get("budget_flops", r["train_flops"]) for r in records)
+    at = [r for r in records if r.get("budget_flops", r["train_flops"]) == top]
+    keys = sorted({(f, g) for r in at for f, values in r["groups"].items() for g in values})
+    names = [n for n in dict.fromkeys(r["name"] for r in at) if n != baseline] or [baseline]
+
+    def mean(name, f, g):
+        return np.mean([r["groups"].get(f, {}).get(g, np.nan) for r in at if r["name"] == name])
+
+    diff = np.array([[mean(n, f, g) - mean(baseline, f, g) for f, g in keys] for n in names])
+    limit = float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 1.0
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(keys) + 2), max(3.2, 0.5 * len(names) + 2)))
+    image = ax.imshow(diff, cmap="RdBu_r", vmin=-limit, vmax=limit or 1.0, aspect="auto")
+    ax.set_xticks(range(len(keys)), [f"{f}={g}" for f, g in keys], rotation=60, ha="right",
+                  fontsize=7)  # fmt: skip
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    for (i, j), value in np.ndenumerate(diff):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:+.3f}", ha="center", va="center", fontsize=6)
+    fig.colorbar(image, ax=ax, label=f"loss − {baseline}'s (nats/token)")
+    ax.set_title(f"Per group at {top:.3g} training FLOPs, against {baseline}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

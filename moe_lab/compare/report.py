@@ -9,6 +9,7 @@ import numpy as np
 
 from moe_lab.compare.experiment import ExperimentConfig
 from moe_lab.compare.plan import TOLERANCE
+from moe_lab.compare.summary import conclusions, scaling_section, significance_section
 
 __all__ = ["report_markdown"]
 
@@ -17,8 +18,38 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def report_markdown(exp: ExperimentConfig, records: list[dict]) -> str:
-    """The report for people: one row per variant, mean ± std over seeds, best loss in bold."""
+def report_markdown(exp: ExperimentConfig, records: list[dict], study: dict | None = None) -> str:
+    """The report for people: what was found first, then per budget one row per variant (mean ±
+    std over seeds, best in bold), the paired tests against the baseline and the scaling fits."""
+    study = study or {}
+    within = all(abs(r["flops_vs_budget"] - 1) <= TOLERANCE for r in records)
+    budgets = ", ".join(f"{b:.4g}" for b in exp.budgets)
+    lines = [f"# {exp.name}", "", *conclusions(exp, records, study), ""]
+    lines += [
+        f"Budgets: {budgets} training FLOPs per variant; seeds {exp.seeds}. Every variant's "
+        f"achieved training FLOPs {'lie' if within else 'do NOT all lie'} within "
+        f"{TOLERANCE:.0%} of the budget. Losses in nats per token"
+        + (" (mean ± std over seeds)" if len(exp.seeds) > 1 else "")
+        + ", lower is better"
+        + (f"; {exp.fewshot.shots}-shot accuracies, higher" if exp.fewshot.tasks else "")
+        + "; the best of each column in bold.",
+        "",
+    ]
+    for budget in exp.budgets:
+        if len(exp.budgets) > 1:
+            lines += [f"## {budget:.4g} training FLOPs", ""]
+        lines += _table(exp, [r for r in records if r["budget_flops"] == budget]) + [""]
+    lines += significance_section(exp, records) if len(exp.variants) > 1 else []
+    lines += scaling_section(exp, study)
+    lines += [
+        "![validation loss against training FLOPs](loss_vs_flops.png)",
+        "",
+        f"![loss per group, minus {exp.baseline_name}'s](groups.png)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _table(exp: ExperimentConfig, records: list[dict]) -> list[str]:
     names = [v.name for v in exp.variants]
     by_name = {n: [r for r in records if r["name"] == n] for n in names}
     groups = sorted({(f, g) for r in records for f, values in r["groups"].items() for g in values})
@@ -48,17 +79,7 @@ def report_markdown(exp: ExperimentConfig, records: list[dict]) -> str:
     for i, (m, _) in enumerate(metrics):
         sign = 1 if i < n_losses else -1
         best[m] = min(names, key=lambda n: np.nan_to_num(sign * means[n][m][0], nan=np.inf))
-    within = all(abs(r["flops_vs_budget"] - 1) <= TOLERANCE for r in records)
     lines = [
-        f"# {exp.name}",
-        "",
-        f"Budget: {exp.budget.train_flops:.4g} training FLOPs per variant; seeds {exp.seeds}. "
-        f"Every variant's achieved training FLOPs {'lie' if within else 'do NOT all lie'} within "
-        f"{TOLERANCE:.0%} of the budget. Losses in nats per token (mean ± std over seeds), lower "
-        "is better"
-        + (f"; {exp.fewshot.shots}-shot accuracies, higher" if exp.fewshot.tasks else "")
-        + "; the best of each column in bold.",
-        "",
         "| variant | family | params (total / active) | train FLOPs (× budget) | tokens | "
         "inference FLOPs/token | wall s | tokens/s | " + " | ".join(m for m, _ in metrics) + " |",
         "|---" * (8 + len(metrics)) + "|",
@@ -81,10 +102,4 @@ def report_markdown(exp: ExperimentConfig, records: list[dict]) -> str:
             f"{r0['inference_flops_per_token']:.4g} | {np.mean([r['wall_s'] for r in rs]):.0f} | "
             f"{np.mean([r['tokens_per_s'] for r in rs]):,.0f} | " + " | ".join(cells) + " |"
         )
-    lines += [
-        "",
-        "![loss against training FLOPs](loss_vs_flops.png)",
-        "",
-        "![per group](groups.png)",
-    ]
-    return "\n".join(lines) + "\n"
+    return lines

@@ -25,6 +25,7 @@ from moe_lab.compare.experiment import (
 from moe_lab.compare.plan import plan
 from moe_lab.compare.plots import plot_compare
 from moe_lab.compare.report import report_markdown
+from moe_lab.compare.scaling import scaling_study
 from moe_lab.config import ConfigError, save_config
 from moe_lab.eval.evaluate import validation_store
 from moe_lab.eval.fewshot import evaluate_task, load_task
@@ -38,18 +39,24 @@ __all__ = ["run_compare", "run_variant"]
 log = logging.getLogger(__name__)
 
 
-def run_variant(exp: ExperimentConfig, v: VariantConfig, seed: int, out: Path) -> dict:
-    """Train and evaluate one (variant, seed); a finished job returns its saved record."""
-    job = out / "variants" / v.name / f"seed{seed}"
+def run_variant(
+    exp: ExperimentConfig, v: VariantConfig, seed: int, budget: float | None = None
+) -> dict:
+    """Train and evaluate one (variant, budget, seed); a finished job returns its saved record.
+    ``budget`` may be left out when the experiment has one."""
+    out = Path(exp.dir)
+    budget = exp.budgets[0] if budget is None else budget
+    job = exp.job_dir(v.name, budget, seed)
     if (job / "result.json").exists():
         return json.loads((job / "result.json").read_text())
-    log.info("variant %s (%s), seed %d: training in %s", v.name, v.family, seed, job)
-    cfg = variant_config(exp, v, seed, job)
+    log.info("variant %s (%s), %.3g FLOPs, seed %d: training in %s", v.name, v.family, budget,
+             seed, job)  # fmt: skip
+    cfg = variant_config(exp, v, seed, job, budget)
     cfg = replace(cfg, run=replace(cfg.run, resume=True))
     job.mkdir(parents=True, exist_ok=True)
     save_config(cfg, job / "config.yaml")
     started = time.perf_counter()
-    record = get_family(v.family).run(cfg, v, exp.budget.train_flops, job)
+    record = get_family(v.family).run(cfg, v, budget, job)
     wall = time.perf_counter() - started
     scorer = record.pop("scorer", None)  # how to load the trained variant for scoring
     if exp.fewshot.tasks:
@@ -61,8 +68,8 @@ def run_variant(exp: ExperimentConfig, v: VariantConfig, seed: int, out: Path) -
         "family": v.family,
         "seed": seed,
         "config": str((job / "config.yaml").relative_to(out)),
-        "budget_flops": exp.budget.train_flops,
-        "flops_vs_budget": record["train_flops"] / exp.budget.train_flops,
+        "budget_flops": budget,
+        "flops_vs_budget": record["train_flops"] / budget,
         "wall_s": wall,
         "tokens_per_s": record["tokens"] / wall,
         **record,
@@ -134,8 +141,17 @@ def run_compare(exp: ExperimentConfig) -> list[dict]:
     """Plan (refusing what cannot be compared), run every job, write the report and plots."""
     out = Path(exp.dir)
     plan(exp, out)
-    records = [run_variant(exp, v, s, out) for v in exp.variants for s in exp.seeds]
+    jobs = [(v, b, s) for b in exp.budgets for v in exp.variants for s in exp.seeds]
+    records, started = [], time.perf_counter()
+    for i, (v, budget, seed) in enumerate(jobs):
+        if i:
+            elapsed = time.perf_counter() - started
+            log.info("job %d of %d, %.0f s so far", i + 1, len(jobs), elapsed)
+        records.append(run_variant(exp, v, seed, budget))
     (out / "results.json").write_text(json.dumps(records, indent=2))
-    (out / "report.md").write_text(report_markdown(exp, records))
-    plot_compare(records, out)
+    study = scaling_study(records, exp.baseline_name) if len(exp.budgets) >= 3 else {}
+    if study:
+        (out / "scaling.json").write_text(json.dumps(study, indent=2))
+    (out / "report.md").write_text(report_markdown(exp, records, study))
+    plot_compare(records, out, study, exp.baseline_name)
     return records

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import TypeVar, get_args, get_type_hints
+from typing import TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import OmegaConf
@@ -150,6 +150,24 @@ def _parse_dotlist(dotlist: list[str]):
     return OmegaConf.from_dotlist(dotlist)
 
 
+def _lists_from_strings(schema: type, node) -> None:
+    """A single string where the schema has a list (``data.train_files=a.jsonl``) becomes a
+    one-element list, in place, at any depth of ``node`` (a DictConfig)."""
+    if not is_dataclass(schema) or not OmegaConf.is_dict(node):
+        return
+    hints = get_type_hints(schema)
+    for key in list(node.keys()):
+        annotation = hints.get(key)
+        if annotation is None:
+            continue
+        value = node[key]
+        is_list = any(get_origin(t) is list for t in (annotation, *get_args(annotation)))
+        if is_list and isinstance(value, str):
+            node[key] = [value]
+        elif OmegaConf.is_dict(value):
+            _lists_from_strings(_dataclass_of(annotation), value)
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -182,7 +200,10 @@ def load_config(
             layers.append(OmegaConf.create({"model": OmegaConf.load(_preset_path(preset_in_file))}))
         if preset is not None:
             layers.append(OmegaConf.create({"model": OmegaConf.load(_preset_path(preset))}))
-        layers += [raw, _parse_dotlist(dotlist)]
+        overrides_node = _parse_dotlist(dotlist)
+        for node in (raw, overrides_node):
+            _lists_from_strings(schema, node)
+        layers += [raw, overrides_node]
         merged = OmegaConf.merge(*layers)
         cfg = OmegaConf.to_object(merged)
     except ConfigKeyError as e:

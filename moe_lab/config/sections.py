@@ -152,7 +152,7 @@ class ClusterConfig:
 
     k: int = 8
     # kmeans: tf-idf + balanced k-means (C-BTM) | random: balanced random assignment (the C-BTM
-    # paper's random-cluster ablation; the clusterer is still fitted, for routing)
+    # paper's random-cluster ablation; the clusterer routes by the random clusters' centroids)
     method: str = "kmeans"
     n_components: int = 100  # TruncatedSVD dimensions (C-BTM: 100)
     hashing: bool = False  # hash tokens instead of learning a vocabulary (huge corpora)

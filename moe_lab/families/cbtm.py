@@ -1,8 +1,8 @@
 """C-BTM (Gururangan et al. 2023): a seed, tf-idf balanced k-means into k clusters, k experts
 branched from the seed sharing the rest of the budget; scored as an ensemble routed by the
-document prefix (uniformly for the random-cluster ablation), or merged: ``merge: average`` (BTM's
-parameter average) or ``merge: btx`` (Branch-Train-MiX: the experts' FFNs become one MoE, trained
-for ``finetune_share`` of the budget)."""
+document prefix (the random-cluster ablation too, through its clusterer), or merged: ``merge:
+average`` (BTM's parameter average) or ``merge: btx`` (Branch-Train-MiX: the experts' FFNs become
+one MoE, trained for ``finetune_share`` of the budget)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from moe_lab import accounting
 from moe_lab.budget import Phase
-from moe_lab.config import Config, ConfigError, MoEConfig
+from moe_lab.config import Config, ConfigError, EnsembleConfig, MoEConfig
 from moe_lab.ensembles.clustering.run import cluster_documents
 from moe_lab.ensembles.ensemble import evaluate_experts
 from moe_lab.ensembles.merge import btx
@@ -53,6 +53,13 @@ class CBTM(Family):
             Phase(btx_config(cfg, v), v.finetune_share, 1),
         ]
 
+    def ensemble(self, cfg: Config, v: VariantConfig, clusters: Path) -> EnsembleConfig:
+        """How the experts are mixed: routed by the document prefix through the clusterer, top-k
+        (or averaged into one model). The random-cluster ablation is routed exactly like its
+        twin, through its own clusters' centroids: only the clusters differ."""
+        routing = "average" if v.merge == "average" else "prefix"
+        return replace(cfg.ensemble, clusters_dir=str(clusters), routing=routing, top_k=v.top_k)
+
     def run(self, cfg: Config, v: VariantConfig, budget: float, job: Path) -> dict:
         seed_cfg = replace(
             cfg,
@@ -86,17 +93,15 @@ class CBTM(Family):
             valid = json.loads((merged.run_dir / "eval.json").read_text())["valid"]
             cost = accounting.estimate(btx_config(cfg, v).model, cfg.train.seq_len)
             return result(cost, [*runs, merged.run_dir], valid, {"run_dir": str(merged.run_dir)})
-        routing = "uniform" if v.random_clusters else "prefix"
-        routing = "average" if v.merge == "average" else routing
-        ens = replace(cfg.ensemble, clusters_dir=str(clusters), routing=routing, top_k=v.top_k)
+        ens = self.ensemble(cfg, v, clusters)
         valid = evaluate_experts(experts, replace(cfg, ensemble=ens))["valid"]
-        used = v.k if v.top_k is None or v.random_clusters else v.top_k
+        used = v.k if v.top_k is None else v.top_k
         if v.merge == "average":
             cost = member
         else:
             cost = accounting.ensemble(member, experts=v.k, active=used)
         top_k = "null" if v.top_k is None else v.top_k
-        overrides = [f"ensemble.clusters_dir={clusters}", f"ensemble.routing={routing}"]
+        overrides = [f"ensemble.clusters_dir={clusters}", f"ensemble.routing={ens.routing}"]
         scorer = {"run_dir": str(experts), "overrides": [*overrides, f"ensemble.top_k={top_k}"]}
         return result(cost, runs, valid, scorer)
 

@@ -134,6 +134,15 @@ class Clusterer:
         self.sizes = np.bincount(labels, minlength=self.k).tolist()
         return labels
 
+    def recentre(self, texts: Iterable[str], labels: np.ndarray) -> None:
+        """Move each centroid to the mean features of the texts ``labels`` gives it: routing by
+        another assignment than k-means' (the random-cluster ablation) over the same features."""
+        features = self.features(texts)
+        self.kmeans.centroids = np.stack(
+            [features[labels == c].mean(axis=0) for c in range(self.k)]
+        ).astype(np.float32)
+        self.sizes = np.bincount(labels, minlength=self.k).tolist()
+
     def term_counts(self, texts: list[str]):
         """Sparse raw term counts ``[N, V]`` in the fitted feature space (before idf)."""
         if self.hashing:

@@ -59,6 +59,8 @@ def cluster_documents(cfg: Config) -> dict:
             split: rng.permutation(np.arange(len(ds)) % cfg.cluster.k)
             for split, ds in (("train", train), ("valid", valid))
         }
+        # Routing follows the random clusters too: their centroids, in the same feature space.
+        clusterer.recentre(train[text], labels["train"])
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     clusterer.save(out / "clusterer")

@@ -1,0 +1,111 @@
+"""What a comparison found, in the sentences a researcher would write, and the tables behind
+them: each variant against the baseline at every budget (paired over seeds), and over a sweep the
+fitted curves, their predictions and where they cross the baseline's."""
+
+from __future__ import annotations
+
+import math
+
+from moe_lab.compare.experiment import ExperimentConfig
+from moe_lab.compare.stats import LEVEL, significance
+
+__all__ = ["conclusions", "scaling_section", "significance_section"]
+
+
+def _ci(d: dict) -> str:
+    if d["n"] == 1:
+        return f"{d['mean']:+.4f} (1 seed)"
+    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+
+
+def conclusions(exp: ExperimentConfig, records: list[dict], study: dict) -> list[str]:
+    """One sentence per variant: how it fares against the baseline at the largest budget and,
+    over a sweep, where its fitted curve is predicted to cross the baseline's."""
+    base, top = exp.baseline_name, max(exp.budgets)
+    lines = []
+    for name, diffs in significance(records, base, top).items():
+        d = diffs["overall"]
+        verb = "beats" if d["mean"] < 0 else "trails"
+        text = f"- **{name}** {verb} {base} by {abs(d['mean']):.4f} nats/token at {top:.3g} FLOPs"
+        if d["n"] == 1:
+            text += " (one seed: no significance test)."
+        else:
+            half = (d["high"] - d["low"]) / 2
+            sig = "significant" if d["significant"] else "not significant"
+            text += f" (± {half:.4f}, {LEVEL:.0%} CI over {d['n']} seeds: {sig}, p = {d['p']:.2g})."
+        cross = study.get(name, {}).get("crossover")
+        if cross is not None:
+            high = cross["searched"][1]
+            if cross["flops"] is None:
+                text += f" Its fitted curve does not cross {base}'s up to {high:.3g} FLOPs"
+            else:
+                low_c, high_c = cross["interval"]
+                text += (
+                    f" Its fitted curve crosses {base}'s at {cross['flops']:.3g} FLOPs "
+                    f"(95% bootstrap interval [{low_c:.3g}, {high_c:.3g}])"
+                )
+            text += f"; {cross['share']:.0%} of bootstrap resamples cross below {high:.3g}."
+        lines.append(text.replace("**", ""))  # bold marks the tables' best values only
+    return lines
+
+
+def significance_section(exp: ExperimentConfig, records: list[dict]) -> list[str]:
+    """Per budget: each variant minus the baseline, validation loss, paired over seeds."""
+    base = exp.baseline_name
+    lines = [
+        f"## Against {base}",
+        "",
+        f"Validation loss minus {base}'s, paired by seed (negative: lower loss), mean and "
+        f"{LEVEL:.0%} t interval; the group values where the interval excludes 0.",
+        "",
+        "| budget | variant | Δ loss [CI] | p | significant | groups lower / higher |",
+        "|---|---|---|---|---|---|",
+    ]
+    for budget in exp.budgets:
+        for name, diffs in significance(records, base, budget).items():
+            d = diffs["overall"]
+            sig_groups = {k: v for k, v in diffs.items() if k != "overall" and v["significant"]}
+            lower = [k for k, v in sig_groups.items() if v["mean"] < 0]
+            higher = [k for k, v in sig_groups.items() if v["mean"] > 0]
+            p = "–" if math.isnan(d["p"]) else f"{d['p']:.2g}"
+            groups = f"{', '.join(lower) or '–'} / {', '.join(higher) or '–'}"
+            yes = "yes" if d["significant"] else "no"
+            lines.append(f"| {budget:.3g} | {name} | {_ci(d)} | {p} | {yes} | {groups} |")
+    return [*lines, ""]
+
+
+def scaling_section(exp: ExperimentConfig, study: dict) -> list[str]:
+    """The fitted ``L(C) = E + A C^-gamma`` per variant, predictions and crossovers."""
+    if not study:
+        return []
+    base = exp.baseline_name
+    lines = [
+        "## Scaling fits",
+        "",
+        "`L(C) = E + A·C^-γ` per variant over every budget and seed; 95% bootstrap intervals "
+        "(seeds resampled at each budget).",
+        "",
+        "| variant | E [CI] | γ [CI] | rmse | L at 10× [CI] | L at 100× [CI] | "
+        f"crosses {base} at |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, s in study.items():
+        f, iv = s["fit"], s["intervals"]
+        cells = [
+            f"{f['E']:.4f} [{iv['E'][0]:.3f}, {iv['E'][1]:.3f}]",
+            f"{f['gamma']:.3f} [{iv['gamma'][0]:.3f}, {iv['gamma'][1]:.3f}]",
+            f"{f['rmse']:.4f}",
+        ]
+        for x in ("10x", "100x"):
+            p = s["predicted"][x]
+            cells.append(f"{p['loss']:.4f} [{p['interval'][0]:.3f}, {p['interval'][1]:.3f}]")
+        cross = s.get("crossover")
+        if cross is None:
+            cells.append("–")
+        elif cross["flops"] is None:
+            cells.append(f"none up to {cross['searched'][1]:.3g}")
+        else:
+            lo, hi = cross["interval"]
+            cells.append(f"{cross['flops']:.3g} [{lo:.3g}, {hi:.3g}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]

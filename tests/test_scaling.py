@@ -1,0 +1,118 @@
+"""The statistics behind a comparison: paired differences, scaling fits with bootstrap intervals,
+crossovers of two curves, and the budget sweep's configuration."""
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from moe_lab.compare.experiment import BudgetConfig, load_experiment
+from moe_lab.compare.scaling import crossover, fit_scaling, law, scaling_study
+from moe_lab.compare.stats import paired_difference, significance
+from moe_lab.config import ConfigError, load_config
+
+
+def sweep(name, e, a, gamma, noise, seeds=(0, 1, 2), budgets=(1e12, 4e12, 1.6e13, 6.4e13)):
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    return [
+        {
+            "name": name,
+            "seed": s,
+            "budget_flops": c,
+            "train_flops": c,
+            "valid_loss": float(law(c, e, a, gamma) + rng.normal(0, noise)),
+            "groups": {},
+        }
+        for c in budgets
+        for s in seeds
+    ]
+
+
+@pytest.mark.parametrize("n", [2, 3, 8])
+def test_a_paired_difference_agrees_with_scipys_paired_t_test(n):
+    rng = np.random.default_rng(n)
+    a, b = rng.normal(2.0, 0.1, n), rng.normal(2.05, 0.1, n)
+    d = paired_difference(a, b)
+    test = stats.ttest_rel(a, b)
+    ci = test.confidence_interval(0.95)
+    assert d["mean"] == pytest.approx(np.mean(a - b))
+    assert (d["low"], d["high"]) == pytest.approx((ci.low, ci.high))
+    assert d["p"] == pytest.approx(test.pvalue)
+    assert d["significant"] == (ci.low > 0 or ci.high < 0)
+
+
+def test_one_seed_gives_a_difference_without_a_test():
+    d = paired_difference([2.0], [2.1])
+    assert d["mean"] == pytest.approx(-0.1) and math.isnan(d["p"]) and not d["significant"]
+
+
+def test_significance_pairs_by_seed_overall_and_per_group():
+    records = [
+        {"name": n, "seed": s, "budget_flops": 1.0, "valid_loss": loss + s * 0.01,
+         "groups": {"domain": {"a": loss + s * 0.01, "b": 3.0}}}
+        for n, loss in (("dense", 2.0), ("moe", 1.9))
+        for s in (0, 1, 2)
+    ]  # fmt: skip
+    result = significance(records, "dense", 1.0)
+    assert set(result) == {"moe"}
+    overall = result["moe"]["overall"]
+    assert overall["mean"] == pytest.approx(-0.1) and overall["significant"]  # every seed: -0.1
+    assert result["moe"]["domain=a"]["significant"] and not result["moe"]["domain=b"]["significant"]
+
+
+def test_a_fit_recovers_a_noisy_law_and_its_interval_holds_the_truth():
+    records = sweep("dense", 1.7, 400.0, 0.28, noise=0.003)
+    fit = fit_scaling(records)
+    assert fit["E"] == pytest.approx(1.7, abs=0.1) and fit["gamma"] == pytest.approx(0.28, abs=0.05)
+    study = scaling_study(records, "dense", n=100)["dense"]
+    assert study["intervals"]["E"][0] <= 1.7 <= study["intervals"]["E"][1]
+    assert study["intervals"]["gamma"][0] <= 0.28 <= study["intervals"]["gamma"][1]
+    p10 = study["predicted"]["10x"]
+    truth = float(law(p10["flops"], 1.7, 400.0, 0.28))
+    assert p10["interval"][0] <= truth <= p10["interval"][1]
+    assert study["band"]["low"][0] <= study["band"]["loss"][0] <= study["band"]["high"][0]
+
+
+def test_two_curves_cross_where_the_algebra_says_and_parallel_ones_never():
+    # E1 + A1 C^-g = E2 + A2 C^-g  <=>  C = ((A2 - A1) / (E1 - E2))^(1/g)
+    f = {"E": 1.5, "A": 600.0, "gamma": 0.3}  # better floor, worse start
+    g = {"E": 1.7, "A": 300.0, "gamma": 0.3}
+    expected = (300.0 / 0.2) ** (1 / 0.3)
+    assert crossover(f, g, 1e6, 1e15) == pytest.approx(expected, rel=1e-6)
+    assert crossover(f, g, 1e6, expected / 2) is None  # not within the range searched
+    assert crossover({**g, "E": 1.6}, g, 1e6, 1e15) is None  # always below
+
+
+def test_the_study_predicts_a_crossover_with_an_interval_or_says_none():
+    dense = sweep("dense", 1.7, 300.0, 0.3, noise=0.002)
+    steeper = sweep("ens", 1.5, 3470.0, 0.3, noise=0.002)  # worse in the sweep, better from 1e14
+    flat = sweep("moe", 1.68, 300.0, 0.3, noise=0.002)  # lower everywhere: nothing to cross
+    study = scaling_study(dense + steeper + flat, "dense", n=60)
+    cross = study["ens"]["crossover"]
+    expected = (3170.0 / 0.2) ** (1 / 0.3)  # 1e14, past the largest budget (6.4e13)
+    assert cross["flops"] == pytest.approx(expected, rel=0.5)
+    assert cross["interval"][0] <= cross["flops"] <= cross["interval"][1] and cross["share"] > 0.9
+    assert study["moe"]["crossover"]["flops"] is None and "crossover" not in study["dense"]
+
+
+def test_budgets_are_one_value_a_list_or_a_geometric_sweep():
+    assert BudgetConfig(train_flops=1e12).values() == [1e12]
+    assert BudgetConfig(sweep=[4e12, 1e12]).values() == [1e12, 4e12]
+    assert BudgetConfig(start=1e12, factor=2.0, count=3).values() == [1e12, 2e12, 4e12]
+    for bad in (BudgetConfig(), BudgetConfig(train_flops=1e12, sweep=[2e12]),
+                BudgetConfig(start=1e12), BudgetConfig(sweep=[1e12, -1.0])):  # fmt: skip
+        with pytest.raises(ConfigError, match="budget"):
+            bad.values()
+
+
+def test_run_config_keys_are_shorthand_for_base_and_one_path_is_a_list(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("budget: {train_flops: 1.0e12}\nvariants: [{name: dense}]\n")
+    exp = load_experiment(path, ["data.train_files=a.jsonl", "train.lr=1e-3"])
+    assert exp.base == {"data": {"train_files": "a.jsonl"}, "train": {"lr": 1e-3}}
+    cfg = load_config(None, ["data.train_files=a.jsonl", "data.valid_files=[b.jsonl]"])
+    assert cfg.data.train_files == ["a.jsonl"] and cfg.data.valid_files == ["b.jsonl"]
+    (tmp_path / "run.yaml").write_text("data: {train_files: c.jsonl}\n")
+    assert load_config(tmp_path / "run.yaml").data.train_files == ["c.jsonl"]
