@@ -32,6 +32,7 @@ def main() -> None:
             "train.progress=false",
             "train.max_steps=null",
             f"train.max_flops={args.flops}",
+            "run.resume=true",  # a rerun continues (or, finished, re-evaluates) each run
         ]
     )
     variants = {"dense": base.model, "moe-8x-top2": matched_moe(base.model, 8, 2)}

@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def _run(*args):
     return subprocess.run([sys.executable, "-m", "moe_lab", *args], capture_output=True, text=True)
@@ -46,6 +48,13 @@ def test_dense_vs_moe_example_runs_at_equal_flops(tmp_path):
     assert [r[0] for r in rows] == ["dense", "moe-8x-top2"]
     flops = [float(r[1]) for r in rows]
     assert all(f <= 3e10 for f in flops) and min(flops) > 0.9 * 3e10
+    again = subprocess.run(  # a rerun continues the finished runs: nothing trains again
+        [sys.executable, "examples/dense_vs_moe.py", "--flops", "3e10", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.split("per domain\n", 1)[1] == table
 
 
 def test_train_eval_generate_on_a_users_jsonl(tmp_path, lang_files):
@@ -142,3 +151,67 @@ def test_eval_tasks_adds_few_shot_accuracy_for_a_run_and_an_experts_directory(
     assert "domain=code" in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "run"), "--tasks", str(tmp_path / "no.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_only_moe_labs_info_lines_reach_the_console(capsys):
+    import logging
+
+    from moe_lab.cli import _configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers = [logging.StreamHandler()]  # where basicConfig would print (stderr)
+    try:
+        _configure_logging(verbose=False)
+        logging.getLogger("faiss.loader").info("Loading faiss with AVX512 support.")
+        logging.getLogger("moe_lab.compare.run").info("job 2 of 8")
+        logging.getLogger("datasets").warning("a real warning")
+    finally:
+        root.handlers, level = saved
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert "AVX512" not in err and "job 2 of 8" in err and "a real warning" in err
+
+
+def test_mistyped_subcommands_and_flags_get_a_suggestion(capsys):
+    from moe_lab.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["trian"])
+    assert "did you mean 'train'?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--max-steps", "5"])
+    assert "train.max_steps=...?" in capsys.readouterr().err
+
+
+def test_an_interrupted_command_says_how_to_resume(monkeypatch, capsys):
+    import moe_lab.cli as cli
+
+    def interrupted(args):
+        """Stopped by Ctrl-C."""
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "train", (interrupted, cli.COMMANDS["train"][1]))
+    assert cli.main(["train", "train.max_steps=1"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "run.resume=true" in err and "Traceback" not in err
+
+
+def test_the_readme_quickstart_runs_as_written(tmp_path):
+    """The first commands of the README's command-line quickstart, in order, in a fresh folder."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("## Quickstart: the command line", 1)[1].split("```bash\n", 1)[1]
+    commands = block.split("\n\n", 1)[0].splitlines()  # up to the first blank line
+    assert [c.split()[1] for c in commands] == ["train", "eval", "generate", "train", "export"]
+    for command in commands:
+        argv = shlex.split(re.sub(r"\s+#.*$", "", command))[1:]
+        out = subprocess.run(
+            [sys.executable, "-m", "moe_lab", *argv], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert out.returncode == 0, (command, out.stderr[-2000:])
+    assert (tmp_path / "runs" / "mine" / "checkpoints" / "step-00000300").is_dir()
+    assert (tmp_path / "runs" / "mine-hf" / "tokenizer.json").is_file()

@@ -209,3 +209,37 @@ def test_imported_mixtral_has_no_meta_tensors_and_moves_dtype():
     assert not any(t.is_meta for t in [*ours.parameters(), *ours.buffers()])
     ours.to(torch.float64)
     assert ours.layers[0].feed_forward.router.tokens_per_expert.dtype == torch.float64
+
+
+@pytest.mark.parametrize("kind", ["byte-dense", "bpe-moe"])
+def test_an_exported_run_loads_in_transformers_and_continues_text_the_same(tmp_path, kind):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moe_lab.cli import main
+    from moe_lab.data.documents import CORPUS_DIR, load_documents
+    from moe_lab.data.tokenizer import train_bpe
+    from moe_lab.eval.generation import generate
+    from moe_lab.store.checkpoint import load_run
+    from tests.tiny import MOE, write_run
+
+    if kind == "byte-dense":
+        write_run(tmp_path / "run")
+    else:
+        write_run(tmp_path / "run", *MOE, "model.vocab_size=320")
+        docs = load_documents([str(CORPUS_DIR / "valid.jsonl.gz")], "text", [])["text"]
+        train_bpe(iter(docs[:200]), 300).save(tmp_path / "run" / "tokenizer")  # replaces bytes
+    assert main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "hf")]) == 0
+    _, ours, tokenizer = load_run(tmp_path / "run")
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    text = "The court held that Straße"
+    ids = tokenizer.encode(text)
+    assert hf_tok.encode(text, add_special_tokens=False) == ids and hf_tok.decode(ids) == text
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tokenizer.bos_id, tokenizer.eos_id)
+    prompt = torch.tensor([[tokenizer.bos_id, *ids]])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(prompt).logits, ours(prompt).logits, rtol=1e-4, atol=1e-4)
+        expected = generate(ours, prompt, max_new_tokens=12)
+        got = theirs.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert got.tolist() == expected.tolist()
+    assert main(["export", str(tmp_path / "run"), "--to", str(tmp_path / "hf")]) == 2  # not empty

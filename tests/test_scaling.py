@@ -102,7 +102,8 @@ def test_budgets_are_one_value_a_list_or_a_geometric_sweep():
     assert BudgetConfig(sweep=[4e12, 1e12]).values() == [1e12, 4e12]
     assert BudgetConfig(start=1e12, factor=2.0, count=3).values() == [1e12, 2e12, 4e12]
     for bad in (BudgetConfig(), BudgetConfig(train_flops=1e12, sweep=[2e12]),
-                BudgetConfig(start=1e12), BudgetConfig(sweep=[1e12, -1.0])):  # fmt: skip
+                BudgetConfig(start=1e12), BudgetConfig(sweep=[1e12, -1.0]),
+                BudgetConfig(train_flops=1e12, tolerance=0.0)):  # fmt: skip
         with pytest.raises(ConfigError, match="budget"):
             bad.values()
 
@@ -116,3 +117,10 @@ def test_run_config_keys_are_shorthand_for_base_and_one_path_is_a_list(tmp_path)
     assert cfg.data.train_files == ["a.jsonl"] and cfg.data.valid_files == ["b.jsonl"]
     (tmp_path / "run.yaml").write_text("data: {train_files: c.jsonl}\n")
     assert load_config(tmp_path / "run.yaml").data.train_files == ["c.jsonl"]
+
+
+def test_a_mistyped_experiment_key_gets_a_suggestion(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("budget: {train_flops: 1.0e12}\nvariants: [{name: dense}]\n")
+    with pytest.raises(ConfigError, match="'budget.train_flop'. Did you mean 'budget.train_flops'"):
+        load_experiment(path, ["budget.train_flop=1e12"])

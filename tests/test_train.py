@@ -439,3 +439,22 @@ def test_a_sharded_checkpoint_loads_converts_and_initialises_in_one_process(tmp_
     converted = load_file(convert_checkpoint(run))
     for k, v in model.state_dict().items():
         assert torch.equal(other.state_dict()[k], v) and torch.equal(converted[k], v), k
+
+
+def test_training_time_adds_up_over_a_resume(tmp_path, lang_files):
+    cfg = _cfg(tmp_path, lang_files, "train.max_steps=4", "train.checkpoint_every=2")
+    first = train(cfg)
+    resumed = train(
+        load_config(tmp_path / "run" / "config.yaml", ["run.resume=true", "train.max_steps=6"])
+    )
+    records = [
+        r
+        for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    tokens = 4 * 32  # batch_size x seq_len of every step
+    summed = sum(tokens / r["tokens_per_s"] for r in records)  # each step's own seconds
+    assert resumed.wall_s == pytest.approx(summed, rel=1e-9) and resumed.wall_s > first.wall_s
+    summary = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert summary["wall_s"] == resumed.wall_s

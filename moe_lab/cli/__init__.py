@@ -1,4 +1,4 @@
-"""``moe-lab <subcommand> ...``: a table of thin entry points.
+"""moe-lab: train and compare dense, MoE and expert-ensemble language models at matched compute.
 
 Each subcommand takes ``key=value`` overrides of the config; ``train``, ``cluster``, ``info``,
 ``ifc``, ``xelm`` and ``compare`` (an experiment file) also take ``--config FILE``; ``eval`` and
@@ -10,6 +10,7 @@ multiple-choice accuracy (:mod:`moe_lab.eval.fewshot`), ``eval --knn`` the kNN-L
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from moe_lab.cli.experiments import (
     cmd_cluster,
     cmd_compare,
     cmd_convert,
+    cmd_export,
     cmd_ifc,
     cmd_info,
     cmd_presets,
@@ -27,6 +29,7 @@ from moe_lab.cli.experiments import (
     cmd_xelm,
 )
 from moe_lab.config import ConfigError
+from moe_lab.config.reference import config_keys
 from moe_lab.data.documents import DataError
 
 __all__ = ["COMMANDS", "main"]
@@ -83,6 +86,11 @@ def _knn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--where", action="append", help="optout: field=value, e.g. domain=legal")
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a directory written by moe-lab train")
+    p.add_argument("--to", required=True, help="a new directory for the transformers model")
+
+
 def _info_args(p: argparse.ArgumentParser) -> None:
     _with_config(p)
     p.add_argument("--seq-len", type=int, default=None, help="context (default: max)")
@@ -105,32 +113,89 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable]] = {
         lambda p: p.add_argument("checkpoint", help="a checkpoint, or a run (its latest one)"),
     ),
     "knn": (cmd_knn, _knn_args),
+    "export": (cmd_export, _export_args),
+}
+
+
+# An example per subcommand, shown by ``moe-lab <subcommand> --help``.
+EXAMPLES = {
+    "train": "moe-lab train model=cpu-small train.max_steps=500 run.dir=runs/mine",
+    "cluster": "moe-lab cluster cluster.k=8 run.dir=runs/clusters",
+    "eval": "moe-lab eval runs/mine --tasks corpus-cloze",
+    "generate": 'moe-lab generate runs/mine --prompt "Once upon a time"',
+    "harness": "moe-lab harness runs/mine --tasks hellaswag --limit 100",
+    "info": "moe-lab info model=llama3-8b --seq-len 8192",
+    "ifc": "moe-lab ifc --config configs/experiments/ifc.yaml",
+    "xelm": "moe-lab xelm --config configs/experiments/xelm.yaml",
+    "compare": "moe-lab compare --config configs/experiments/scaling.yaml 'seeds=[0,1,2]'",
+    "scaling": "moe-lab scaling runs/a/results.json runs/b/results.json",
+    "presets": "moe-lab presets",
+    "convert": "moe-lab convert runs/fsdp",
+    "knn": "moe-lab knn build runs/mine --index flat",
+    "export": "moe-lab export runs/mine --to runs/mine-hf",
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-lab", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
     for name, (fn, add_args) in COMMANDS.items():
-        p = sub.add_parser(name, help=fn.__doc__.splitlines()[0])
+        summary = fn.__doc__.splitlines()[0]
+        p = sub.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog=f"example: {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         add_args(p)
-        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=llama3-8b")
+        p.add_argument("overrides", nargs="*", help="key=value config overrides")
+        p.add_argument("-v", "--verbose", action="store_true", help="the full config, debug logs")
     return parser
 
 
+def _configure_logging(verbose: bool) -> None:
+    """moe_lab's own INFO lines (DEBUG with -v); other libraries' warnings and errors only."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("moe_lab").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _flag_hint(flag: str) -> str:
+    """For ``--max-steps``: the config keys it may have meant (``train.max_steps=...``)."""
+    name = flag.lstrip("-").split("=")[0].replace("-", "_")
+    keys = [k for k in config_keys() if k.rsplit(".", 1)[-1] == name]
+    keys = keys or difflib.get_close_matches(name, config_keys(), n=2, cutoff=0.75)
+    hint = " or ".join(f"{k}=..." for k in keys)
+    return f" (config keys are key=value overrides: {hint}?)" if hint else ""
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        parser.error(f"unknown subcommand {argv[0]!r}{hint} (moe-lab --help lists them)")
     args, extra = parser.parse_known_args(argv)
     unknown = [x for x in extra if x.startswith("-") or "=" not in x]
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        hint = _flag_hint(unknown[0]) if unknown[0].startswith("--") else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     args.overrides = [*args.overrides, *extra]  # key=value overrides may also follow options
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.verbose)
     try:
         COMMANDS[args.command][0](args)
-    except (ConfigError, DataError, FileNotFoundError, PermissionError, ValueError) as e:
+    except (ConfigError, DataError, OSError, ValueError) as e:
         print(f"moe-lab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"\nmoe-lab {args.command}: interrupted. Checkpoints are written atomically: rerun the "
+            "same command with run.resume=true to continue a training run (compare resumes by "
+            "itself).",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

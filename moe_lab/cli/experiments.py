@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -18,6 +19,7 @@ from moe_lab.config import (
     PRESET_DIR,
     Config,
     ConfigError,
+    RunConfig,
     load_config,
     load_model_preset,
     model_presets,
@@ -26,6 +28,7 @@ from moe_lab.data.policy import AccessPolicy
 from moe_lab.ensembles.clustering.run import cluster_documents
 from moe_lab.families.ifc.experiment import run_ifc_experiment
 from moe_lab.families.xelm import run_xelm_experiment
+from moe_lab.interop.export import export_run
 from moe_lab.store.checkpoint import convert_checkpoint
 from moe_lab.train.loop import train
 
@@ -40,11 +43,27 @@ __all__ = [
     "cmd_xelm",
     "cmd_compare",
     "cmd_scaling",
+    "cmd_export",
 ]
 
 
-def print_config(cfg: Config) -> None:
-    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="", flush=True)
+def print_config(cfg: Config, verbose: bool = False) -> None:
+    """The resolved config in full with ``-v``; else one line (it is saved in full in the run
+    directory's config.yaml)."""
+    if verbose:
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="", flush=True)
+        return
+    m, t = cfg.model, cfg.train
+    moe = "" if m.moe is None else f", {m.moe.num_experts} experts top-{m.moe.top_k}"
+    budget = next(
+        (f"{k}={getattr(t, k):.4g}" for k in ("max_flops", "max_tokens", "max_steps")
+         if getattr(t, k) is not None), "no budget")  # fmt: skip
+    print(
+        f"model: {m.n_layers} layers x {m.dim}{moe}, {m.num_params():,d} params; "
+        f"{budget}, batch {t.batch_size} x {t.seq_len}; run.dir {cfg.run.dir} "
+        "(the full config: -v, or config.yaml there)",
+        flush=True,
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -52,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
     if main_rank:
-        print_config(cfg)
+        print_config(cfg, args.verbose)
     result = train(cfg)
     if main_rank:
         print(
@@ -64,7 +83,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_cluster(args: argparse.Namespace) -> None:
     """Discover domains: fit tf-idf + balanced k-means on the training documents."""
     cfg = load_config(args.config, args.overrides)
-    print_config(cfg)
+    if cfg.run.dir == RunConfig().dir:  # not train's default directory
+        cfg = replace(cfg, run=replace(cfg.run, dir="runs/clusters"))
+    print_config(cfg, args.verbose)
     report = cluster_documents(cfg)
     for c, (size, terms) in enumerate(zip(report["sizes"], report["top_terms"], strict=True)):
         print(f"cluster {c:3d}  {size:7,d} docs  {' '.join(terms)}")
@@ -74,7 +95,7 @@ def cmd_cluster(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     """Print the resolved config and its parameter and FLOP counts."""
     cfg = load_config(args.config, args.overrides)
-    print_config(cfg)
+    print_config(cfg, verbose=True)
     print("# accounting (moe_lab.accounting.estimate)")
     print(json.dumps(estimate(cfg.model, args.seq_len).as_dict(), indent=2))
 
@@ -148,3 +169,9 @@ def cmd_scaling(args: argparse.Namespace) -> None:
     if study:
         out = plot_scaling(records, study, Path(args.results[0]).parent / "scaling.png", baseline)
         print(f"wrote {out}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Export a run as a transformers directory: weights, config and tokenizer."""
+    out = export_run(args.run_dir, args.to)
+    print(f"wrote {out}: AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained")

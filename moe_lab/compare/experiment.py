@@ -1,10 +1,11 @@
-"""``moe-lab compare``: every variant trained to one training-FLOP budget, one report.
+"""The experiment file of ``moe-lab compare``: budgets, seeds, a shared base config, variants.
 
-An experiment file names a budget, seeds, a ``base`` moe_lab config shared by every variant (model,
-data, training recipe) and the variants, each a family plus its own ``key=value`` overrides::
+An experiment names one budget or a sweep of them, seeds, a ``base`` moe_lab config shared by
+every variant (model, data, training recipe) and the variants, each a family (see
+:mod:`moe_lab.families.registry`) plus its own ``key=value`` overrides::
 
     name: default
-    budget: {train_flops: 2.0e12}
+    budget: {train_flops: 2.0e12}  # or {sweep: [...]}, or {start: 1e12, factor: 2, count: 4}
     seeds: [0]
     base: {model: {...}, data: {...}, train: {batch_size: 16, seq_len: 128}}
     variants:
@@ -13,19 +14,10 @@ data, training recipe) and the variants, each a family plus its own ``key=value`
       - {name: cbtm-4, family: cbtm, k: 4}
       - {name: random-4, family: cbtm, k: 4, random_clusters: true}
 
-Families: ``dense`` and ``moe`` (one run of ``train.max_flops`` = the budget), ``cbtm`` (C-BTM:
-``seed_share`` of the budget on a seed, tf-idf balanced k-means into k clusters, k experts branched
-from the seed share the rest; evaluated as an ensemble routed by the document prefix, or uniformly
-for the random-cluster ablation; ``merge: average`` evaluates the experts' parameter average
-instead, ``merge: btx`` merges them into one MoE trained for ``finetune_share`` of the budget),
-``xelm`` (X-ELM's first round, :mod:`moe_lab.families.xelm`, routed by language; ``xelm.*``
-overrides) and ``ifc`` (an information-flow-control model, :mod:`moe_lab.families.ifc`, evaluated by
-a principal who may use every domain; ``ifc.*`` overrides). Any moe_lab config is a ``dense`` or
-``moe`` variant with overrides. Every variant's token count follows from the budget through
-:mod:`moe_lab.accounting`; before anything trains, each variant's achievable FLOPs are checked to
-lie within 1% of the budget, and variants that change the tokenizer or the evaluation data are
-refused. Each (variant, seed) is an independent resumable job under ``dir/variants/<name>/seed<s>``
-whose ``result.json`` marks it finished: an interrupted compare redoes nothing that finished.
+Every variant's token count follows from each budget through :mod:`moe_lab.budget`; before
+anything trains, each variant's achievable FLOPs are checked to lie within ``budget.tolerance`` of
+every budget, and variants that change the tokenizer or the evaluation data are refused
+(:mod:`moe_lab.compare.plan`).
 """
 
 from __future__ import annotations
@@ -37,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from moe_lab.config import Config, ConfigError, load_config
+from moe_lab.config.load import suggest_key
 from moe_lab.families.base import VariantConfig
 from moe_lab.families.registry import FAMILIES, get_family
 
@@ -63,6 +56,9 @@ class BudgetConfig:
     start: float | None = None  # or a geometric sweep: start * factor**i, i < count
     factor: float = 2.0
     count: int | None = None
+    # how far a variant's FLOPs in whole optimizer steps may fall from each budget; the records
+    # and fits use the FLOPs reached, so a looser tolerance costs precision, not honesty
+    tolerance: float = 0.01
 
     def values(self) -> list[float]:
         """The budgets, ascending; a :class:`ConfigError` unless exactly one form is set."""
@@ -80,6 +76,8 @@ class BudgetConfig:
             values = [self.start * self.factor**i for i in range(self.count)]
         else:
             values = [self.train_flops] if self.train_flops is not None else list(self.sweep)
+        if not 0 < self.tolerance < 0.5:
+            raise ConfigError(f"budget.tolerance must be in (0, 0.5), got {self.tolerance}")
         bad = [v for v in values if not (v > 0 and math.isfinite(v))]
         if bad:
             raise ConfigError(f"budgets must be positive and finite, got {bad}")
@@ -148,6 +146,10 @@ def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> Exper
             OmegaConf.from_dotlist(list(overrides)),
         )
         exp = OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        key = e.full_key or str(e.key)
+        hint = suggest_key(ExperimentConfig, key)
+        raise ConfigError(f"unknown experiment key {key!r}.{hint}") from None
     except OmegaConfBaseException as e:
         key = f"{e.full_key}: " if getattr(e, "full_key", None) else ""
         raise ConfigError(f"{key}{str(e.msg).splitlines()[0]}") from None

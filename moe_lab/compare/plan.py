@@ -10,9 +10,8 @@ from moe_lab.compare.experiment import ExperimentConfig, VariantConfig, variant_
 from moe_lab.config import ConfigError
 from moe_lab.families.registry import get_family
 
-__all__ = ["SHARED_DATA", "TOLERANCE", "plan"]
+__all__ = ["SHARED_DATA", "plan"]
 
-TOLERANCE = 0.01  # achieved training FLOPs must lie within 1% of the budget
 # What every variant must share, so that their losses are comparable.
 SHARED_DATA = (
     "train_files",
@@ -55,20 +54,22 @@ def plan(exp: ExperimentConfig, out: Path) -> dict[str, dict]:
             raise ConfigError(f"variant {v.name!r}: finetune_share must be in (0, 1 - seed_share)")
         family.check(cfg, v)
         phases = family.phases(cfg, v)
-        plans[v.name] = {"config": cfg, "flops": {b: _reached(v, phases, b) for b in exp.budgets}}
+        tolerance = exp.budget.tolerance
+        reached = {b: _reached(v, phases, b, tolerance) for b in exp.budgets}
+        plans[v.name] = {"config": cfg, "flops": reached}
     return plans
 
 
-def _reached(v: VariantConfig, phases: list[Phase], budget: float) -> float:
+def _reached(v: VariantConfig, phases: list[Phase], budget: float, tolerance: float) -> float:
     try:
         achieved = achievable(phases, budget)
     except ConfigError as e:
         msg = f"variant {v.name!r}: its smallest run exceeds the budget {budget:.4g} ({e})"
         raise ConfigError(msg) from None
-    if abs(achieved - budget) > TOLERANCE * budget:
+    if abs(achieved - budget) > tolerance * budget:
         raise ConfigError(
             f"variant {v.name!r} can only reach {achieved:.4g} of the {budget:.4g} FLOP budget "
-            f"in whole steps (more than {TOLERANCE:.0%} off): raise the budget or "
+            f"in whole steps (more than {tolerance:.0%} off): raise the budget or "
             "lower train.batch_size / seq_len"
         )
     return achieved

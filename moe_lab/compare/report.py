@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from moe_lab.compare.experiment import ExperimentConfig
-from moe_lab.compare.plan import TOLERANCE
 from moe_lab.compare.summary import conclusions, scaling_section, significance_section
 
 __all__ = ["report_markdown"]
@@ -22,13 +21,14 @@ def report_markdown(exp: ExperimentConfig, records: list[dict], study: dict | No
     """The report for people: what was found first, then per budget one row per variant (mean ±
     std over seeds, best in bold), the paired tests against the baseline and the scaling fits."""
     study = study or {}
-    within = all(abs(r["flops_vs_budget"] - 1) <= TOLERANCE for r in records)
+    tolerance = exp.budget.tolerance
+    within = all(abs(r["flops_vs_budget"] - 1) <= tolerance for r in records)
     budgets = ", ".join(f"{b:.4g}" for b in exp.budgets)
     lines = [f"# {exp.name}", "", *conclusions(exp, records, study), ""]
     lines += [
         f"Budgets: {budgets} training FLOPs per variant; seeds {exp.seeds}. Every variant's "
         f"achieved training FLOPs {'lie' if within else 'do NOT all lie'} within "
-        f"{TOLERANCE:.0%} of the budget. Losses in nats per token"
+        f"{tolerance:.0%} of the budget. Losses in nats per token"
         + (" (mean ± std over seeds)" if len(exp.seeds) > 1 else "")
         + ", lower is better"
         + (f"; {exp.fewshot.shots}-shot accuracies, higher" if exp.fewshot.tasks else "")
@@ -81,7 +81,7 @@ def _table(exp: ExperimentConfig, records: list[dict]) -> list[str]:
         best[m] = min(names, key=lambda n: np.nan_to_num(sign * means[n][m][0], nan=np.inf))
     lines = [
         "| variant | family | params (total / active) | train FLOPs (× budget) | tokens | "
-        "inference FLOPs/token | wall s | tokens/s | " + " | ".join(m for m, _ in metrics) + " |",
+        "inference FLOPs/token | train s | tokens/s | " + " | ".join(m for m, _ in metrics) + " |",
         "|---" * (8 + len(metrics)) + "|",
     ]
     for n in names:
@@ -99,7 +99,7 @@ def _table(exp: ExperimentConfig, records: list[dict]) -> list[str]:
             f"{r0['total_params'] / 1e6:.2f}M / {r0['active_params'] / 1e6:.2f}M | "
             f"{np.mean([r['train_flops'] for r in rs]):.4g} ({ratio:.4f}) | "
             f"{int(np.mean([r['tokens'] for r in rs])):,d} | "
-            f"{r0['inference_flops_per_token']:.4g} | {np.mean([r['wall_s'] for r in rs]):.0f} | "
+            f"{r0['inference_flops_per_token']:.4g} | {np.mean([r['train_s'] for r in rs]):.0f} | "
             f"{np.mean([r['tokens_per_s'] for r in rs]):,.0f} | " + " | ".join(cells) + " |"
         )
     return lines

@@ -70,8 +70,9 @@ def run_variant(
         "config": str((job / "config.yaml").relative_to(out)),
         "budget_flops": budget,
         "flops_vs_budget": record["train_flops"] / budget,
-        "wall_s": wall,
-        "tokens_per_s": record["tokens"] / wall,
+        "wall_s": wall,  # this attempt's time, evaluation included
+        # training throughput over every run and resume of the variant
+        "tokens_per_s": record["tokens"] / record["train_s"] if record["train_s"] else 0.0,
         **record,
     }
     write_json(job / "result.json", record)
@@ -144,9 +145,11 @@ def run_compare(exp: ExperimentConfig) -> list[dict]:
     jobs = [(v, b, s) for b in exp.budgets for v in exp.variants for s in exp.seeds]
     records, started = [], time.perf_counter()
     for i, (v, budget, seed) in enumerate(jobs):
-        if i:
+        if i:  # time scales with the budget: the rest takes what its FLOPs would take so far
             elapsed = time.perf_counter() - started
-            log.info("job %d of %d, %.0f s so far", i + 1, len(jobs), elapsed)
+            done, left = (sum(b for _, b, _ in part) for part in (jobs[:i], jobs[i:]))
+            log.info("job %d of %d: %.0f s so far, about %.0f s to go", i + 1, len(jobs),
+                     elapsed, elapsed * left / done)  # fmt: skip
         records.append(run_variant(exp, v, seed, budget))
     (out / "results.json").write_text(json.dumps(records, indent=2))
     study = scaling_study(records, exp.baseline_name) if len(exp.budgets) >= 3 else {}

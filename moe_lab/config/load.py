@@ -35,6 +35,7 @@ __all__ = [
     "load_model_preset",
     "model_presets",
     "save_config",
+    "suggest_key",
 ]
 
 PRESET_DIR = Path(__file__).parent.parent / "configs" / "model"
@@ -128,7 +129,7 @@ def _dataclass_of(annotation: object) -> type | None:
     return None
 
 
-def _suggest(schema: type, dotted: str) -> str:
+def suggest_key(schema: type, dotted: str) -> str:
     """' Did you mean ...?' for an unknown dotted key, from the schema's field names."""
     cls: type | None = schema
     *parents, leaf = dotted.split(".")
@@ -208,7 +209,7 @@ def load_config(
         cfg = OmegaConf.to_object(merged)
     except ConfigKeyError as e:
         key = e.full_key or str(e.key)
-        raise ConfigError(f"unknown config key {key!r}.{_suggest(schema, key)}") from None
+        raise ConfigError(f"unknown config key {key!r}.{suggest_key(schema, key)}") from None
     except OmegaConfBaseException as e:
         key = f"{e.full_key}: " if getattr(e, "full_key", None) else ""
         raise ConfigError(f"{key}{str(e.msg).splitlines()[0]}") from None

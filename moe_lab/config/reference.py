@@ -12,7 +12,9 @@ import inspect
 import re
 import typing
 
-__all__ = ["field_comments", "render"]
+from moe_lab.config.load import Config
+
+__all__ = ["config_keys", "field_comments", "render"]
 
 _FIELD = re.compile(r"^    (\w+): [^=#]+(?:=.*?)?(?:  # (.*))?$")
 
@@ -76,6 +78,18 @@ def _section(schema: type, prefix: str) -> list[str]:
     for sub, key in nested:
         lines += _section(sub, key)
     return lines
+
+
+def config_keys(schema: type | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of ``schema`` (default: the run config), nested sections included."""
+    schema = Config if schema is None else schema
+    keys = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        sub = _nested(hints[f.name])
+        keys += config_keys(sub, key) if sub is not None and sub is not schema else [key]
+    return keys
 
 
 def render(schemas: dict[str, type]) -> str:

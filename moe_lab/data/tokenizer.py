@@ -108,6 +108,11 @@ class BPETokenizer(Tokenizer):
     def fingerprint(self) -> str:
         return hashlib.sha256(self._tok.to_str().encode()).hexdigest()
 
+    @property
+    def backend(self):
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tok
+
 
 def _special_id(tok, candidates: tuple[str, ...]) -> int:
     for name in candidates:

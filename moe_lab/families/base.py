@@ -74,14 +74,16 @@ def curve(metrics: Path, offset: float) -> list[tuple[float, float]]:
     return [(offset + r["flops"], r["loss"]) for r in read_metrics(metrics) if "loss" in r]
 
 
-def chained(run_dirs: list[Path]) -> tuple[list[tuple[float, float]], float, int]:
-    """Training-loss curves of several runs laid end to end, and their total FLOPs and tokens."""
-    points, flops, tokens = [], 0.0, 0
+def chained(run_dirs: list[Path]) -> tuple[list[tuple[float, float]], float, int, float]:
+    """Training-loss curves of several runs laid end to end, and their total FLOPs, tokens and
+    seconds of training (summed over resumes; 0 for runs written before it was counted)."""
+    points, flops, tokens, wall = [], 0.0, 0, 0.0
     for run in run_dirs:
         points += curve(run / "metrics.jsonl", flops)
         summary = json.loads((run / "eval.json").read_text())
         flops, tokens = flops + summary["flops"], tokens + summary["tokens"]
-    return points, flops, tokens
+        wall += summary.get("wall_s", 0.0)
+    return points, flops, tokens, wall
 
 
 def result(
@@ -93,13 +95,14 @@ def result(
     """The record of a trained variant: its cost, the FLOPs, tokens and loss curve of ``runs``
     (in training order), ``scorer`` (the arguments of :func:`moe_lab.families.loading.load_scorer`)
     and its validation losses (``evaluate``'s result)."""
-    points, flops, tokens = chained(runs)
+    points, flops, tokens, wall = chained(runs)
     return {
         "total_params": cost.total_params,
         "active_params": cost.active_params,
         "train_flops": flops,
         "tokens": tokens,
         "inference_flops_per_token": cost.inference_flops_per_token,
+        "train_s": wall,
         "curve": points,
         "scorer": scorer,
         "valid_loss": valid["overall"]["loss"],

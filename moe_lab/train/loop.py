@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,8 @@ from moe_lab.train.step import train_step
 
 __all__ = ["TrainResult", "train"]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class TrainResult:
@@ -42,6 +46,7 @@ class TrainResult:
     train_loss: float
     valid_loss: float
     skipped_steps: int
+    wall_s: float  # seconds spent in training steps, summed over every resume
 
 
 def train(cfg: Config, scope=None) -> TrainResult:
@@ -112,6 +117,8 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
             bar.update()
             if step % t.log_every == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if show and not sys.stderr.isatty() and step % max(1, total_steps // 10) == 0:
+                log.info("step %d of %d: loss %.4f", step, total_steps, loss)  # no bar in a file
             if step % t.checkpoint_every == 0 or step == total_steps:
                 st.checkpoint()
             dist.barrier()  # a checkpoint is complete before any rank moves on
@@ -125,7 +132,9 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
     c = st.counters
     skipped = c["skipped_nonfinite"] + c["skipped_spikes"]
     valid_loss = result["overall"]["loss"]
-    return TrainResult(run_dir, c["step"], c["tokens"], c["flops"], loss, valid_loss, skipped)
+    return TrainResult(
+        run_dir, c["step"], c["tokens"], c["flops"], loss, valid_loss, skipped, c["wall_s"]
+    )
 
 
 def _final_evaluation(st: TrainState, data: TrainData, metrics) -> dict | None:
@@ -137,7 +146,8 @@ def _final_evaluation(st: TrainState, data: TrainData, metrics) -> dict | None:
     result = evaluate(
         scored_model, data.valid, t.seq_len, t.eval_batch, st.device, progress=t.progress
     )
-    summary = {"step": c["step"], "tokens": c["tokens"], "flops": c["flops"], "valid": result}
+    summary = {"step": c["step"], "tokens": c["tokens"], "flops": c["flops"], "wall_s": c["wall_s"]}
+    summary["valid"] = result
     (Path(st.cfg.run.dir) / "eval.json").write_text(json.dumps(summary, indent=2))
     final = {"step": c["step"], "valid_loss": result["overall"]["loss"], "final": True}
     metrics.write(json.dumps(final) + "\n")

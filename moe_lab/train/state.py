@@ -90,6 +90,7 @@ class TrainState:
             "flops": 0.0,
             "skipped_nonfinite": 0,
             "skipped_spikes": 0,
+            "wall_s": 0.0,  # seconds spent in training steps, summed over every resume
         }
 
     def load_weights(self, resume_from: Path | None) -> None:
@@ -98,7 +99,7 @@ class TrainState:
         if resume_from is None and t.init_from is not None:
             source = init_checkpoint(Path(t.init_from))
             load_checkpoint(source, self.model, restore_rng_state=False)
-            log.info("initialised from %s", source)
+            log.info("%s: initialised from %s", self.cfg.run.dir, source)
         if resume_from is not None and self.dist.mode != "fsdp2":
             load_checkpoint(resume_from, self.model, restore_rng_state=False)
 
@@ -129,7 +130,8 @@ class TrainState:
         else:
             full = read_optimizer_state(checkpoint)
             self.optimizer.load_state_dict(dist.local_optimizer_state(full, self.optimizer))
-        self.counters = {k: saved[k] for k in self.counters}
+        # Checkpoints written before wall_s was counted resume with the time they did not count.
+        self.counters = {k: saved.get(k, self.counters[k]) for k in self.counters}
         self.batches.load_state_dict(saved["data"], restore_rng=self.cfg.run.restore_rng)
         self.detector.load_state_dict(saved["spike"])
         if dist.is_main:

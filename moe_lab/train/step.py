@@ -94,6 +94,8 @@ def train_step(
     tokens = t.batch_size * dist.world * t.grad_accum * t.seq_len
     c = st.counters
     c.update(step=step, tokens=c["tokens"] + tokens, flops=c["flops"] + tokens * st.flops_per_token)
+    elapsed = time.perf_counter() - started
+    c["wall_s"] += elapsed
     record = {
         "step": step,
         "loss": loss,
@@ -102,7 +104,7 @@ def train_step(
         "grad_norm": grad_norm,
         "tokens": c["tokens"],
         "flops": c["flops"],
-        "tokens_per_s": tokens / (time.perf_counter() - started),
+        "tokens_per_s": tokens / elapsed,
         "skipped": skipped,
         "spike": spike,
     }
