@@ -458,3 +458,73 @@ def test_training_time_adds_up_over_a_resume(tmp_path, lang_files):
     assert resumed.wall_s == pytest.approx(summed, rel=1e-9) and resumed.wall_s > first.wall_s
     summary = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert summary["wall_s"] == resumed.wall_s
+
+
+def test_a_run_whose_every_step_is_skipped_fails(tmp_path, lang_files, monkeypatch):
+    def nan_build(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        real_loss = model.loss
+        model.loss = lambda *a, **k: (lambda v, *rest: (v * float("nan"), *rest))(
+            *real_loss(*a, **k)
+        )
+        return model
+
+    monkeypatch.setattr(train_state, "build_model", nan_build)
+    cfg = _cfg(tmp_path, lang_files, "train.max_steps=3", "train.on_nonfinite=skip")
+    with pytest.raises(NonFiniteError, match="every one of the 3 steps was skipped"):
+        train(cfg)
+    assert not (tmp_path / "run" / "eval.json").exists()  # no loss NaN written as a result
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.lr=inf", "train.lr=1e6", "train.eps=inf", "model.rope_theta=inf",
+     "train.weight_decay=nan", "train.grad_clip=inf"],
+)  # fmt: skip
+def test_non_finite_and_absurd_settings_are_refused(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(overrides=[override])
+
+
+def test_a_damaged_json_file_is_an_error_that_names_it(tmp_path):
+    from moe_lab.store.checkpoint import read_json, write_json
+
+    path = tmp_path / "eval.json"
+    write_json(path, {"step": 4, "valid": {"overall": {"loss": 2.0}}})
+    assert read_json(path)["step"] == 4
+    path.write_text(path.read_text()[:20])  # cut short
+    with pytest.raises(ValueError, match=r"eval.json is not valid JSON .* cut short"):
+        read_json(path)
+    with pytest.raises(FileNotFoundError, match="missing.json does not exist"):
+        read_json(tmp_path / "missing.json")
+
+
+def test_one_writer_per_run_directory_with_real_processes(tmp_path, lang_files):
+    """A second `moe-lab train` on a run directory in use is refused, naming the holder; once
+    the holder dies its lock is taken over."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    train_file, valid_file = lang_files
+    args = [sys.executable, "-m", "moe_lab", "train", *TINY, f"run.dir={tmp_path / 'run'}",
+            f"data.train_files=[{train_file}]", f"data.valid_files=[{valid_file}]",
+            "run.resume=true"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([*args, "train.max_steps=100000"], env=env, stderr=subprocess.PIPE)
+    try:
+        for _ in range(600):  # the first run holds the lock once it has written a step
+            if (tmp_path / "run" / "metrics.jsonl").is_file():
+                break
+            time.sleep(0.1)
+        second = subprocess.run([*args, "train.max_steps=2"], env=env, capture_output=True,
+                                text=True)  # fmt: skip
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is in use by process {first.pid}" in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    third = subprocess.run([*args, "train.max_steps=2"], env=env, capture_output=True, text=True)
+    assert third.returncode == 0, third.stderr[-2000:]  # the dead process's lock is taken over

@@ -31,6 +31,7 @@ from moe_lab.cli.experiments import (
 from moe_lab.config import ConfigError
 from moe_lab.config.reference import config_keys
 from moe_lab.data.documents import DataError
+from moe_lab.train.step import NonFiniteError
 
 __all__ = ["COMMANDS", "main"]
 
@@ -188,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, OSError, ValueError) as e:
         print(f"moe-lab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(
+            f"moe-lab {args.command}: training stopped: {e}. The last good checkpoint is kept: "
+            "rerun with run.resume=true (and, say, a lower train.lr) to continue from it.",
+            file=sys.stderr,
+        )
+        return 3
     except KeyboardInterrupt:
         print(
             f"\nmoe-lab {args.command}: interrupted. Checkpoints are written atomically: rerun the "

@@ -27,7 +27,7 @@ from moe_lab.eval.knnlm.run import (
 from moe_lab.eval.scoring import TransformerScorer
 from moe_lab.families.ifc.experiment import evaluate_ifc
 from moe_lab.families.loading import ensemble_routing, load_ifc_dir, load_scorer
-from moe_lab.store.checkpoint import load_run
+from moe_lab.store.checkpoint import load_run, read_json, write_json
 
 __all__ = ["cmd_eval", "cmd_generate", "cmd_harness", "cmd_knn"]
 
@@ -51,20 +51,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
         report = evaluate_ifc(ifc, cfg, device)
         out = out.with_name(f"eval-{args.principal}.json")
         result = {"principal": args.principal, "permitted": ifc.permitted, "valid": report}
-        out.write_text(json.dumps(result | fewshot, indent=2))
+        write_json(out, result | fewshot)
         _print_report(report, out)
         return
     if not single:  # a directory of experts: an ensemble
         cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
         report = evaluate_experts(args.run_dir, cfg, device)
-        out.write_text(json.dumps(report | fewshot, indent=2))
+        write_json(out, report | fewshot)
         _print_report(report["valid"], out)
         return
     cfg, model, tokenizer = load_run(args.run_dir, args.overrides, device=device)
     fewshot = _fewshot(args, tasks, device, TransformerScorer(model, tokenizer))
     store = validation_store(cfg, tokenizer)
     result = evaluate(model, store, cfg.train.seq_len, cfg.train.eval_batch, device, progress=True)
-    previous = json.loads(out.read_text()) if out.exists() else {}  # keeps step, tokens, FLOPs
+    previous = read_json(out) if out.exists() else {}  # keeps step, tokens, FLOPs
     report = previous | {"valid": result} | fewshot
     if args.knn:  # the datastore of `moe-lab knn build`, tuned on half the documents
         seq_len, batch_size = cfg.train.seq_len, cfg.train.eval_batch
@@ -73,7 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )
     else:
         report.pop("knn", None)  # from an earlier --knn run, maybe of another checkpoint
-    out.write_text(json.dumps(report, indent=2))
+    write_json(out, report)
     _print_report(result, out)
     if args.knn:
         print(format_knn_report(report["knn"]), end="")

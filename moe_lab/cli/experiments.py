@@ -29,7 +29,7 @@ from moe_lab.ensembles.clustering.run import cluster_documents
 from moe_lab.families.ifc.experiment import run_ifc_experiment
 from moe_lab.families.xelm import run_xelm_experiment
 from moe_lab.interop.export import export_run
-from moe_lab.store.checkpoint import convert_checkpoint
+from moe_lab.store.checkpoint import convert_checkpoint, read_json
 from moe_lab.train.loop import train
 
 __all__ = [
@@ -149,7 +149,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_scaling(args: argparse.Namespace) -> None:
     """Fit L(C) = E + A C^-gamma per variant over results.json files from several budgets."""
-    records = [r for path in args.results for r in json.loads(Path(path).read_text())]
+    records = [r for path in args.results for r in read_json(Path(path))]
     baseline = records[0]["name"]
     study = scaling_study(records, baseline)
     for name in dict.fromkeys(r["name"] for r in records):

@@ -9,7 +9,6 @@ variant's resolved config), ``loss_vs_flops.png`` and ``groups.png``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import replace
@@ -32,7 +31,8 @@ from moe_lab.eval.fewshot import evaluate_task, load_task
 from moe_lab.eval.knnlm.run import build_run_datastore, evaluate_run_knn
 from moe_lab.families.loading import load_scorer
 from moe_lab.families.registry import get_family
-from moe_lab.store.checkpoint import load_run, write_json
+from moe_lab.store.checkpoint import load_run, read_json, write_json
+from moe_lab.train.run_dir import RunLock
 
 __all__ = ["run_compare", "run_variant"]
 
@@ -48,7 +48,7 @@ def run_variant(
     budget = exp.budgets[0] if budget is None else budget
     job = exp.job_dir(v.name, budget, seed)
     if (job / "result.json").exists():
-        return json.loads((job / "result.json").read_text())
+        return read_json(job / "result.json")
     log.info("variant %s (%s), %.3g FLOPs, seed %d: training in %s", v.name, v.family, budget,
              seed, job)  # fmt: skip
     cfg = variant_config(exp, v, seed, job, budget)
@@ -56,7 +56,8 @@ def run_variant(
     job.mkdir(parents=True, exist_ok=True)
     save_config(cfg, job / "config.yaml")
     started = time.perf_counter()
-    record = get_family(v.family).run(cfg, v, budget, job)
+    with RunLock(job):  # one compare at a time per job
+        record = get_family(v.family).run(cfg, v, budget, job)
     wall = time.perf_counter() - started
     scorer = record.pop("scorer", None)  # how to load the trained variant for scoring
     if exp.fewshot.tasks:
@@ -151,10 +152,10 @@ def run_compare(exp: ExperimentConfig) -> list[dict]:
             log.info("job %d of %d: %.0f s so far, about %.0f s to go", i + 1, len(jobs),
                      elapsed, elapsed * left / done)  # fmt: skip
         records.append(run_variant(exp, v, seed, budget))
-    (out / "results.json").write_text(json.dumps(records, indent=2))
+    write_json(out / "results.json", records)
     study = scaling_study(records, exp.baseline_name) if len(exp.budgets) >= 3 else {}
     if study:
-        (out / "scaling.json").write_text(json.dumps(study, indent=2))
+        write_json(out / "scaling.json", study)
     (out / "report.md").write_text(report_markdown(exp, records, study))
     plot_compare(records, out, study, exp.baseline_name)
     return records

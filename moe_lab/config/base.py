@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 __all__ = ["ConfigError", "choice", "positive_float", "positive_int", "require"]
 
 
@@ -21,7 +23,7 @@ def positive_int(value: object, key: str) -> None:
 
 def positive_float(value: object, key: str) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-    require(ok, f"{key} must be a positive number, got {value!r}")
+    require(ok and math.isfinite(value), f"{key} must be a positive finite number, got {value!r}")
 
 
 def choice(value: object, allowed: tuple[str, ...], key: str) -> None:

@@ -137,8 +137,17 @@ class TrainConfig:
             self.spike_window >= 2, f"{prefix}.spike_window must be >= 2 (a spread to judge by)"
         )
         require(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio must be in [0, 1]")
-        require(self.weight_decay >= 0, f"{prefix}.weight_decay must be >= 0")
-        require(self.grad_clip >= 0, f"{prefix}.grad_clip must be >= 0")
+        # AdamW steps move each weight by about lr: above 1 a run can only diverge
+        require(self.lr <= 1, f"{prefix}.lr must be at most 1 (AdamW), got {self.lr}")
+        require(self.eps < 1, f"{prefix}.eps must be below 1, got {self.eps}")
+        require(
+            0 <= self.weight_decay <= 1,
+            f"{prefix}.weight_decay must be in [0, 1], got {self.weight_decay}",
+        )
+        require(
+            0 <= self.grad_clip < float("inf"),
+            f"{prefix}.grad_clip must be >= 0 and finite (0 = no clipping), got {self.grad_clip}",
+        )
         for name in ("beta1", "beta2"):
             require(0 <= getattr(self, name) < 1, f"{prefix}.{name} must be in [0, 1)")
         choice(self.precision, ("auto", "fp32", "bf16"), f"{prefix}.precision")

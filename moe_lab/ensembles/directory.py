@@ -3,12 +3,11 @@ manifest of finished experts, and loading them."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from moe_lab.config import ConfigError
 from moe_lab.nn.model import Transformer
-from moe_lab.store.checkpoint import load_run, write_json
+from moe_lab.store.checkpoint import load_run, read_json, write_json
 
 __all__ = ["collect_manifest", "load_experts"]
 
@@ -19,7 +18,7 @@ def collect_manifest(out_dir: str | Path) -> dict:
     Experts are listed in shard order (expert i serves cluster i), whatever order jobs finished in.
     """
     out = Path(out_dir)
-    entries = [json.loads(p.read_text()) for p in (out / "experts").glob("*/expert.json")]
+    entries = [read_json(p) for p in (out / "experts").glob("*/expert.json")]
     entries.sort(key=lambda e: e["index"])
     manifest = {"experts": {e["name"]: e for e in entries}}
     write_json(out / "manifest.json", manifest)
@@ -32,7 +31,7 @@ def load_experts(out_dir: str | Path, device="cpu") -> tuple[list[str], list[Tra
     out = Path(out_dir)
     if not (out / "manifest.json").is_file():
         raise FileNotFoundError(f"{out} has no manifest.json: run train_experts first")
-    names = list(json.loads((out / "manifest.json").read_text())["experts"])
+    names = list(read_json(out / "manifest.json")["experts"])
     if not names:
         raise ConfigError(f"{out}/manifest.json lists no finished expert: train them first")
     runs = [load_run(out / "experts" / n / "run", device=device) for n in names]

@@ -10,7 +10,6 @@ losses. ``moe-lab compare`` knows this protocol, not the families (see
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from omegaconf import MISSING
 from moe_lab.accounting import ComputeEstimate
 from moe_lab.budget import Phase
 from moe_lab.config import Config, ConfigError
+from moe_lab.store.checkpoint import read_json
 from moe_lab.store.metrics import read_metrics
 
 __all__ = ["Family", "VariantConfig", "chained", "curve", "result"]
@@ -80,7 +80,7 @@ def chained(run_dirs: list[Path]) -> tuple[list[tuple[float, float]], float, int
     points, flops, tokens, wall = [], 0.0, 0, 0.0
     for run in run_dirs:
         points += curve(run / "metrics.jsonl", flops)
-        summary = json.loads((run / "eval.json").read_text())
+        summary = read_json(run / "eval.json")
         flops, tokens = flops + summary["flops"], tokens + summary["tokens"]
         wall += summary.get("wall_s", 0.0)
     return points, flops, tokens, wall

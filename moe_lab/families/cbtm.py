@@ -6,7 +6,6 @@ one MoE, trained for ``finetune_share`` of the budget)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +17,7 @@ from moe_lab.ensembles.clustering.run import cluster_documents
 from moe_lab.ensembles.ensemble import evaluate_experts
 from moe_lab.ensembles.merge import btx
 from moe_lab.families.base import Family, VariantConfig, result
-from moe_lab.store.checkpoint import load_run, save_checkpoint
+from moe_lab.store.checkpoint import load_run, read_json, save_checkpoint
 from moe_lab.train.branch import train_experts
 from moe_lab.train.loop import train
 
@@ -90,7 +89,7 @@ class CBTM(Family):
         member = accounting.estimate(cfg.model, cfg.train.seq_len)
         if v.merge == "btx":
             merged = _train_btx(cfg, v, budget, job, runs)
-            valid = json.loads((merged.run_dir / "eval.json").read_text())["valid"]
+            valid = read_json(merged.run_dir / "eval.json")["valid"]
             cost = accounting.estimate(btx_config(cfg, v).model, cfg.train.seq_len)
             return result(cost, [*runs, merged.run_dir], valid, {"run_dir": str(merged.run_dir)})
         ens = self.ensemble(cfg, v, clusters)

@@ -3,7 +3,6 @@ control run), loaded as a :class:`~moe_lab.eval.scoring.Scorer`."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from moe_lab.ensembles.scoring import EnsembleScorer, FixedRouting, PrefixRoutin
 from moe_lab.eval.scoring import Scorer, TransformerScorer
 from moe_lab.families.ifc import load_ifc
 from moe_lab.families.xelm import expert_for
-from moe_lab.store.checkpoint import load_run
+from moe_lab.store.checkpoint import load_run, read_json
 
 __all__ = ["ensemble_routing", "load_ifc_dir", "load_scorer"]
 
@@ -50,7 +49,7 @@ def load_ifc_dir(run_dir: str | Path, principal: str | None, policy, device: str
         ConfigError: an IFC directory without a principal and a policy.
     """
     manifest = Path(run_dir) / "manifest.json"
-    if not manifest.is_file() or "domain_field" not in json.loads(manifest.read_text()):
+    if not manifest.is_file() or "domain_field" not in read_json(manifest):
         return None
     if principal is None or policy is None:
         raise ConfigError(

@@ -26,7 +26,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from moe_lab.ensembles.ensemble import ExpertEnsemble, ensemble_document_nll
 from moe_lab.ensembles.languages import group_languages, language_similarity
 from moe_lab.eval.evaluate import evaluate, validation_store
 from moe_lab.families.base import Family, VariantConfig, result
-from moe_lab.store.checkpoint import load_run, write_json
+from moe_lab.store.checkpoint import load_run, read_json, write_json
 from moe_lab.train.branch import train_experts
 from moe_lab.train.loop import train
 
@@ -117,7 +116,7 @@ def expert_for(out_dir: str | Path, lang: str) -> str:
     path = Path(out_dir) / "languages.json"
     if not path.is_file():
         raise ConfigError(f"{out_dir} is not an X-ELM run (no languages.json): --lang needs one")
-    plan = json.loads(path.read_text())
+    plan = read_json(path)
     own = [name for name, langs in plan["groups"].items() if lang in langs]
     return own[0] if own else nearest_expert(plan, lang)
 
@@ -143,7 +142,7 @@ def train_xelm(cfg: Config) -> dict:
     cfg.validate()
     out.mkdir(parents=True, exist_ok=True)
     if (out / "languages.json").exists():
-        plan = json.loads((out / "languages.json").read_text())
+        plan = read_json(out / "languages.json")
     else:
         plan = plan_languages(cfg)
         write_json(out / "languages.json", plan)
@@ -163,7 +162,7 @@ def train_xelm(cfg: Config) -> dict:
     manifest = train_experts(experts_cfg, shards, out, seed=out / "seed")
     for lang in x.add:
         manifest = add_language(cfg, out, lang)
-    plan = json.loads((out / "languages.json").read_text())
+    plan = read_json(out / "languages.json")
     return plan | {"manifest": manifest}
 
 
@@ -173,7 +172,7 @@ def add_language(cfg: Config, out_dir: str | Path, lang: str) -> dict:
     Returns the experts' manifest. Existing experts are neither retrained nor rewritten.
     """
     x, out = cfg.xelm, Path(out_dir)
-    plan = json.loads((out / "languages.json").read_text())
+    plan = read_json(out / "languages.json")
     if lang in plan["groups"] and lang not in plan["added"]:
         raise ConfigError(f"{lang!r} already has a first-round expert")
     if lang not in plan["languages"]:  # a language the first round never saw: extend the table
@@ -211,7 +210,7 @@ def evaluate_by_language(
     A language without an expert among ``experts`` (default: all) goes to its most similar one.
     """
     x, out = cfg.xelm, Path(out_dir)
-    plan = json.loads((out / "languages.json").read_text())
+    plan = read_json(out / "languages.json")
     names, models = load_experts(out)
     keep = [i for i, n in enumerate(names) if experts is None or n in experts]
     names, models = [names[i] for i in keep], [models[i] for i in keep]
@@ -249,7 +248,7 @@ def run_xelm_experiment(cfg: Config) -> dict:
     plan = train_xelm(cfg)
     manifest = plan["manifest"]["experts"]
     first = [n for n in plan["groups"] if n not in plan["added"]]
-    seed_flops = json.loads((out / "seed" / "eval.json").read_text())["flops"]
+    seed_flops = read_json(out / "seed" / "eval.json")["flops"]
     xelm_flops = seed_flops + sum(manifest[n]["flops"] for n in first)
     first_langs = sorted({lang for n in first for lang in plan["groups"][n]})
     cfg = with_group_field(cfg, x.lang_field)
@@ -290,7 +289,7 @@ def run_xelm_experiment(cfg: Config) -> dict:
         "loss": loss,
         "table": "\n".join(table),
     }
-    (out / "report.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "report.json", result)
     return result
 
 

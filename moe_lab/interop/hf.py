@@ -14,7 +14,6 @@ goes through a directory and leaves the in-memory layout to transformers' own lo
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import Tensor
 
 from moe_lab.config import ModelConfig, MoEConfig, RopeScalingConfig
 from moe_lab.nn.model import Transformer, build_model
+from moe_lab.store.checkpoint import read_json
 from moe_lab.store.weights import WeightsMismatchError, load_weights
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "from_hf", "to_hf"]
@@ -287,10 +287,10 @@ def _read_dir(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not a transformers model directory: no config.json")
-    hf_cfg = json.loads(config_file.read_text())
+    hf_cfg = read_json(config_file)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
     elif (path / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:

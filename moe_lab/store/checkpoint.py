@@ -32,6 +32,7 @@ from moe_lab.nn.model import build_model
 from moe_lab.store.weights import WeightsMismatchError, load_weights
 
 __all__ = [
+    "read_json",
     "capture_rng",
     "convert_checkpoint",
     "find_checkpoint",
@@ -51,6 +52,17 @@ __all__ = [
 _STEP_DIR = re.compile(r"step-(\d{8})")
 MARKER = "COMPLETE"
 SHARDED = "sharded"  # DCP directory of a sharded (FSDP2) checkpoint
+
+
+def read_json(path: Path) -> object:
+    """A JSON file's content; a missing, unreadable or damaged file is an error naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): damaged or cut short?") from None
 
 
 def write_json(path: Path, obj: object) -> None:
@@ -230,14 +242,14 @@ def read_optimizer_state(path: Path) -> dict:
     to their parameters when it loads them)."""
     _require_complete(path)
     return _optimizer_state(
-        json.loads((path / "optimizer.json").read_text()), load_file(path / "optimizer.safetensors")
+        read_json(path / "optimizer.json"), load_file(path / "optimizer.safetensors")
     )
 
 
 def read_training_state(path: Path, restore_rng_state: bool = True) -> dict:
     """Checkpoint ``path``'s ``state.json`` (step, data position, ...); optionally restore RNGs."""
     _require_complete(path)
-    state = json.loads((path / "state.json").read_text())
+    state = read_json(path / "state.json")
     if restore_rng_state:
         restore_rng(state["rng"], load_file(path / "rng.safetensors"))
     return state

@@ -24,13 +24,14 @@ from tqdm.auto import tqdm
 from moe_lab.budget import planned_steps
 from moe_lab.config import Config, ConfigError, save_config
 from moe_lab.eval.evaluate import evaluate
+from moe_lab.store.checkpoint import write_json
 from moe_lab.train.distributed import Dist
 from moe_lab.train.distributed import setup as setup_distributed
 from moe_lab.train.hooks import RouterBias
 from moe_lab.train.plots import plot_loss_curve
-from moe_lab.train.run_dir import prepare_run_dir, truncate_metrics
+from moe_lab.train.run_dir import RunLock, prepare_run_dir, truncate_metrics
 from moe_lab.train.state import TrainData, TrainState, prepare_data
-from moe_lab.train.step import train_step
+from moe_lab.train.step import NonFiniteError, train_step
 
 __all__ = ["TrainResult", "train"]
 
@@ -58,7 +59,8 @@ def train(cfg: Config, scope=None) -> TrainResult:
     cfg.validate()
     dist = setup_distributed(cfg.parallel.dp, cfg.run.device)
     try:
-        result = _train(cfg, scope, dist)
+        with RunLock(Path(cfg.run.dir)) if dist.is_main else contextlib.nullcontext():
+            result = _train(cfg, scope, dist)
     except BaseException:
         dist.close(failed=True)
         raise
@@ -123,6 +125,12 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
                 st.checkpoint()
             dist.barrier()  # a checkpoint is complete before any rank moves on
         bar.close()
+        c = st.counters
+        if c["step"] and c["skipped_nonfinite"] + c["skipped_spikes"] == c["step"]:
+            raise NonFiniteError(
+                f"every one of the {c['step']} steps was skipped (non-finite or spiking loss): "
+                f"nothing was learned; lower train.lr, or remove {run_dir} and start again"
+            )
         result = _final_evaluation(st, data, metrics)
     if writer is not None:
         writer.close()
@@ -148,7 +156,7 @@ def _final_evaluation(st: TrainState, data: TrainData, metrics) -> dict | None:
     )
     summary = {"step": c["step"], "tokens": c["tokens"], "flops": c["flops"], "wall_s": c["wall_s"]}
     summary["valid"] = result
-    (Path(st.cfg.run.dir) / "eval.json").write_text(json.dumps(summary, indent=2))
+    write_json(Path(st.cfg.run.dir) / "eval.json", summary)
     final = {"step": c["step"], "valid_loss": result["overall"]["loss"], "final": True}
     metrics.write(json.dumps(final) + "\n")
     return result

@@ -3,8 +3,13 @@ checkpoint and tokenizer that ``train.init_from`` names, and the metrics log a r
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
+import socket
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -16,6 +21,7 @@ from moe_lab.store.metrics import read_metrics
 
 __all__ = [
     "RESUMABLE_KEYS",
+    "RunLock",
     "init_checkpoint",
     "init_tokenizer_dir",
     "prepare_run_dir",
@@ -114,3 +120,46 @@ def truncate_metrics(path: Path, step: int) -> None:
     interrupted attempt that the resumed run repeats."""
     kept = [r for r in read_metrics(path) if r["step"] <= step]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+class RunLock:
+    """One writer per directory: an exclusive ``flock`` on ``directory/.lock`` held while the
+    context is open. A second writer gets a :class:`ConfigError` naming the holder. The kernel
+    drops the lock when its process dies, however it dies, so a lock file left by a dead
+    process is simply taken over."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / ".lock"
+        self._file = None
+        self._created = False
+
+    def __enter__(self) -> RunLock:
+        self._created = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(
+                f"{self.path.parent} is in use by {holder}: wait for it to finish, or choose "
+                "another run.dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n")
+        handle.flush()
+        self._file = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+        directory = self.path.parent
+        if self._created and [p.name for p in directory.iterdir()] == [".lock"]:
+            # Nothing was written (refused before training): leave no directory behind.
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+                directory.rmdir()

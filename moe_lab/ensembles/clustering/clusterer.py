@@ -26,6 +26,7 @@ from sklearn.feature_extraction.text import (
 )
 
 from moe_lab.ensembles.clustering.kmeans import BalancedKMeans, nearest_centroid
+from moe_lab.store.checkpoint import read_json
 
 __all__ = ["Clusterer"]
 
@@ -202,7 +203,7 @@ class Clusterer:
         directory = Path(directory)
         if not (directory / "clusterer.json").is_file():
             raise FileNotFoundError(f"{directory} holds no clusterer.json")
-        meta = json.loads((directory / "clusterer.json").read_text())
+        meta = read_json(directory / "clusterer.json")
         self = cls(
             meta["k"], meta["n_components"], meta["hashing"], meta["hash_bits"], meta["seed"]
         )

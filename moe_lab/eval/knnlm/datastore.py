@@ -20,7 +20,6 @@ The ``.npy`` files open as memory maps.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -36,7 +35,7 @@ from moe_lab.data.policy import AccessPolicy
 from moe_lab.data.tokenizer import Tokenizer
 from moe_lab.eval.knnlm.index import IndexSpec, KnnIndex
 from moe_lab.nn.model import Transformer
-from moe_lab.store.checkpoint import write_json
+from moe_lab.store.checkpoint import read_json, write_json
 
 __all__ = ["ARRAYS", "KEY_TYPES", "Datastore", "build_datastore", "model_fingerprint", "model_keys"]
 
@@ -88,7 +87,7 @@ class Datastore:
         self.path = Path(path)
         if not (self.path / "manifest.json").is_file():
             raise FileNotFoundError(f"{self.path} is not a kNN-LM datastore (no manifest.json)")
-        self.manifest = json.loads((self.path / "manifest.json").read_text())
+        self.manifest = read_json(self.path / "manifest.json")
         for name in ARRAYS:
             setattr(self, name, np.load(self.path / f"{name}.npy", mmap_mode="r"))
         self.group_codes = np.load(self.path / "group_codes.npy")

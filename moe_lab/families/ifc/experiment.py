@@ -10,7 +10,6 @@ against.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from moe_lab.families.ifc.pipeline import (
     train_ifc,
     with_domain_field,
 )
-from moe_lab.store.checkpoint import load_run
+from moe_lab.store.checkpoint import load_run, write_json
 from moe_lab.train.loop import train
 
 __all__ = ["IFC", "dense_baseline", "evaluate_ifc", "run_ifc_experiment"]
@@ -101,7 +100,7 @@ def run_ifc_experiment(cfg: Config, policy: AccessPolicy, device: str = "cpu") -
         },
         "table": "\n".join(table),
     }
-    (out / "report.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "report.json", result)
     return result
 
 

@@ -25,7 +25,6 @@ manifest, checks the provenance of everything it would use, and opens only permi
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass, replace
@@ -44,6 +43,7 @@ from moe_lab.nn.experts.moe import MoE
 from moe_lab.nn.model import Transformer, build_model
 from moe_lab.store.checkpoint import (
     latest_checkpoint,
+    read_json,
     save_checkpoint,
     write_json,
     write_safetensors,
@@ -181,7 +181,7 @@ def train_ifc(cfg: Config, out_dir: str | Path | None = None) -> dict:
             phase = _phase(cfg, expert_dir / "run", domain, budget.share(cfg.train, share),
                            init_from=str(shared))  # fmt: skip
             _train_domain(replace(phase, model=domain_model), domain, i, shared)
-        experts[domain] = json.loads((expert_dir / "expert.json").read_text())
+        experts[domain] = read_json(expert_dir / "expert.json")
     manifest = _manifest(cfg, domains, experts, out / "public" / "run")
     write_json(out / "manifest.json", manifest)
     return manifest
@@ -269,7 +269,7 @@ def _manifest(cfg: Config, domains: list[str], experts: dict, public_run: Path) 
             "kind": cfg.data.tokenizer,
         },
         "experts": experts,
-        "train_flops": json.loads((public_run / "eval.json").read_text())["flops"]
+        "train_flops": read_json(public_run / "eval.json")["flops"]
         + sum(e["flops"] for e in experts.values()),
     }
 
@@ -330,7 +330,7 @@ def load_ifc(
     out = Path(out_dir)
     if not (out / "manifest.json").is_file():
         raise FileNotFoundError(f"{out} has no manifest.json: run train_ifc first")
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_json(out / "manifest.json")
     permitted = policy.permitted(principal, manifest["public"], manifest["domains"])
     AccessPolicy.check("the tokenizer", manifest["tokenizer"]["provenance"], permitted)
     AccessPolicy.check("the shared parameters", manifest["shared"]["provenance"], permitted)
