@@ -81,7 +81,7 @@ def test_every_listed_preset_loads():
         (["model.n_heads=5"], r"model\.dim \(64\) must be divisible by model\.n_heads \(5\)"),
         (["model.dim=24", "model.n_heads=8"], r"head_dim 3"),
         (["model.n_layers=0"], r"model\.n_layers must be a positive integer, got 0"),
-        (["model.rope_theta=-1"], r"model\.rope_theta must be a positive number, got -1"),
+        (["model.rope_theta=-1"], r"model\.rope_theta must be a positive finite number, got -1"),
         (["model.norm_eps=0"], r"model\.norm_eps"),
         (["model.dim=abc"], r"model\.dim: Value 'abc'.*Integer"),
         (["model.tie_embeddings=maybe"], r"model\.tie_embeddings"),

@@ -340,6 +340,10 @@ def test_a_small_moe_trains_on_the_shipped_corpus_and_logs_routing(tmp_path):
     assert [r["layer"] for r in routing] == [1]
     assert routing[0]["tokens_max"] <= 8 * 64 * 2 * 0.5 * 1.25 + 1  # capacity bounds the load
     assert 0 < routing[0]["dropped"] < 1 and records[-2]["aux_loss"] > 0
+    load = routing[0]["load"]  # each expert's share of the routed slots
+    assert len(load) == 4 and sum(load) == pytest.approx(1.0)
+    ratio = routing[0]["tokens_min"] / routing[0]["tokens_max"]
+    assert min(load) / max(load) == pytest.approx(ratio) and min(load) <= 0.25 <= max(load)
     from safetensors.torch import load_file
 
     from moe_lab.store.checkpoint import latest_checkpoint

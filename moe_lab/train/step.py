@@ -114,7 +114,8 @@ def train_step(
 
 
 def routing_record(stats: list[RouterStats], cfg: Config) -> list[dict[str, float]]:
-    """Per MoE layer: load (min, max, coefficient of variation), drops, entropy, losses."""
+    """Per MoE layer: each expert's share of the routed slots, the load's min, max and
+    coefficient of variation, drops, entropy, losses."""
     moe_layers = [i for i in range(cfg.model.n_layers) if cfg.model.moe.is_moe_layer(i)]
     records = []
     for layer, s in zip(moe_layers, stats, strict=True):
@@ -122,6 +123,7 @@ def routing_record(stats: list[RouterStats], cfg: Config) -> list[dict[str, floa
         records.append(
             {
                 "layer": layer,
+                "load": (load / load.sum().clamp(min=1)).tolist(),  # each expert's share
                 "tokens_min": load.min().item(),
                 "tokens_max": load.max().item(),
                 "tokens_cv": (load.std(unbiased=False) / load.mean()).item(),
