@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,11 +179,11 @@ def variant_config(
     bad = [o for o in variant.overrides if o.split("=")[0].strip().startswith("train.max_")]
     if bad:
         raise ConfigError(f"variant {variant.name!r}: the budget is the experiment's, not {bad}")
-    base = Path(exp.dir) / "base.yaml"  # the shared part, as a file load_config can read
-    base.parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(exp.base), base)
     limits = ["train.max_steps=null", "train.max_tokens=null", f"train.max_flops={budget}"]
     extra = [*variant.overrides, *limits, f"run.seed={seed}", f"run.dir={job / 'run'}"]
-    cfg = load_config(base, extra)
+    with tempfile.TemporaryDirectory() as tmp:  # nothing is left behind when a plan is refused
+        base = Path(tmp) / "base.yaml"  # the shared part, as a file load_config can read
+        OmegaConf.save(OmegaConf.create(exp.base), base)
+        cfg = load_config(base, extra)
     get_family(variant.family).check_moe(cfg, variant)
     return cfg

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from moe_lab.config import ConfigError
 from moe_lab.nn.experts.parallel import expert_parameters, gather_experts, shard_experts
 from moe_lab.nn.routing.topk import TopKRouter
+from moe_lab.store.sharded import SafeReader, UnsafeCheckpointError
 
 __all__ = ["Dist", "LossModule", "setup"]
 
@@ -224,7 +225,13 @@ class Dist:
 
         weights, moments = get_state_dict(model, optimizer)
         state = self._experts_as_shards(weights, moments)
-        dcp.load(state, checkpoint_id=path)
+        reader = SafeReader(path)  # no code from the index: see store.sharded
+        try:
+            dcp.load(state, storage_reader=reader)
+        except (Exception, dcp.api.CheckpointException):  # DCP's error is a BaseException
+            if reader.refused is not None:
+                raise UnsafeCheckpointError(f"{path}: {reader.refused}") from None
+            raise
         state = self._experts_as_shards(state["model"], state["optim"], back=True)
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]

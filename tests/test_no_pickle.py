@@ -1,0 +1,68 @@
+"""No load path runs code planted in a checkpoint: DCP's pickled index is read with an allow-list
+(moe_lab.store.sharded), and every other file the loaders read is safetensors, JSON or .npy."""
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moe_lab.store.checkpoint import latest_checkpoint, load_run
+from moe_lab.store.sharded import SafeReader, UnsafeCheckpointError
+from tests.tiny import write_run
+
+
+class Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant(run: Path, marker: Path) -> Path:
+    """Turn ``run``'s checkpoint into a 'sharded' one whose index is a pickle that runs code."""
+    ckpt = latest_checkpoint(run / "checkpoints")
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "sharded").mkdir()
+    (ckpt / "sharded" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    return ckpt
+
+
+def test_the_index_reader_refuses_a_payload(tmp_path):
+    marker = tmp_path / "ran"
+    (tmp_path / "sharded").mkdir()
+    (tmp_path / "sharded" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(UnsafeCheckpointError, match=r"posix.system|os.system|not checkpoint"):
+        SafeReader(tmp_path / "sharded").read_metadata()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("how", ["python", "eval", "generate", "convert", "init_from"])
+def test_no_command_runs_a_planted_checkpoint_index(tmp_path, how):
+    marker = tmp_path / "ran"
+    run = tmp_path / "run"
+    write_run(run)
+    ckpt = plant(run, marker)
+    if how == "python":
+        with pytest.raises(Exception, match="not checkpoint metadata"):
+            load_run(run)
+    else:
+        argv = {
+            "eval": ["eval", str(run)],
+            "generate": ["generate", str(run), "--prompt", "a", "--max-new-tokens", "2"],
+            "convert": ["convert", str(ckpt)],
+            "init_from": [
+                "train",
+                f"train.init_from={ckpt}",
+                f"run.dir={tmp_path / 'b'}",
+                "train.max_steps=1",
+            ],  # fmt: skip
+        }[how]
+        out = subprocess.run(
+            [sys.executable, "-m", "moe_lab", *argv], capture_output=True, text=True
+        )
+        assert out.returncode != 0 and "not checkpoint metadata" in out.stderr, out.stderr[-1500:]
+    assert not marker.exists()
