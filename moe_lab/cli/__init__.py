@@ -164,8 +164,9 @@ def _configure_logging(verbose: bool) -> None:
 def _flag_hint(flag: str) -> str:
     """For ``--max-steps``: the config keys it may have meant (``train.max_steps=...``)."""
     name = flag.lstrip("-").split("=")[0].replace("-", "_")
-    keys = [k for k in config_keys() if k.rsplit(".", 1)[-1] == name]
-    keys = keys or difflib.get_close_matches(name, config_keys(), n=2, cutoff=0.75)
+    every = config_keys()
+    keys = [k for k in every if k.rsplit(".", 1)[-1] == name]
+    keys = keys or difflib.get_close_matches(name, every, n=2, cutoff=0.75)
     hint = " or ".join(f"{k}=..." for k in keys)
     return f" (config keys are key=value overrides: {hint}?)" if hint else ""
 

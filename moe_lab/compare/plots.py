@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_lab.compare.scaling import budget_of
+
 __all__ = ["plot_compare", "plot_scaling"]
 
 
@@ -35,8 +37,8 @@ def plot_scaling(records: list[dict], study: dict, out: Path, baseline: str | No
     for i, name in enumerate(dict.fromkeys(r["name"] for r in records)):
         color = f"C{i}"
         rs = [r for r in records if r["name"] == name]
-        budgets = sorted({r.get("budget_flops", r["train_flops"]) for r in rs})
-        at = [[r for r in rs if r.get("budget_flops", r["train_flops"]) == b] for b in budgets]
+        budgets = sorted({budget_of(r) for r in rs})
+        at = [[r for r in rs if budget_of(r) == b] for b in budgets]
         c = [np.mean([r["train_flops"] for r in group]) for group in at]
         losses = [[r["valid_loss"] for r in group] for group in at]
         mean = np.array([np.mean(v) for v in losses])
@@ -69,8 +71,8 @@ def _groups(records: list[dict], baseline: str, out: Path) -> None:
     """Heatmap at the largest budget: each variant's mean validation loss per group value minus
     the baseline's (blue: lower than the baseline)."""
     plt = _pyplot()
-    top = max(r.get("budget_flops", r["train_flops"]) for r in records)
-    at = [r for r in records if r.get("budget_flops", r["train_flops"]) == top]
+    top = max(budget_of(r) for r in records)
+    at = [r for r in records if budget_of(r) == top]
     keys = sorted({(f, g) for r in at for f, values in r["groups"].items() for g in values})
     names = [n for n in dict.fromkeys(r["name"] for r in at) if n != baseline] or [baseline]
 

@@ -8,7 +8,15 @@ import math
 import numpy as np
 from scipy.optimize import brentq, curve_fit
 
-__all__ = ["BOOTSTRAP", "bootstrap_fits", "crossover", "fit_scaling", "law", "scaling_study"]
+__all__ = [
+    "BOOTSTRAP",
+    "bootstrap_fits",
+    "budget_of",
+    "crossover",
+    "fit_scaling",
+    "law",
+    "scaling_study",
+]
 
 BOOTSTRAP = 200  # resamples behind every interval
 EXTRAPOLATE = (10, 100)  # predictions at these multiples of the largest budget
@@ -48,7 +56,7 @@ def bootstrap_fits(records: list[dict], n: int = BOOTSTRAP, seed: int = 0) -> li
     rng = np.random.default_rng(seed)
     by_budget: dict[float, list[dict]] = {}
     for r in records:
-        by_budget.setdefault(_budget(r), []).append(r)
+        by_budget.setdefault(budget_of(r), []).append(r)
     fits = []
     for _ in range(n):
         sample = [rs[i] for rs in by_budget.values() for i in rng.integers(0, len(rs), len(rs))]
@@ -76,7 +84,7 @@ def crossover(f: dict, g: dict, low: float, high: float) -> float | None:
     return math.exp(brentq(gap, math.log(grid[i]), math.log(grid[i + 1])))
 
 
-def _budget(record: dict) -> float:
+def budget_of(record: dict) -> float:
     """The budget a record was trained for (its achieved FLOPs where it names none)."""
     return record.get("budget_flops", record["train_flops"])
 
@@ -93,8 +101,8 @@ def scaling_study(records: list[dict], baseline: str, n: int = BOOTSTRAP) -> dic
     curves cross (searched up to 1000x the largest budget) with the share of resamples that
     cross there too."""
     names = list(dict.fromkeys(r["name"] for r in records))
-    largest = max(_budget(r) for r in records)
-    smallest = min(_budget(r) for r in records)
+    largest = max(budget_of(r) for r in records)
+    smallest = min(budget_of(r) for r in records)
     fits, boots = {}, {}
     for name in names:
         mine = [r for r in records if r["name"] == name]

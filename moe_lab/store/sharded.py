@@ -13,10 +13,12 @@ from __future__ import annotations
 import pickle
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-__all__ = ["SafeReader", "UnsafeCheckpointError", "load_metadata"]
+__all__ = ["SafeReader", "UnsafeCheckpointError", "load_metadata", "safe_load"]
 
 # Every global a DCP index holds (found by recording them over this library's checkpoints).
 _METADATA = "torch.distributed.checkpoint.metadata"
@@ -83,3 +85,16 @@ class SafeReader(FileSystemReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+def safe_load(state: dict, path, **kwargs) -> None:
+    """``dcp.load(state)`` from ``path`` through :class:`SafeReader`. A refused index is raised as
+    :class:`UnsafeCheckpointError`: DCP would bury it in a ``CheckpointException``, which is a
+    ``BaseException``, as is every error ``dcp.load`` raises."""
+    reader = SafeReader(path)
+    try:
+        dcp.load(state, storage_reader=reader, **kwargs)
+    except (Exception, CheckpointException):
+        if reader.refused is not None:
+            raise UnsafeCheckpointError(f"{path}: {reader.refused}") from None
+        raise

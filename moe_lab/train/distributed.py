@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from moe_lab.config import ConfigError
 from moe_lab.nn.experts.parallel import expert_parameters, gather_experts, shard_experts
 from moe_lab.nn.routing.topk import TopKRouter
-from moe_lab.store.sharded import SafeReader, UnsafeCheckpointError
 
 __all__ = ["Dist", "LossModule", "setup"]
 
@@ -220,18 +219,13 @@ class Dist:
 
     def load_sharded(self, path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """FSDP2: every rank reads its shards of :meth:`save_sharded`'s state (DCP)."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        from moe_lab.store.sharded import safe_load  # DCP, imported when a sharded run needs it
 
         weights, moments = get_state_dict(model, optimizer)
         state = self._experts_as_shards(weights, moments)
-        reader = SafeReader(path)  # no code from the index: see store.sharded
-        try:
-            dcp.load(state, storage_reader=reader)
-        except (Exception, dcp.api.CheckpointException):  # DCP's error is a BaseException
-            if reader.refused is not None:
-                raise UnsafeCheckpointError(f"{path}: {reader.refused}") from None
-            raise
+        safe_load(state, path)  # no code from the checkpoint's index: see store.sharded
         state = self._experts_as_shards(state["model"], state["optim"], back=True)
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]

@@ -95,6 +95,7 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
     params = [p for p in st.model.parameters() if p.requires_grad]
     clip = t.grad_clip if t.grad_clip > 0 else float("inf")
     show = t.progress and main
+    log_every = max(1, total_steps // 10) if show and not sys.stderr.isatty() else 0  # no bar
     bar = tqdm(total=total_steps, initial=st.counters["step"], desc="training", unit="step",
                disable=None if show else True)  # fmt: skip
     loss = float("nan")
@@ -119,8 +120,8 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
             bar.update()
             if step % t.log_every == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if show and not sys.stderr.isatty() and step % max(1, total_steps // 10) == 0:
-                log.info("step %d of %d: loss %.4f", step, total_steps, loss)  # no bar in a file
+            if log_every and step % log_every == 0:
+                log.info("step %d of %d: loss %.4f", step, total_steps, loss)
             if step % t.checkpoint_every == 0 or step == total_steps:
                 st.checkpoint()
             dist.barrier()  # a checkpoint is complete before any rank moves on
