@@ -31,6 +31,7 @@ from moe_lab.cli.experiments import (
 from moe_lab.config import ConfigError
 from moe_lab.config.reference import config_keys
 from moe_lab.data.documents import DataError
+from moe_lab.train.interrupt import TrainingInterrupted
 from moe_lab.train.step import NonFiniteError
 
 __all__ = ["COMMANDS", "main"]
@@ -197,11 +198,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 3
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        where = f" {e}" if isinstance(e, TrainingInterrupted) else ""
         print(
-            f"\nmoe-lab {args.command}: interrupted. Checkpoints are written atomically: rerun the "
-            "same command with run.resume=true to continue a training run (compare resumes by "
-            "itself).",
+            f"\nmoe-lab {args.command}: interrupted{where}. Checkpoints are written atomically: "
+            "rerun the same command with run.resume=true to continue a training run (compare "
+            "resumes by itself).",
             file=sys.stderr,
         )
         return 130

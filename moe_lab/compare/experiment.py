@@ -113,7 +113,9 @@ class ExperimentConfig:
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
     seeds: list[int] = field(default_factory=lambda: [0])
-    base: dict[str, Any] = field(default_factory=dict)  # a moe_lab config shared by all variants
+    # a moe_lab config shared by all variants; a finished job is never resumed, so by default
+    # its checkpoints drop their optimizer states (two thirds of their size)
+    base: dict[str, Any] = field(default_factory=lambda: {"train": {"keep_optimizer": False}})
     variants: list[VariantConfig] = field(default_factory=list)
     baseline: str | None = None  # the variant the others are tested against; None = the first
 

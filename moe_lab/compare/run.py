@@ -33,6 +33,7 @@ from moe_lab.families.loading import load_scorer
 from moe_lab.families.registry import get_family
 from moe_lab.store.checkpoint import load_run, read_json, write_json
 from moe_lab.train.run_dir import RunLock
+from moe_lab.train.threads import cpu_threads
 
 __all__ = ["run_compare", "run_variant"]
 
@@ -56,14 +57,14 @@ def run_variant(
     job.mkdir(parents=True, exist_ok=True)
     save_config(cfg, job / "config.yaml")
     started = time.perf_counter()
-    with RunLock(job):  # one compare at a time per job
+    with RunLock(job), cpu_threads(cfg.run.threads):  # one compare at a time per job
         record = get_family(v.family).run(cfg, v, budget, job)
+        scorer = record.pop("scorer", None)  # how to load the trained variant for scoring
+        if exp.fewshot.tasks:
+            record["fewshot"] = _fewshot(exp.fewshot, scorer, v)
+        if exp.knn.enabled:
+            record["knn"] = _knn(exp.knn, scorer, v)
     wall = time.perf_counter() - started
-    scorer = record.pop("scorer", None)  # how to load the trained variant for scoring
-    if exp.fewshot.tasks:
-        record["fewshot"] = _fewshot(exp.fewshot, scorer, v)
-    if exp.knn.enabled:
-        record["knn"] = _knn(exp.knn, scorer, v)
     record = {
         "name": v.name,
         "family": v.family,

@@ -90,11 +90,16 @@ class TrainConfig:
     eval_batch_size: int | None = None
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    # false: a finished run drops its checkpoints' optimizer states (most of their size); it can
+    # still be evaluated, exported and branched from (init_from), but no longer resumed
+    keep_optimizer: bool = True
     on_nonfinite: str = "raise"  # raise: stop before the optimizer step | skip: skip and count
     spike_window: int = 64  # loss-spike detector: losses above mean + sigma * std of the window
     spike_sigma: float = 6.0
     spike_action: str = "log"  # none | log | skip
-    tensorboard: bool = False
+    tensorboard: bool = False  # also log each step's numbers to RUN_DIR/tensorboard
+    wandb: bool = False  # also to Weights & Biases (WANDB_MODE=offline works without a network)
+    wandb_project: str = "moe_lab"
     progress: bool = True  # tqdm bar (only on a terminal)
     # start from the weights of a run directory or checkpoint (fresh optimizer, step 0): how
     # branch-train-merge branches experts from a seed model (C-BTM's --finetune-from-model)
@@ -288,10 +293,19 @@ class RunConfig:
     dir: str = "runs/default"
     seed: int = 0
     resume: bool = False  # continue from the latest complete checkpoint in dir
+    overwrite: bool = False  # delete the run already in dir and start again
     restore_rng: bool = True  # false only to show that resuming without RNG state diverges
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    # torch's CPU threads; null = the cores other processes leave free (OMP_NUM_THREADS, if set)
+    threads: int | None = None
 
     def validate(self, prefix: str = "run") -> None:
+        require(
+            not (self.resume and self.overwrite),
+            f"{prefix}.resume and {prefix}.overwrite ask for opposite things: set one",
+        )
+        if self.threads is not None:
+            positive_int(self.threads, f"{prefix}.threads")
         ok = self.device in ("auto", "cpu", "cuda") or (
             self.device.startswith("cuda:") and self.device[5:].isdigit()
         )

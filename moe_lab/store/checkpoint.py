@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe_lab.config import load_config
+from moe_lab.config import ConfigError, load_config
 from moe_lab.data.tokenizer import load_tokenizer
 from moe_lab.nn.model import build_model
 from moe_lab.store.weights import WeightsMismatchError, load_weights
@@ -35,7 +35,9 @@ __all__ = [
     "read_json",
     "capture_rng",
     "convert_checkpoint",
+    "drop_optimizer_states",
     "find_checkpoint",
+    "has_optimizer_state",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -237,13 +239,34 @@ def load_checkpoint(
     return read_training_state(path, restore_rng_state)
 
 
+def has_optimizer_state(path: Path) -> bool:
+    """Whether checkpoint ``path`` holds an optimizer state (``train.keep_optimizer=false`` drops
+    it once a run has finished)."""
+    return (path / "optimizer.json").is_file()
+
+
 def read_optimizer_state(path: Path) -> dict:
     """The optimizer state dict of checkpoint ``path``, on CPU (the optimizer moves its moments
     to their parameters when it loads them)."""
     _require_complete(path)
+    if not has_optimizer_state(path):
+        raise ConfigError(
+            f"{path} holds no optimizer state (its run finished with train.keep_optimizer=false): "
+            "it can be evaluated, exported or branched from with train.init_from, not resumed"
+        )
     return _optimizer_state(
         read_json(path / "optimizer.json"), load_file(path / "optimizer.safetensors")
     )
+
+
+def drop_optimizer_states(directory: Path) -> None:
+    """Delete the optimizer state of every checkpoint in ``directory`` (``train.keep_optimizer=
+    false``); the weights, RNG and training state stay. Sharded checkpoints keep theirs: there
+    it is interleaved with the weights."""
+    for checkpoint in list_checkpoints(directory):
+        # The JSON half goes last: a checkpoint has optimizer state exactly while it is there.
+        for name in ("optimizer.safetensors", "optimizer.json"):
+            (checkpoint / name).unlink(missing_ok=True)
 
 
 def read_training_state(path: Path, restore_rng_state: bool = True) -> dict:

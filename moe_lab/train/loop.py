@@ -24,14 +24,17 @@ from tqdm.auto import tqdm
 from moe_lab.budget import planned_steps
 from moe_lab.config import Config, ConfigError, save_config
 from moe_lab.eval.evaluate import evaluate
-from moe_lab.store.checkpoint import write_json
+from moe_lab.store.checkpoint import drop_optimizer_states, write_json
 from moe_lab.train.distributed import Dist
 from moe_lab.train.distributed import setup as setup_distributed
 from moe_lab.train.hooks import RouterBias
+from moe_lab.train.interrupt import GracefulInterrupt, TrainingInterrupted
 from moe_lab.train.plots import plot_loss_curve
 from moe_lab.train.run_dir import RunLock, prepare_run_dir, truncate_metrics
 from moe_lab.train.state import TrainData, TrainState, prepare_data
 from moe_lab.train.step import NonFiniteError, train_step
+from moe_lab.train.threads import cpu_threads
+from moe_lab.train.trackers import check_trackers, open_trackers
 
 __all__ = ["TrainResult", "train"]
 
@@ -59,7 +62,8 @@ def train(cfg: Config, scope=None) -> TrainResult:
     cfg.validate()
     dist = setup_distributed(cfg.parallel.dp, cfg.run.device)
     try:
-        with RunLock(Path(cfg.run.dir)) if dist.is_main else contextlib.nullcontext():
+        lock = RunLock(Path(cfg.run.dir)) if dist.is_main else contextlib.nullcontext()
+        with lock, cpu_threads(cfg.run.threads):
             result = _train(cfg, scope, dist)
     except BaseException:
         dist.close(failed=True)
@@ -78,19 +82,42 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
     total_steps = planned_steps(cfg, dist.world)
     # Data first: any problem with it is reported before the run directory is touched.
     data = prepare_data(cfg, dist.world, resume_from)
-    writer_class = _tensorboard() if t.tensorboard else None
+    check_trackers(cfg)
     st = TrainState(cfg, dist, device, data.batches, scope)
     st.load_weights(resume_from)
     st.distribute()
     if resume_from is not None:
-        st.resume(resume_from)
+        st.resume(resume_from, total_steps)
     elif main:
         _start_run_dir(cfg, data)
     dist.barrier()
-    writer = writer_class(str(run_dir / "tensorboard")) if writer_class and main else None
+    trackers = open_trackers(cfg, run_dir) if main else []
 
+    with open(run_dir / "metrics.jsonl", "a") if main else contextlib.nullcontext() as metrics:
+        loss = _steps(st, data, total_steps, scope, metrics, trackers)
+        result = _final_evaluation(st, data, metrics)
+    for tracker in trackers:
+        tracker.log({"valid_loss": result["overall"]["loss"]}, st.counters["step"])
+        tracker.close()
+    if main:
+        plot_loss_curve(run_dir)
+        if not t.keep_optimizer:
+            drop_optimizer_states(run_dir / "checkpoints")
+    result = dist.broadcast(result)
+    c = st.counters
+    skipped = c["skipped_nonfinite"] + c["skipped_spikes"]
+    valid_loss = result["overall"]["loss"]
+    return TrainResult(
+        run_dir, c["step"], c["tokens"], c["flops"], loss, valid_loss, skipped, c["wall_s"]
+    )
+
+
+def _steps(st: TrainState, data: TrainData, total_steps: int, scope, metrics, trackers) -> float:
+    """Train from the current step to ``total_steps``, logging and checkpointing; return the last
+    step's loss. Ctrl-C stops at the next step boundary, after a checkpoint."""
+    t, dist, run_dir, main = st.cfg.train, st.dist, Path(st.cfg.run.dir), st.dist.is_main
     st.step_loss = torch.compile(st.step_loss) if t.compile else st.step_loss
-    autocast = _autocast(device, t.precision)
+    autocast = _autocast(st.device, t.precision)
     hooks = [h for h in (scope, RouterBias.of(st.model, dist)) if h is not None]
     params = [p for p in st.model.parameters() if p.requires_grad]
     clip = t.grad_clip if t.grad_clip > 0 else float("inf")
@@ -100,50 +127,40 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
                disable=None if show else True)  # fmt: skip
     loss = float("nan")
     st.model.train()
-    with open(run_dir / "metrics.jsonl", "a") if main else contextlib.nullcontext() as metrics:
+    with GracefulInterrupt(enabled=dist.world == 1) as interrupt:
         while st.counters["step"] < total_steps:
             record = train_step(st, total_steps, autocast, hooks, params, clip)
             step, loss = record["step"], record["loss"]
             if t.eval_every and step % t.eval_every == 0 and step < total_steps:
                 scored_model = st.evaluation_model()
                 if main:
-                    valid = evaluate(scored_model, data.valid, t.seq_len, t.eval_batch, device,
+                    valid = evaluate(scored_model, data.valid, t.seq_len, t.eval_batch, st.device,
                                      t.eval_max_batches)  # fmt: skip
                     record["valid_loss"] = valid["overall"]["loss"]
             if main:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-            if writer is not None:
-                for key in ("loss", "lr", "grad_norm", "tokens_per_s", "valid_loss"):
-                    if key in record:
-                        writer.add_scalar(key, record[key], step)
+            for tracker in trackers:
+                tracker.log(record, step)
             bar.update()
             if step % t.log_every == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if log_every and step % log_every == 0:
                 log.info("step %d of %d: loss %.4f", step, total_steps, loss)
-            if step % t.checkpoint_every == 0 or step == total_steps:
+            if step % t.checkpoint_every == 0 or step == total_steps or interrupt.requested:
                 st.checkpoint()
             dist.barrier()  # a checkpoint is complete before any rank moves on
-        bar.close()
-        c = st.counters
-        if c["step"] and c["skipped_nonfinite"] + c["skipped_spikes"] == c["step"]:
-            raise NonFiniteError(
-                f"every one of the {c['step']} steps was skipped (non-finite or spiking loss): "
-                f"nothing was learned; lower train.lr, or remove {run_dir} and start again"
-            )
-        result = _final_evaluation(st, data, metrics)
-    if writer is not None:
-        writer.close()
-    if main:
-        plot_loss_curve(run_dir)
-    result = dist.broadcast(result)
+            if interrupt.requested and step < total_steps:
+                bar.close()
+                raise TrainingInterrupted(run_dir, step)
+    bar.close()
     c = st.counters
-    skipped = c["skipped_nonfinite"] + c["skipped_spikes"]
-    valid_loss = result["overall"]["loss"]
-    return TrainResult(
-        run_dir, c["step"], c["tokens"], c["flops"], loss, valid_loss, skipped, c["wall_s"]
-    )
+    if c["step"] and c["skipped_nonfinite"] + c["skipped_spikes"] == c["step"]:
+        raise NonFiniteError(
+            f"every one of the {c['step']} steps was skipped (non-finite or spiking loss): "
+            "nothing was learned; lower train.lr and rerun with run.overwrite=true"
+        )
+    return loss
 
 
 def _final_evaluation(st: TrainState, data: TrainData, metrics) -> dict | None:
@@ -169,14 +186,6 @@ def _start_run_dir(cfg: Config, data: TrainData) -> None:
     truncate_metrics(run_dir / "metrics.jsonl", 0)  # resume=true before any checkpoint
     save_config(cfg, run_dir / "config.yaml")
     data.tokenizer.save(run_dir / "tokenizer")
-
-
-def _tensorboard():
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ConfigError("train.tensorboard needs tensorboard: pip install tensorboard") from e
-    return SummaryWriter
 
 
 def _device(spec: str, local_rank: int = 0) -> torch.device:

@@ -8,6 +8,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -42,8 +43,11 @@ RESUMABLE_KEYS = {
     "train.eval_batch_size",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.keep_optimizer",
     "train.progress",
     "train.tensorboard",
+    "train.wandb",
+    "train.wandb_project",
     "train.on_nonfinite",
     "train.spike_action",
     "train.compile",
@@ -51,6 +55,7 @@ RESUMABLE_KEYS = {
     "run.resume",
     "run.restore_rng",
     "run.device",
+    "run.threads",
     "data.cache_dir",
 }
 
@@ -76,10 +81,12 @@ def prepare_run_dir(cfg: Config) -> Path | None:
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if not cfg.run.resume:
         if (run_dir / "metrics.jsonl").exists() or ckpt is not None:
-            raise ConfigError(
-                f"run.dir {run_dir} already holds a run; set run.resume=true to continue it "
-                "or choose another run.dir"
-            )
+            if not cfg.run.overwrite:
+                raise ConfigError(
+                    f"run.dir {run_dir} already holds a run: set run.resume=true to continue "
+                    "it, run.overwrite=true to replace it, or choose another run.dir"
+                )
+            _clear(run_dir)
         return None
     if ckpt is None:
         return None
@@ -96,6 +103,18 @@ def prepare_run_dir(cfg: Config) -> Path | None:
             "new length, so the run no longer matches an uninterrupted one"
         )
     return ckpt
+
+
+def _clear(run_dir: Path) -> None:
+    """Remove a run's files for ``run.overwrite``; the lock the caller holds stays."""
+    log.warning("run.overwrite=true: deleting the run in %s", run_dir)
+    for entry in run_dir.iterdir():
+        if entry.name == RunLock.FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def init_checkpoint(path: Path) -> Path:
@@ -128,12 +147,16 @@ class RunLock:
     drops the lock when its process dies, however it dies, so a lock file left by a dead
     process is simply taken over."""
 
+    FILE = ".lock"
+
     def __init__(self, directory: Path) -> None:
-        self.path = Path(directory) / ".lock"
+        self.path = Path(directory) / self.FILE
         self._file = None
         self._created = False
 
     def __enter__(self) -> RunLock:
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise ConfigError(f"{self.path.parent} is a file, not a directory")
         self._created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's life

@@ -16,6 +16,7 @@ from moe_lab.data.tokenizer import Tokenizer, load_tokenizer
 from moe_lab.nn.model import build_model
 from moe_lab.store.checkpoint import (
     SHARDED,
+    has_optimizer_state,
     load_checkpoint,
     read_optimizer_state,
     read_training_state,
@@ -115,8 +116,9 @@ class TrainState:
             self.model, cfg, self.scope, fused=not fsdp2, mixed_dtensors=fsdp2 and cfg.parallel.ep
         )
 
-    def resume(self, checkpoint: Path) -> None:
-        """Optimizer, counters, data order and spike history from ``checkpoint``."""
+    def resume(self, checkpoint: Path, total_steps: int) -> None:
+        """Optimizer, counters, data order and spike history from ``checkpoint``, to train on
+        to ``total_steps``."""
         dist = self.dist
         saved = read_training_state(checkpoint, self.cfg.run.restore_rng)
         if (saved_world := saved.get("world", dist.world)) != dist.world:
@@ -127,7 +129,9 @@ class TrainState:
             )
         if dist.mode == "fsdp2":
             dist.load_sharded(checkpoint / SHARDED, self.model, self.optimizer)
-        else:
+        elif saved["step"] < total_steps or has_optimizer_state(checkpoint):
+            # A finished run that dropped its optimizer state (train.keep_optimizer=false) can
+            # still be "resumed" with nothing left to train: it is re-evaluated.
             full = read_optimizer_state(checkpoint)
             self.optimizer.load_state_dict(dist.local_optimizer_state(full, self.optimizer))
         # Checkpoints written before wall_s was counted resume with the time they did not count.
