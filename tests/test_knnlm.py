@@ -287,7 +287,7 @@ def test_bad_inputs_fail_with_clear_errors(setup, tmp_path):
     empty = TokenStore(
         tokens=np.zeros(0, np.uint16), offsets=np.zeros(1, np.int64),
         n_bytes=np.zeros(0, np.int64), group_codes=np.zeros((0, 0), np.int32),
-        group_fields=[], group_values=[], bos_id=256,
+        group_fields=[], group_values=[], bos_id=256, fingerprint="",
     )  # fmt: skip
     with pytest.raises(ValueError, match="empty"):
         build_datastore(model, empty, tmp_path / "e", seq_len=SEQ_LEN)

@@ -26,6 +26,7 @@ def plant(run: Path, marker: Path) -> Path:
     """Turn ``run``'s checkpoint into a 'sharded' one whose index is a pickle that runs code."""
     ckpt = latest_checkpoint(run / "checkpoints")
     (ckpt / "model.safetensors").unlink()
+    (ckpt / "checksums.json").unlink()  # whoever plants a file can drop the checksums too
     (ckpt / "sharded").mkdir()
     (ckpt / "sharded" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     return ckpt

@@ -167,3 +167,16 @@ def test_weights_and_biases_logs_every_step_offline(tmp_path, lang_files, monkey
     assert logged[3]["valid_loss"] == pytest.approx(result.valid_loss, rel=1e-12)
     run_id = (result.run_dir / "wandb-id").read_text()  # a resume continues this W&B run
     assert list(result.run_dir.glob(f"wandb/offline-run-*-{run_id}"))
+
+
+def test_resume_refuses_training_data_changed_by_one_word(tmp_path, lang_files):
+    """Same size, same block count, one word different: the tokens' fingerprint differs."""
+    train_file, _ = lang_files
+    train(_cfg(tmp_path, lang_files, "train.max_steps=2"))
+    text = train_file.read_text()
+    changed = text.replace('"the cat', '"the dog', 1)
+    assert changed != text and len(changed) == len(text)
+    train_file.write_text(changed)
+    cfg = load_config(tmp_path / "run" / "config.yaml", ["run.resume=true", "train.max_steps=4"])
+    with pytest.raises(ValueError, match="training data changed since the checkpoint .its tokens"):
+        train(cfg)

@@ -39,6 +39,7 @@ class TokenStore:
     group_fields: list[str]
     group_values: list[list[str]]
     bos_id: int
+    fingerprint: str  # hash of the tokens: a checkpoint records it, a resume compares it
 
     @property
     def n_docs(self) -> int:
@@ -80,9 +81,20 @@ def _store_key(ds: datasets.Dataset, tokenizer: Tokenizer, text_field, group_fie
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def _content_hash(tokens_file: Path) -> str:
+    """The fingerprint of a store built before stores recorded theirs."""
+    hasher = hashlib.blake2b(digest_size=16)
+    with open(tokens_file, "rb") as f:
+        while chunk := f.read(1 << 24):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
 def _open_store(path: Path) -> TokenStore:
     meta = json.loads((path / "meta.json").read_text())
+    fingerprint = meta.get("fingerprint") or _content_hash(path / "tokens.bin")
     return TokenStore(
+        fingerprint=fingerprint,
         tokens=np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r"),
         offsets=np.load(path / "offsets.npy"),
         n_bytes=np.load(path / "n_bytes.npy"),
@@ -130,6 +142,7 @@ def build_store(
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".building-"))
     try:
         offsets, n_bytes = [0], []
+        hasher = hashlib.blake2b(digest_size=16)  # of the bytes written: _content_hash's value
         with open(tmp / "tokens.bin", "wb") as f:
             bar = tqdm(total=len(ds), desc="tokenizing", unit="doc", disable=None, leave=False)
             for batch in ds.iter(batch_size=1000):
@@ -137,6 +150,7 @@ def build_store(
                 for text, ids in zip(texts, tokenizer.encode_batch(texts), strict=True):
                     doc = np.array([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=dtype)
                     f.write(doc.tobytes())
+                    hasher.update(doc.tobytes())
                     offsets.append(offsets[-1] + len(doc))
                     n_bytes.append(len(text.encode("utf-8")))
                 bar.update(len(texts))
@@ -150,6 +164,7 @@ def build_store(
             "group_values": values,
             "bos_id": tokenizer.bos_id,
             "n_tokens": offsets[-1],
+            "fingerprint": hasher.hexdigest(),
         }
         (tmp / "meta.json").write_text(json.dumps(meta))  # written last: marks the store complete
         try:
@@ -235,6 +250,7 @@ class TrainBatches:
             "pos": list(self.pos),
             "seed": self.seed,
             "n_blocks": list(self.n_blocks),
+            "fingerprint": self.store.fingerprint,
         }
 
     def load_state_dict(self, state: dict, restore_rng: bool = True) -> None:
@@ -245,6 +261,12 @@ class TrainBatches:
                 f"the training data changed since the checkpoint ({state['n_blocks']} blocks of "
                 f"train.seq_len per group, now {self.n_blocks}): resume needs the same data, "
                 "or start a new run.dir"
+            )
+        if state.get("fingerprint", self.store.fingerprint) != self.store.fingerprint:
+            raise ValueError(
+                "the training data changed since the checkpoint (its tokens hash to "
+                f"{self.store.fingerprint}, the checkpoint's to {state['fingerprint']}): resume "
+                "needs the same data, or start a new run.dir"
             )
         self.epoch, self.pos = list(state["epoch"]), list(state["pos"])
         if restore_rng:

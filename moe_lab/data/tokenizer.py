@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_lab import checksums
+
 __all__ = [
     "BPETokenizer",
     "ByteTokenizer",
@@ -45,6 +47,14 @@ class Tokenizer:
         raise NotImplementedError
 
     def save(self, directory: Path) -> None:
+        """Write the tokenizer into ``directory`` (what :func:`load_tokenizer` reads back), with
+        the checksums of its files."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._write(directory)
+        checksums.record(directory)
+
+    def _write(self, directory: Path) -> None:
         raise NotImplementedError
 
     def fingerprint(self) -> str:
@@ -66,8 +76,7 @@ class ByteTokenizer(Tokenizer):
         ids = np.asarray(ids if isinstance(ids, (list, np.ndarray)) else list(ids), dtype=np.int64)
         return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
-    def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+    def _write(self, directory: Path) -> None:
         (directory / "tokenizer_config.json").write_text(json.dumps({"kind": "byte"}))
 
     def fingerprint(self) -> str:
@@ -89,7 +98,11 @@ class BPETokenizer(Tokenizer):
     def from_file(cls, path: Path) -> BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
-        return cls(HFTokenizer.from_file(str(path)))
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"{path} is not a readable tokenizer.json ({e})") from None
+        return cls(tok)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -100,8 +113,7 @@ class BPETokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids))
 
-    def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+    def _write(self, directory: Path) -> None:
         self._tok.save(str(directory / "tokenizer.json"))
         (directory / "tokenizer_config.json").write_text(json.dumps({"kind": "bpe"}))
 
@@ -135,7 +147,10 @@ class SentencePieceTokenizer(Tokenizer):
                 f"loading {path} needs sentencepiece: pip install sentencepiece"
             ) from e
         self._path = Path(path)
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path} is not a readable sentencepiece model ({e})") from None
         self.vocab_size = self._sp.get_piece_size()
         self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
@@ -147,8 +162,7 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode(list(ids))
 
-    def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+    def _write(self, directory: Path) -> None:
         shutil.copyfile(self._path, directory / "tokenizer.model")
         (directory / "tokenizer_config.json").write_text(json.dumps({"kind": "sentencepiece"}))
 
@@ -189,6 +203,7 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         return ByteTokenizer()
     path = Path(spec)
     if path.is_dir():
+        checksums.verify(path)
         config = path / "tokenizer_config.json"
         kind = json.loads(config.read_text())["kind"] if config.is_file() else None
         if kind == "byte":

@@ -24,8 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from moe_lab import checksums
+from moe_lab.checksums import ChecksumError
 from moe_lab.config import ConfigError, load_config
 from moe_lab.data.tokenizer import load_tokenizer
 from moe_lab.nn.model import build_model
@@ -42,6 +45,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "load_run",
+    "read_safetensors",
     "read_optimizer_state",
     "read_training_state",
     "restore_rng",
@@ -75,10 +79,35 @@ def write_json(path: Path, obj: object) -> None:
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write ``tensors`` as one safetensors file atomically (see :func:`write_json`)."""
+    """Write ``tensors`` as one safetensors file atomically (see :func:`write_json`), its
+    checksum recorded for :func:`read_safetensors`."""
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, tmp)
     tmp.rename(path)
+    checksums.add(path)
+
+
+def read_safetensors(path: Path, device="cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file the library wrote, checked: against its recorded
+    checksum, readable, and finite (weights holding NaN or inf are refused, not evaluated).
+
+    Raises:
+        ChecksumError: the file is missing, damaged or cut short, or holds non-finite values.
+    """
+    path = Path(path)
+    checksums.verify(path.parent, [path.name])
+    try:
+        tensors = load_file(path, device=str(device))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except (SafetensorError, OSError) as e:
+        raise ChecksumError(f"{path} cannot be read ({e}): damaged or cut short?") from None
+    bad = next(
+        (k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all()), None
+    )
+    if bad is not None:
+        raise ChecksumError(f"{path} holds non-finite values (NaN or inf) in {bad}")
+    return tensors
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -201,6 +230,7 @@ def save_checkpoint(
             (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
         save_file(rng_tensors, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_meta}))
+        checksums.record(tmp)
         (tmp / MARKER).write_text(str(step))
         _fsync_dir(tmp)
         if final.exists():  # a re-run of the same step replaces its older copy
@@ -230,9 +260,10 @@ def load_checkpoint(
     _require_complete(path)
     device = next(model.parameters()).device
     if (path / "model.safetensors").is_file():
-        weights = load_file(path / "model.safetensors", device=str(device))
+        weights = read_safetensors(path / "model.safetensors", device)
         load_weights(model, weights, source=str(path / "model.safetensors"), assign=False)
     else:
+        checksums.verify(path)
         model.load_state_dict(_sharded_weights(path, model))
     if optimizer is not None:
         optimizer.load_state_dict(read_optimizer_state(path))
@@ -254,8 +285,9 @@ def read_optimizer_state(path: Path) -> dict:
             f"{path} holds no optimizer state (its run finished with train.keep_optimizer=false): "
             "it can be evaluated, exported or branched from with train.init_from, not resumed"
         )
+    checksums.verify(path, ["optimizer.json"])
     return _optimizer_state(
-        read_json(path / "optimizer.json"), load_file(path / "optimizer.safetensors")
+        read_json(path / "optimizer.json"), read_safetensors(path / "optimizer.safetensors")
     )
 
 
@@ -263,18 +295,21 @@ def drop_optimizer_states(directory: Path) -> None:
     """Delete the optimizer state of every checkpoint in ``directory`` (``train.keep_optimizer=
     false``); the weights, RNG and training state stay. Sharded checkpoints keep theirs: there
     it is interleaved with the weights."""
+    names = ("optimizer.safetensors", "optimizer.json")
     for checkpoint in list_checkpoints(directory):
+        checksums.forget(checkpoint, names)
         # The JSON half goes last: a checkpoint has optimizer state exactly while it is there.
-        for name in ("optimizer.safetensors", "optimizer.json"):
+        for name in names:
             (checkpoint / name).unlink(missing_ok=True)
 
 
 def read_training_state(path: Path, restore_rng_state: bool = True) -> dict:
     """Checkpoint ``path``'s ``state.json`` (step, data position, ...); optionally restore RNGs."""
     _require_complete(path)
+    checksums.verify(path, ["state.json"])
     state = read_json(path / "state.json")
     if restore_rng_state:
-        restore_rng(state["rng"], load_file(path / "rng.safetensors"))
+        restore_rng(state["rng"], read_safetensors(path / "rng.safetensors"))
     return state
 
 

@@ -16,7 +16,12 @@ from moe_lab import budget
 from moe_lab.config import ConfigError, save_config
 from moe_lab.data.documents import CORPUS_DIR, load_documents, narrowed
 from moe_lab.ensembles.directory import collect_manifest
-from moe_lab.store.checkpoint import latest_checkpoint, write_json, write_safetensors
+from moe_lab.store.checkpoint import (
+    latest_checkpoint,
+    read_safetensors,
+    write_json,
+    write_safetensors,
+)
 from moe_lab.train.loop import train
 
 __all__ = ["Shard", "expert_budgets", "train_experts"]
@@ -85,8 +90,6 @@ def train_experts(
     Returns:
         The manifest: per expert its files, seed, budget, steps, tokens, FLOPs, validation loss.
     """
-    from safetensors.torch import load_file
-
     out = Path(out_dir)
     if seed is None and cfg.data.tokenizer == "bpe":
         raise ConfigError(
@@ -112,7 +115,7 @@ def train_experts(
         result = train(replace(cfg, data=data_cfg, train=train_cfg, run=run_cfg))
         ckpt = latest_checkpoint(result.run_dir / "checkpoints")
         weights = expert_dir / "expert.safetensors"
-        write_safetensors(weights, load_file(ckpt / "model.safetensors"))
+        write_safetensors(weights, read_safetensors(ckpt / "model.safetensors"))
         entry = {
             "name": name,
             "index": index,

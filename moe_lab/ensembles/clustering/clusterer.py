@@ -25,6 +25,7 @@ from sklearn.feature_extraction.text import (
     TfidfVectorizer,
 )
 
+from moe_lab import checksums
 from moe_lab.ensembles.clustering.kmeans import BalancedKMeans, nearest_centroid
 from moe_lab.store.checkpoint import read_json
 
@@ -197,12 +198,14 @@ class Clusterer:
         np.save(directory / "idf.npy", self.idf)
         np.save(directory / "svd_components.npy", self.components)
         np.save(directory / "centroids.npy", self.kmeans.centroids)
+        checksums.record(directory)
 
     @classmethod
     def load(cls, directory: str | Path) -> Clusterer:
         directory = Path(directory)
         if not (directory / "clusterer.json").is_file():
             raise FileNotFoundError(f"{directory} holds no clusterer.json")
+        checksums.verify(directory)
         meta = read_json(directory / "clusterer.json")
         self = cls(
             meta["k"], meta["n_components"], meta["hashing"], meta["hash_bits"], meta["seed"]

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from moe_lab import checksums
 from moe_lab.data.packing import IGNORE, TokenStore, eval_rows
 from moe_lab.data.policy import AccessPolicy
 from moe_lab.data.tokenizer import Tokenizer
@@ -87,6 +88,7 @@ class Datastore:
         self.path = Path(path)
         if not (self.path / "manifest.json").is_file():
             raise FileNotFoundError(f"{self.path} is not a kNN-LM datastore (no manifest.json)")
+        checksums.verify(self.path)  # every file: a flipped bit in a key would go unnoticed
         self.manifest = read_json(self.path / "manifest.json")
         for name in ARRAYS:
             setattr(self, name, np.load(self.path / f"{name}.npy", mmap_mode="r"))
@@ -187,6 +189,8 @@ class Datastore:
         index.save(self.path / f"index-{spec.kind}.faiss")
         self.manifest["indexes"][spec.kind] = asdict(spec)
         write_json(self.path / "manifest.json", self.manifest)
+        checksums.add(self.path / f"index-{spec.kind}.faiss")
+        checksums.add(self.path / "manifest.json")
         self._indexes[spec.kind] = index
         return index
 
@@ -303,6 +307,7 @@ def build_datastore(
             "indexes": {},
         }
         write_json(tmp / "manifest.json", manifest)
+        checksums.record(tmp)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)

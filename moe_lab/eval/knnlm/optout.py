@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_lab import checksums
 from moe_lab.eval.knnlm.datastore import ARRAYS, Datastore
 from moe_lab.eval.knnlm.index import IndexSpec, KnnIndex
 from moe_lab.store.checkpoint import write_json
@@ -86,6 +87,7 @@ def opt_out(
                 index = KnnIndex.build(new_keys, new_ids, spec, progress)
             index.save(tmp / f"index-{kind}.faiss")
         write_json(tmp / "manifest.json", manifest)
+        checksums.record(tmp)
         del new_keys, new_ids
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -31,7 +31,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from moe_lab import budget
 from moe_lab.config import Config, ConfigError, ModelConfig, load_config, save_config
@@ -44,6 +43,7 @@ from moe_lab.nn.model import Transformer, build_model
 from moe_lab.store.checkpoint import (
     latest_checkpoint,
     read_json,
+    read_safetensors,
     save_checkpoint,
     write_json,
     write_safetensors,
@@ -211,7 +211,8 @@ def _branch(cfg: Config, out: Path, n_domains: int) -> Path:
     if (shared / "done").exists():
         return shared
     seed = build_model(cfg.model)
-    load_weights(seed, load_file(_final_weights(public_run)))  # top_k differs, not the shapes
+    # top_k differs, not the shapes
+    load_weights(seed, read_safetensors(_final_weights(public_run)))
     with torch.no_grad():
         for moe in (m for m in seed.modules() if isinstance(m, MoE)):
             public_rows = expert_rows(moe, 0)
@@ -235,7 +236,7 @@ def _train_domain(phase: Config, domain: str, index: int, shared: Path) -> None:
         weights = _domain_rows(run_dir, shared, phase, index)
     else:
         result = train(phase)
-        weights = load_file(_final_weights(run_dir))
+        weights = read_safetensors(_final_weights(run_dir))
     write_safetensors(expert_dir / "expert.safetensors", weights)
     entry = {
         "domain": domain,
@@ -277,8 +278,8 @@ def _manifest(cfg: Config, domains: list[str], experts: dict, public_run: Path) 
 def _domain_rows(run_dir: Path, seed_dir: Path, cfg: Config, index: int) -> dict:
     """Expert ``index``'s rows from a domain run, after checking that nothing else changed."""
     seed, trained = build_model(cfg.model), build_model(cfg.model)
-    load_weights(seed, load_file(_final_weights(seed_dir)))
-    load_weights(trained, load_file(_final_weights(run_dir)))
+    load_weights(seed, read_safetensors(_final_weights(seed_dir)))
+    load_weights(trained, read_safetensors(_final_weights(run_dir)))
     rows, owned = {}, set()
     for name, moe in trained.named_modules():
         if isinstance(moe, MoE):
@@ -315,7 +316,7 @@ class IFCModel:
 
 def _read(path: Path, device) -> dict[str, torch.Tensor]:
     """The only way :func:`load_ifc` opens a weight file (tests watch it)."""
-    return load_file(path, device=str(device))
+    return read_safetensors(path, device)
 
 
 def load_ifc(
