@@ -253,3 +253,31 @@ def test_generation_stops_at_eos_and_respects_max_seq_len():
         generate(model, prompt, 62)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
         generate(model, prompt, -1)
+
+
+def test_token_ids_are_checked_at_the_model_boundary():
+    """torch would raise a bare IndexError for an id outside the vocabulary, and score a target
+    of -5 exactly as target 0; both are refused with the tensor named."""
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_hidden=64, vocab_size=50, max_seq_len=16)
+    model = build_model(cfg)
+    ids = torch.randint(0, 50, (2, 8))
+    targets = ids.roll(-1, 1)
+    model.loss(ids, targets.masked_fill(targets > 40, -100))  # in range, and -100: fine
+    for bad, match in [
+        (ids.masked_fill(ids == ids[0, 3], 50), r"input_ids holds 50, outside \[0, 50\)"),
+        (ids - 60, r"input_ids holds -\d+, outside \[0, 50\)"),
+        (ids.float(), "must be a \\[batch, tokens\\] integer tensor, got torch.float32"),
+        (ids[0], r"integer tensor, got torch.int64 of shape \(8,\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            model(bad)
+        with pytest.raises(ValueError, match=match):
+            model.loss(bad, targets)
+    bad_targets = targets.clone()
+    bad_targets[1, 2] = -5
+    with pytest.raises(ValueError, match=r"targets holds -5, outside \[0, 50\) or -100"):
+        model.loss(ids, bad_targets)
+    with pytest.raises(ValueError, match="targets shape"):
+        model.loss(ids, targets[:, :4])
+    with pytest.raises(ValueError, match="input_ids holds 77"):
+        generate(model, torch.tensor([[1, 77]]), 2)

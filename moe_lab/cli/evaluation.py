@@ -193,6 +193,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     """Continue a prompt with a run's latest checkpoint."""
     import torch
 
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # undecodable bytes in argv arrive as lone surrogates
+        raise ConfigError(
+            f"--prompt is not valid UTF-8 text (an undecodable byte at character {e.start})"
+        ) from None
     ifc = _load_ifc(args, "cpu")
     if ifc is not None and ifc.model is None:  # ensemble form: the permitted experts, uniformly
         _generate_ensemble(args, ifc.experts, ifc.tokenizer)

@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from moe_lab.config import Config, ConfigError, load_config
-from moe_lab.config.load import suggest_key
+from moe_lab.config.load import read_yaml_mapping, suggest_key
 from moe_lab.families.base import VariantConfig
 from moe_lab.families.registry import FAMILIES, get_family
 
@@ -145,7 +145,7 @@ def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> Exper
     try:
         merged = OmegaConf.merge(
             OmegaConf.structured(ExperimentConfig),
-            OmegaConf.load(path) if path else OmegaConf.create(),
+            read_yaml_mapping(path) if path else OmegaConf.create(),
             OmegaConf.from_dotlist(list(overrides)),
         )
         exp = OmegaConf.to_object(merged)

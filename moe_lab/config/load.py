@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from moe_lab.config.base import ConfigError, require
@@ -34,8 +34,10 @@ __all__ = [
     "load_config",
     "load_model_preset",
     "model_presets",
+    "read_yaml_mapping",
     "save_config",
     "suggest_key",
+    "yaml_error",
 ]
 
 PRESET_DIR = Path(__file__).parent.parent / "configs" / "model"
@@ -195,7 +197,7 @@ def load_config(
     preset, dotlist = _split_overrides(overrides)
     try:
         layers = [OmegaConf.structured(schema)]
-        raw = OmegaConf.load(path) if path is not None else OmegaConf.create()
+        raw = read_yaml_mapping(path) if path is not None else OmegaConf.create()
         if isinstance(raw.get("model"), str):
             preset_in_file = raw.pop("model")
             layers.append(OmegaConf.create({"model": OmegaConf.load(_preset_path(preset_in_file))}))
@@ -215,6 +217,26 @@ def load_config(
         raise ConfigError(f"{key}{str(e.msg).splitlines()[0]}") from None
     cfg.validate()
     return cfg
+
+
+def yaml_error(path: str | Path, e: yaml.YAMLError) -> str:
+    """``FILE, line N: not valid YAML (what the parser found)``."""
+    mark = getattr(e, "problem_mark", None)
+    where = f", line {mark.line + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{path}{where}: not valid YAML ({problem})"
+
+
+def read_yaml_mapping(path: str | Path) -> DictConfig:
+    """A YAML file of ``key: value`` sections, with a one-line error naming the file (and the
+    line) when it is malformed or holds something else, such as a list."""
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise ConfigError(yaml_error(path, e)) from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping of config sections, not a list")
+    return node
 
 
 def save_config(cfg: object, path: str | Path) -> None:

@@ -9,7 +9,9 @@ the file, the record and the field, raised before anything is written into a run
 from __future__ import annotations
 
 import gzip
+import json
 import logging
+import zlib
 from pathlib import Path
 
 import datasets
@@ -44,17 +46,31 @@ def _format_of(path: Path) -> str | None:
     return _FORMATS.get(suffixes[-1]) if suffixes else None
 
 
-def _check_utf8(path: Path) -> None:
-    """Fail with the line number of the first invalid UTF-8 byte sequence in a text-like file."""
+def _check_lines(path: Path) -> None:
+    """Fail with the line number of the first invalid UTF-8 byte sequence in a text-like file,
+    or of the first line of a ``.jsonl`` file that is not a JSON record; a damaged or cut-short
+    ``.gz`` is named too (datasets would report a bare zlib or EOF error)."""
     opener = gzip.open if path.suffix == ".gz" else open
     if path.suffix in (".bz2", ".xz", ".zst"):
         return  # left to the loader, which names the file
-    with opener(path, "rb") as f:
-        for line_no, line in enumerate(f, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}, line {line_no}: invalid UTF-8 ({e.reason})") from None
+    json_lines = ".jsonl" in path.suffixes
+    line_no = 0
+    try:
+        with opener(path, "rb") as f:
+            for line_no, line in enumerate(f, start=1):
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}, line {line_no}: invalid UTF-8 ({e.reason})") from None
+                if json_lines and text.strip():
+                    try:
+                        json.loads(text)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}, line {line_no}: not valid JSON ({e})") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(
+            f"{path}: the compressed file is damaged or cut short after line {line_no} ({e})"
+        ) from None
 
 
 def _load_one(source: str, text_field: str) -> datasets.Dataset:
@@ -73,7 +89,7 @@ def _load_one(source: str, text_field: str) -> datasets.Dataset:
     if path.stat().st_size == 0:
         raise DataError(f"{source}: no records (empty file)")
     if fmt != "parquet":
-        _check_utf8(path)
+        _check_lines(path)
     kwargs = {"sample_by": "document"} if fmt == "text" else {}
     try:
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from moe_lab.config.load import yaml_error
+
 __all__ = ["AccessPolicy", "PolicyError"]
 
 
@@ -58,7 +60,11 @@ class AccessPolicy:
         path = Path(path)
         if not path.is_file():
             raise PolicyError(f"access policy {str(path)!r} does not exist")
-        return cls.from_dict(yaml.safe_load(path.read_text()), str(path))
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise PolicyError(f"access policy {yaml_error(path, e)}") from None
+        return cls.from_dict(raw, str(path))
 
     def permitted(self, principal: str, public: str, domains: Iterable[str]) -> list[str]:
         """The domains ``principal`` may use: ``public`` first, then its grants in model order.

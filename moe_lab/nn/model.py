@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 from moe_lab.config import ModelConfig, RopeScalingConfig
 from moe_lab.nn.causal_attention import causal_attention
 from moe_lab.nn.experts import build_ffn
-from moe_lab.nn.losses import fused_linear_cross_entropy
+from moe_lab.nn.losses import IGNORE_INDEX, fused_linear_cross_entropy
 from moe_lab.nn.routing import RouterStats, moe_aux_loss
 
 __all__ = ["KVCache", "ModelOutput", "RMSNorm", "Transformer", "build_model", "rope_frequencies"]
@@ -300,12 +300,14 @@ class Transformer(nn.Module):
         cross-entropy over ``forward(...).logits``; see :mod:`moe_lab.nn.losses`.
         """
         h, aux_loss, routing = self.hidden_states(input_ids, doc_ids)
+        _check_ids("targets", targets, self.cfg.vocab_size, input_ids.shape)
         return fused_linear_cross_entropy(h, self.head_weight, targets), aux_loss, routing
 
     def hidden_states(
         self, input_ids: Tensor, doc_ids: Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[Tensor, Tensor, list[RouterStats]]:
         """Final normalised hidden states ``[B, T, D]``, the auxiliary loss, the routing stats."""
+        _check_ids("input_ids", input_ids, self.cfg.vocab_size)
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if past + T > self.cfg.max_seq_len:
@@ -345,6 +347,27 @@ class Transformer(nn.Module):
         else:
             aux_loss = torch.zeros((), device=h.device, dtype=torch.float32)
         return self.norm(h), aux_loss, routing
+
+
+def _check_ids(name: str, ids: Tensor, vocab: int, shape: torch.Size | None = None) -> None:
+    """Refuse ids the embedding or the loss would misread: torch reports an id outside the
+    vocabulary as a bare IndexError (or a CUDA assert), and a negative target other than -100 is
+    silently scored as another token. One reduction and one host sync per call; skipped while
+    ``torch.compile`` traces, where a data-dependent branch would split the graph."""
+    if ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must be a [batch, tokens] integer tensor, got "
+                         f"{ids.dtype} of shape {tuple(ids.shape)}")  # fmt: skip
+    if shape is not None and ids.shape != shape:
+        raise ValueError(f"{name} shape {tuple(ids.shape)} != input_ids {tuple(shape)}")
+    if ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    targets = name == "targets"
+    outside = (ids < 0) | (ids >= vocab)
+    if targets:
+        outside &= ids != IGNORE_INDEX
+    if outside.any():
+        allowed = f"[0, {vocab})" + (f" or {IGNORE_INDEX} (no loss)" if targets else "")
+        raise ValueError(f"{name} holds {ids[outside][0].item()}, outside {allowed}")
 
 
 def build_model(
