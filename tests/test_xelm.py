@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from moe_lab import cli
 from moe_lab.accounting import estimate
 from moe_lab.config import ConfigError, load_config
 from moe_lab.data.documents import (
@@ -169,6 +170,25 @@ def test_the_experiment_reports_every_language_next_to_a_dense_baseline_of_equal
         assert f"| {lang} |" in result["table"]
     assert (tmp_path / "report.json").is_file()
     assert torch.isfinite(torch.tensor(list(result["loss"]["X-ELM + added"].values()))).all()
+
+    # The README's way to grow a finished run: the same command with another language added.
+    index = {"languages.json", "manifest.json", "report.json"}  # what adding a language extends
+    before = {
+        p: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in tmp_path.rglob("*")
+        if p.is_file() and p.name not in index and p.name != ".lock"
+    }
+    args = [*BASE, "train.max_steps=8", "xelm.languages=[de,ru]", "xelm.add=[nl,pt]"]
+    assert cli.main(["xelm", *args, f"run.dir={tmp_path}"]) == 0
+    grown = json.loads((tmp_path / "report.json").read_text())
+    assert grown["added"] == {"nl": "de", "pt": grown["added"]["pt"]}
+    assert "| pt | pt (added, from" in grown["table"]
+    assert grown["loss"]["dense (joint, alpha sampling)"]["de"] == result["loss"][
+        "dense (joint, alpha sampling)"
+    ]["de"]
+    for path, (mtime, digest) in before.items():  # every existing file untouched
+        assert path.stat().st_mtime_ns == mtime, path
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, path
 
 
 def test_a_second_call_after_adding_a_language_retrains_nothing(xelm, monkeypatch):

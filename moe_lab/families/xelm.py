@@ -258,8 +258,11 @@ def run_xelm_experiment(cfg: Config) -> dict:
         train=replace(cfg.train, max_steps=None, max_tokens=None, max_flops=xelm_flops),
         run=replace(cfg.run, dir=str(out / "dense"), resume=True),
     )
-    dense = train(dense_cfg)
-    _, model, tokenizer = load_run(dense.run_dir)
+    dense_dir = out / "dense"
+    if not (dense_dir / "eval.json").exists():  # finished: left as it is (a language was added)
+        train(dense_cfg)
+    dense_flops = read_json(dense_dir / "eval.json")["flops"]
+    _, model, tokenizer = load_run(dense_dir)
     eval_cfg = replace(cfg, data=narrowed(cfg.data, {x.lang_field: plan["languages"]}))
     store = validation_store(eval_cfg, tokenizer)
     columns = {
@@ -283,7 +286,7 @@ def run_xelm_experiment(cfg: Config) -> dict:
         cells = [f"{loss[name][lang]:.4f}" for name in columns]
         table.append(f"| {lang} | {owner[lang]}{added} | " + " | ".join(cells) + " |")
     result = {
-        "train_flops": {"xelm_round1": xelm_flops, "dense": dense.flops},
+        "train_flops": {"xelm_round1": xelm_flops, "dense": dense_flops},
         "groups": plan["groups"],
         "added": plan["added"],
         "loss": loss,

@@ -60,6 +60,11 @@ RESUMABLE_KEYS = {
 }
 
 
+# Sections the training loop never reads: the experiments that orchestrate runs (a language added
+# to an X-ELM run, a new access policy) may change them and still resume or reuse finished runs.
+NOT_TRAINING = ("cluster", "ensemble", "ifc", "xelm")
+
+
 def _flat(cfg: Config) -> dict[str, object]:
     container = OmegaConf.to_container(OmegaConf.structured(cfg))
     flat: dict[str, object] = {}
@@ -91,7 +96,11 @@ def prepare_run_dir(cfg: Config) -> Path | None:
     if ckpt is None:
         return None
     old, new = _flat(load_config(run_dir / "config.yaml")), _flat(cfg)
-    changed = sorted(k for k, v in new.items() if old.get(k) != v and k not in RESUMABLE_KEYS)
+    changed = sorted(
+        k
+        for k, v in new.items()
+        if old.get(k) != v and k not in RESUMABLE_KEYS and k.split(".")[0] not in NOT_TRAINING
+    )
     if changed:
         raise ConfigError(
             f"cannot resume {run_dir} with a different {', '.join(changed)}; only "
