@@ -67,3 +67,25 @@ def test_no_command_runs_a_planted_checkpoint_index(tmp_path, how):
         )
         assert out.returncode != 0 and "not checkpoint metadata" in out.stderr, out.stderr[-1500:]
     assert not marker.exists()
+
+
+def test_a_payload_stored_as_a_non_tensor_entry_is_refused(tmp_path):
+    """DCP reads non-tensor entries with an unrestricted torch.load, and the index (here a genuine
+    one, allowed classes only) says which entries those are: a weight can be one."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from moe_lab.store.sharded import safe_load
+
+    marker = tmp_path / "ran"
+    dcp.save({"model": {"w": Payload(marker)}}, checkpoint_id=tmp_path / "sharded", no_dist=True)
+    template = {"model": {"w": torch.zeros(2)}}
+    with pytest.raises(UnsafeCheckpointError, match="entry model.w is a pickle"):
+        safe_load(template, tmp_path / "sharded", no_dist=True)
+    assert not marker.exists()
+    # Plain values (an optimizer's hyperparameters) still load.
+    dcp.save({"optim": {"lr": 0.5, "betas": (0.9, 0.95)}}, checkpoint_id=tmp_path / "ok",
+             no_dist=True)  # fmt: skip
+    loaded = {"optim": {"lr": 0.0, "betas": (0.0, 0.0)}}
+    safe_load(loaded, tmp_path / "ok", no_dist=True)
+    assert loaded == {"optim": {"lr": 0.5, "betas": (0.9, 0.95)}}

@@ -5,20 +5,23 @@ and its index in ``.metadata``, which it reads with a bare ``pickle.load``: a cr
 ``.metadata`` would run its payload in any command that loads the checkpoint. :class:`SafeReader`
 reads that index with an unpickler that builds only the classes a DCP index is made of (DCP's
 metadata dataclasses, ``torch.Size``, dtypes and layouts, paths) and refuses every other global,
-as ``torch.load(weights_only=True)`` does for tensors.
+as ``torch.load(weights_only=True)`` does for tensors. DCP's non-tensor entries are pickles too,
+which it reads unrestricted: :class:`SafePlanner` reads them with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-__all__ = ["SafeReader", "UnsafeCheckpointError", "load_metadata", "safe_load"]
+__all__ = ["SafePlanner", "SafeReader", "UnsafeCheckpointError", "load_metadata", "safe_load"]
 
 # Every global a DCP index holds (found by recording them over this library's checkpoints).
 _METADATA = "torch.distributed.checkpoint.metadata"
@@ -87,14 +90,41 @@ class SafeReader(FileSystemReader):
         return metadata
 
 
+class SafePlanner(DefaultLoadPlanner):
+    """DCP's load planner, its non-tensor items read with ``torch.load(weights_only=True)``.
+
+    DCP stores non-tensor values (the optimizer's hyperparameters) as pickles and reads them with
+    ``weights_only=False``; the index decides which entries are such values, so a crafted index
+    could mark a weight as one and point it at a payload."""
+
+    refused: UnsafeCheckpointError | None = None
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            self.refused = UnsafeCheckpointError(
+                f"the checkpoint entry {read_item.dest_index.fqn} is a pickle of something other "
+                f"than plain values: refused (it could run code): {str(e).splitlines()[0]}"
+            )
+            raise self.refused from None
+        # DCP's own bookkeeping places the value: handed the checked value, re-serialised, its
+        # unrestricted torch.load can only rebuild plain values.
+        checked = io.BytesIO()
+        torch.save(loaded, checked)
+        checked.seek(0)
+        super().load_bytes(read_item, checked)
+
+
 def safe_load(state: dict, path, **kwargs) -> None:
-    """``dcp.load(state)`` from ``path`` through :class:`SafeReader`. A refused index is raised as
-    :class:`UnsafeCheckpointError`: DCP would bury it in a ``CheckpointException``, which is a
-    ``BaseException``, as is every error ``dcp.load`` raises."""
-    reader = SafeReader(path)
+    """``dcp.load(state)`` from ``path`` through :class:`SafeReader` and :class:`SafePlanner`.
+    A refused index or entry is raised as :class:`UnsafeCheckpointError`: DCP would bury it in a
+    ``CheckpointException``, which is a ``BaseException``, as is every error ``dcp.load`` raises."""
+    reader, planner = SafeReader(path), SafePlanner()
     try:
-        dcp.load(state, storage_reader=reader, **kwargs)
+        dcp.load(state, storage_reader=reader, planner=planner, **kwargs)
     except (Exception, CheckpointException):
-        if reader.refused is not None:
-            raise UnsafeCheckpointError(f"{path}: {reader.refused}") from None
+        refused = reader.refused or planner.refused
+        if refused is not None:
+            raise UnsafeCheckpointError(f"{path}: {refused}") from None
         raise
