@@ -112,7 +112,9 @@ def test_run_config_keys_are_shorthand_for_base_and_one_path_is_a_list(tmp_path)
     path = tmp_path / "exp.yaml"
     path.write_text("budget: {train_flops: 1.0e12}\nvariants: [{name: dense}]\n")
     exp = load_experiment(path, ["data.train_files=a.jsonl", "train.lr=1e-3"])
-    assert exp.base == {"data": {"train_files": "a.jsonl"}, "train": {"lr": 1e-3}}
+    # compare's own default (finished jobs drop optimizer states) sits under the user's keys
+    train = {"keep_optimizer": False, "lr": 1e-3}
+    assert exp.base == {"data": {"train_files": "a.jsonl"}, "train": train}
     cfg = load_config(None, ["data.train_files=a.jsonl", "data.valid_files=[b.jsonl]"])
     assert cfg.data.train_files == ["a.jsonl"] and cfg.data.valid_files == ["b.jsonl"]
     (tmp_path / "run.yaml").write_text("data: {train_files: c.jsonl}\n")
