@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from moe_lab.cli.evaluation import cmd_eval, cmd_generate, cmd_harness, cmd_knn
+from moe_lab.cli.evaluation import cmd_eval, cmd_generate, cmd_harness, cmd_knn, cmd_routing
 from moe_lab.cli.experiments import (
     cmd_cluster,
     cmd_compare,
@@ -93,6 +93,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", required=True, help="a new directory for the transformers model")
 
 
+def _routing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a directory written by moe-lab train (an MoE model)")
+    p.add_argument("--out", help="where routing.json and the figures go (default RUN_DIR/routing)")
+    p.add_argument("--max-tokens", type=int, default=200_000, help="validation tokens to route")
+
+
 def _info_args(p: argparse.ArgumentParser) -> None:
     _with_config(p)
     p.add_argument("--seq-len", type=int, default=None, help="context (default: max)")
@@ -116,6 +122,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable]] = {
     ),
     "knn": (cmd_knn, _knn_args),
     "export": (cmd_export, _export_args),
+    "routing": (cmd_routing, _routing_args),
 }
 
 
@@ -135,6 +142,7 @@ EXAMPLES = {
     "convert": "moe-lab convert runs/fsdp",
     "knn": "moe-lab knn build runs/mine --index flat",
     "export": "moe-lab export runs/mine --to runs/mine-hf",
+    "routing": "moe-lab routing runs/moe --max-tokens 50000",
 }
 
 

@@ -1,4 +1,4 @@
-"""The subcommands that score or run a trained directory: eval, harness, knn, generate."""
+"""The subcommands that score or run a trained directory: eval, harness, knn, generate, routing."""
 
 from __future__ import annotations
 
@@ -24,12 +24,13 @@ from moe_lab.eval.knnlm.run import (
     format_knn_report,
     opt_out_run,
 )
+from moe_lab.eval.routing_run import analyze_run
 from moe_lab.eval.scoring import TransformerScorer
 from moe_lab.families.ifc.experiment import evaluate_ifc
 from moe_lab.families.loading import ensemble_routing, load_ifc_dir, load_scorer
 from moe_lab.store.checkpoint import load_run, read_json, write_json
 
-__all__ = ["cmd_eval", "cmd_generate", "cmd_harness", "cmd_knn"]
+__all__ = ["cmd_eval", "cmd_generate", "cmd_harness", "cmd_knn", "cmd_routing"]
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -269,3 +270,32 @@ def _generate_ensemble(args: argparse.Namespace, experts=None, tokenizer=None) -
         torch.Generator().manual_seed(args.seed),
     )
     print(args.prompt + tokenizer.decode(ids[len(prompt) :]))
+
+
+def cmd_routing(args: argparse.Namespace) -> None:
+    """What an MoE run's routers learned: usage per group, top tokens, co-activation, saturation."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = analyze_run(args.run_dir, args.out, args.max_tokens, device, args.overrides)
+    E, layers = report["experts"], report["layers"]
+    print(f"{report['tokens']:,d} validation tokens, {E} experts, top-{report['top_k']}")
+    print("layer  usage entropy (bits)  dead experts  busiest expert")
+    for layer, usage in zip(layers, report["usage"], strict=True):
+        share = usage["share"]
+        top = max(range(E), key=share.__getitem__)
+        entropy = f"{usage['entropy_bits']:.2f} of {usage['max_entropy_bits']:.2f}"
+        print(f"{layer:5d}  {entropy:20s}  {len(usage['dead']):12d}  {top} ({share[top]:.0%})")
+    for field, values in report["groups"].items():
+        tops = []
+        for value, shares in sorted(values.items()):
+            last = shares[-1]
+            e = max(range(E), key=last.__getitem__)
+            tops.append(f"{value}->{e} ({last[e]:.0%})")
+        print(f"last MoE layer, busiest expert per {field}: {', '.join(tops)}")
+    sat = report["saturation"]
+    steps = zip(sat["steps"], sat["values"], strict=True)
+    print("saturation (share of the final top-k already chosen): "
+          + ", ".join(f"step {step}: {value:.2f}" for step, value in steps))  # fmt: skip
+    out = Path(report["figures"][0]).parent
+    print(f"wrote {out / 'routing.json'} and {len(report['figures'])} figures")

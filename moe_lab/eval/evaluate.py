@@ -9,6 +9,7 @@ bits) by the UTF-8 bytes of the text, which makes models with different tokenize
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from moe_lab.data.documents import load_splits
 from moe_lab.data.packing import IGNORE, TokenStore, build_store, cache_root, eval_rows
+from moe_lab.eval.routing import RouterTap, usage_by_group, usage_summary
 from moe_lab.nn.losses import token_nll
 from moe_lab.nn.model import Transformer
 
@@ -39,12 +41,15 @@ def document_nll(
     device: torch.device | str = "cpu",
     max_batches: int | None = None,
     progress: bool = False,
+    routed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed NLL (nats) and number of scored tokens for every document: two ``[D]`` arrays.
 
     With ``max_batches`` only part of the documents is scored (the others keep zero tokens),
     taken in a fixed random order so that every group is represented, not just the first ones;
     a document the last batch cut short is left out whole, or its bytes would count in full.
+    ``routed`` (``[D, L, E]``, an MoE model's) receives each document's (token, slot)
+    assignments to each expert of each MoE layer.
     """
     was_training = model.training
     model.eval()
@@ -52,23 +57,38 @@ def document_nll(
     count = np.zeros(store.n_docs, dtype=np.int64)
     bar = tqdm(desc="evaluating", unit="batch", disable=None if progress else True, leave=False)
     order = None if max_batches is None else np.random.default_rng(0).permutation(store.n_docs)
-    for i, batch in enumerate(eval_rows(store, seq_len, batch_size, order)):
-        if max_batches is not None and i >= max_batches:
-            break
-        ids, doc_ids = batch["input_ids"].to(device), batch["doc_ids"].to(device)
-        targets = batch["targets"].to(device)
-        h, _, _ = model.hidden_states(ids, doc_ids)  # logits in chunks, never all [B, T, V]
-        losses = token_nll(h, model.head_weight, targets).flatten()
-        scored = (targets.flatten() != IGNORE).cpu().numpy()
-        docs = batch["doc_index"].flatten().numpy()[scored]
-        np.add.at(nll, docs, losses.cpu().double().numpy()[scored])
-        np.add.at(count, docs, 1)
-        bar.update()
+    tap = RouterTap(model) if routed is not None else contextlib.nullcontext()
+    with tap:
+        for i, batch in enumerate(eval_rows(store, seq_len, batch_size, order)):
+            if max_batches is not None and i >= max_batches:
+                break
+            ids, doc_ids = batch["input_ids"].to(device), batch["doc_ids"].to(device)
+            targets = batch["targets"].to(device)
+            h, _, _ = model.hidden_states(ids, doc_ids)  # logits in chunks, never all [B, T, V]
+            losses = token_nll(h, model.head_weight, targets).flatten()
+            scored = (targets.flatten() != IGNORE).cpu().numpy()
+            docs = batch["doc_index"].flatten().numpy()[scored]
+            np.add.at(nll, docs, losses.cpu().double().numpy()[scored])
+            np.add.at(count, docs, 1)
+            if routed is not None:
+                _count_routes(routed, tap.pop(), docs, scored)
+            bar.update()
     bar.close()
     partial = count < np.diff(store.offsets) - 1  # targets: every token after BOS
     nll[partial], count[partial] = 0.0, 0
+    if routed is not None:
+        routed[partial] = 0
     model.train(was_training)
     return nll, count
+
+
+def _count_routes(routed: np.ndarray, indices: list[torch.Tensor], docs, scored) -> None:
+    """Add one batch's expert choices (``[B * T, K]`` per MoE layer) to ``routed [D, L, E]``."""
+    D, _, E = routed.shape
+    for layer, idx in enumerate(indices):
+        idx = idx.cpu().numpy()[scored]  # the scored positions: real tokens, not padding
+        flat = np.repeat(docs, idx.shape[1]) * E + idx.reshape(-1)
+        routed[:, layer] += np.bincount(flat, minlength=D * E).reshape(D, E)
 
 
 def _metrics(nll: float, tokens: int, n_bytes: int, docs: int) -> dict[str, float]:
@@ -113,6 +133,20 @@ def evaluate(
     max_batches: int | None = None,
     progress: bool = False,
 ) -> dict:
-    """Loss, perplexity and bits per byte, overall and per group value (see :func:`summarize`)."""
-    nll, count = document_nll(model, store, seq_len, batch_size, device, max_batches, progress)
-    return summarize(nll, count, store)
+    """Loss, perplexity and bits per byte, overall and per group value (see :func:`summarize`);
+    for an MoE model also ``routing``: each expert's share of the assignments per MoE layer,
+    overall (with dead experts and the usage entropy) and per group value."""
+    routers = RouterTap(model).routers
+    routed = None
+    if routers:
+        routed = np.zeros((store.n_docs, len(routers), routers[0].cfg.num_experts), np.int64)
+    nll, count = document_nll(
+        model, store, seq_len, batch_size, device, max_batches, progress, routed
+    )
+    result = summarize(nll, count, store)
+    if routed is not None:
+        result["routing"] = {
+            "layers": usage_summary(routed),
+            "groups": usage_by_group(routed, store),
+        }
+    return result
