@@ -36,6 +36,8 @@ MOE = [  # 4 experts, so each of 2 expert-parallel ranks holds 2
 ]
 
 
+MOE_GLOBAL = [*MOE, "model.moe.lbl_granularity=global_batch", "train.grad_accum=2"]
+
 # The multi-process runs, name -> (processes, arguments): global batch 4, like their
 # one-process references "single" (dense) and "moe", which take the batch of 4 in one process.
 # The "ep2-of-4" runs split each copy of the experts over 2 ranks and keep 2 copies.
@@ -47,6 +49,9 @@ PARALLEL = {
     "moe-ep": (2, [*MOE, "train.batch_size=2", "parallel.dp=ddp", "parallel.ep=true"]),
     "moe-ep2-of-4": (4, [*EP2, "parallel.dp=ddp"]),
     "moe-ep2-of-4-fsdp2": (4, [*EP2, "parallel.dp=fsdp2"]),
+    # balancing over the global batch: two micro-batches accumulated, loads summed over both
+    # ranks and both micro-batches; the reference "moe-global" takes 2 x 2 sequences alone
+    "moe-global-ddp": (2, [*MOE_GLOBAL, "train.batch_size=1", "parallel.dp=ddp"]),
     # rank 0 alone builds a model to evaluate mid-run: that must not move its generator
     "moe-fsdp2-jitter-eval": (
         2,
@@ -112,6 +117,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     train(root / "single", "train.batch_size=4")
     train(root / "moe", *MOE, "train.batch_size=4")
+    train(root / "moe-global", *MOE_GLOBAL, "train.batch_size=2")
     out = {name: train(root / name, *args, world=n) for name, (n, args) in PARALLEL.items()}
     return root, out["ddp"]
 
@@ -166,6 +172,11 @@ def test_moe_on_several_processes_matches_one_process(runs, mode):
     biases = [v for k, v in weights(root / "moe").items() if k.endswith("expert_bias")]
     assert sum(b.abs().sum() for b in biases) > 0  # the balancing bias did move
     assert_same_training(root / "moe", root / mode)
+
+
+def test_global_batch_balancing_on_two_processes_matches_one_process(runs):
+    root, _ = runs
+    assert_same_training(root / "moe-global", root / "moe-global-ddp")
 
 
 @pytest.mark.parametrize(

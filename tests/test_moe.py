@@ -350,3 +350,65 @@ def test_a_small_moe_trains_on_the_shipped_corpus_and_logs_routing(tmp_path):
 
     state = load_file(latest_checkpoint(result.run_dir / "checkpoints") / "model.safetensors")
     assert state["layers.1.feed_forward.router.expert_bias"].abs().sum() > 0  # bias learned
+
+
+@pytest.mark.parametrize("form", ["switch", "olmo", "megablocks", "mixtral"])
+def test_the_sequence_granularity_is_the_mean_of_each_sequence_alone(form):
+    """Each sequence routed by itself (micro-batch granularity on a batch of one) gives the
+    per-sequence formula; the sequence granularity must be their mean."""
+    moe = {"num_experts": 4, "top_k": 2, "expert_hidden": 24, "lbl": form, "z_loss_weight": 0.0}
+    base = ModelConfig(dim=D, n_layers=3, n_heads=2, ffn_hidden=32, vocab_size=40,
+                       init_std=0.3, moe=MoEConfig(**moe))  # fmt: skip
+    per_seq = replace(base, moe=MoEConfig(**moe, lbl_granularity="sequence"))
+    torch.manual_seed(0)
+    model = build_model(per_seq)
+    alone = build_model(base)
+    alone.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 40, (5, 12))
+    aux = model(ids).aux_loss
+    expected = torch.stack([alone(ids[b : b + 1]).aux_loss for b in range(5)]).mean()
+    torch.testing.assert_close(aux, expected)
+    assert not torch.allclose(aux, alone(ids).aux_loss)  # the batch's own loss differs
+    aux.backward()  # the per-sequence probabilities carry the gradient to the router
+    assert model.layers[0].feed_forward.router.gate.weight.grad.abs().sum() > 0
+
+
+def test_global_batch_loads_add_up_over_the_micro_batches_of_a_step():
+    layer = _moe(lbl_granularity="global_batch").train()
+    local = _moe()
+    local.load_state_dict(layer.state_dict())
+    local.train()
+    x1, x2, x3 = (torch.randn(2, 10, D) for _ in range(3))
+    first = layer(x1)[1].slot_counts_KE
+    second = layer(x2)[1]
+    alone = [local(x)[1] for x in (x1, x2)]
+    torch.testing.assert_close(first, alone[0].slot_counts_KE)
+    torch.testing.assert_close(second.slot_counts_KE, first + alone[1].slot_counts_KE)
+    # f over both micro-batches, P of the second: E * sum_e f_e P_e with f of the first choices
+    f = second.slot_counts_KE[0] / second.slot_counts_KE[0].sum()
+    torch.testing.assert_close(
+        load_balancing_loss([second], "switch"), 4 * (f * second.probs_E).sum()
+    )
+    layer.router.reset_step_counts()  # the loop's GlobalBatchLoads hook, after every step
+    torch.testing.assert_close(layer(x3)[1].slot_counts_KE, local(x3)[1].slot_counts_KE)
+    layer.eval()  # evaluation neither adds to nor reads the step's loads
+    torch.testing.assert_close(layer(x1)[1].slot_counts_KE, local.eval()(x1)[1].slot_counts_KE)
+
+
+def test_global_batch_loads_cover_exactly_one_step_in_training(tmp_path):
+    """The logged load of each step is the step's two micro-batches, never earlier steps'."""
+    import json
+
+    from moe_lab.train.loop import train
+
+    overrides = ["model.moe.num_experts=2", "model.moe.top_k=1",
+                 "model.moe.lbl_granularity=global_batch", "train.grad_accum=2",
+                 "train.batch_size=2", "train.seq_len=32", "train.max_steps=3",
+                 "train.progress=false", f"run.dir={tmp_path / 'moe'}"]  # fmt: skip
+    result = train(load_config(overrides=overrides))
+    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines if "routing" in x]
+    assert len(records) == 3
+    for record in records:
+        for layer in record["routing"]:
+            assert layer["tokens_min"] + layer["tokens_max"] == 2 * 2 * 32  # 2 micro-batches

@@ -69,7 +69,7 @@ def test_usage_per_group_equals_a_naive_count(routed):
         expected = [c[e] / total for e in range(routes.num_experts)]
         assert usage[field][value][layer] == pytest.approx(expected, abs=1e-12)
     summary = usage_summary(routed_per_document(routes, store.n_docs))
-    for layer, s in enumerate(summary):
+    for s in summary:
         assert sum(s["share"]) == pytest.approx(1.0)
         assert s["entropy_bits"] <= s["max_entropy_bits"] + 1e-12
 
@@ -143,7 +143,9 @@ def test_the_routing_command_writes_numbers_and_figures(tmp_path, capsys):
     assert len(report["groups"]["domain"]) >= 4  # documents sampled across the whole set
     for name in ("usage-domain.png", "usage-lang.png", "coactivation.png", "saturation.png"):
         assert (run / "routing" / name).stat().st_size > 0
-    assert "saturation (share of the final top-k already chosen): step 1:" in capsys.readouterr().out
+    assert "saturation (share of the final top-k already chosen): step 1:" in (
+        capsys.readouterr().out
+    )
     dense = tmp_path / "dense"
     write_run(dense)
     assert cli.main(["routing", str(dense)]) == 2

@@ -183,9 +183,10 @@ def test_the_experiment_reports_every_language_next_to_a_dense_baseline_of_equal
     grown = json.loads((tmp_path / "report.json").read_text())
     assert grown["added"] == {"nl": "de", "pt": grown["added"]["pt"]}
     assert "| pt | pt (added, from" in grown["table"]
-    assert grown["loss"]["dense (joint, alpha sampling)"]["de"] == result["loss"][
-        "dense (joint, alpha sampling)"
-    ]["de"]
+    assert (
+        grown["loss"]["dense (joint, alpha sampling)"]["de"]
+        == result["loss"]["dense (joint, alpha sampling)"]["de"]
+    )
     for path, (mtime, digest) in before.items():  # every existing file untouched
         assert path.stat().st_mtime_ns == mtime, path
         assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, path

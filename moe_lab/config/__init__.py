@@ -13,7 +13,14 @@ from moe_lab.config.load import (
     model_presets,
     save_config,
 )
-from moe_lab.config.model import LBL_FORMS, MOE_BACKENDS, ModelConfig, MoEConfig, RopeScalingConfig
+from moe_lab.config.model import (
+    LBL_FORMS,
+    LBL_GRANULARITIES,
+    MOE_BACKENDS,
+    ModelConfig,
+    MoEConfig,
+    RopeScalingConfig,
+)
 from moe_lab.config.sections import (
     ClusterConfig,
     DataConfig,
@@ -27,6 +34,7 @@ from moe_lab.config.sections import (
 
 __all__ = [
     "LBL_FORMS",
+    "LBL_GRANULARITIES",
     "MOE_BACKENDS",
     "PRESET_DIR",
     "ClusterConfig",

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 from moe_lab.config.base import choice, positive_float, positive_int, require
 
-__all__ = ["LBL_FORMS", "MOE_BACKENDS", "ModelConfig", "MoEConfig", "RopeScalingConfig"]
+__all__ = [
+    "LBL_FORMS",
+    "LBL_GRANULARITIES",
+    "MOE_BACKENDS",
+    "ModelConfig",
+    "MoEConfig",
+    "RopeScalingConfig",
+]
 
 
 @dataclass
@@ -37,6 +44,7 @@ class RopeScalingConfig:
 
 
 LBL_FORMS = ("switch", "megablocks", "olmo", "mixtral", "none")  # moe_lab.nn.routing.losses
+LBL_GRANULARITIES = ("micro_batch", "sequence", "global_batch")
 MOE_BACKENDS = ("reference", "megablocks", "auto")
 
 
@@ -65,6 +73,10 @@ class MoEConfig:
     jitter: float = 0.0  # multiply router input by U(1 - jitter, 1 + jitter) while training
     lbl: str = "switch"
     lbl_weight: float = 0.01
+    # the tokens whose loads f enter the balancing loss: micro_batch (one forward pass, of every
+    # data-parallel rank) | sequence (each sequence alone, averaged; DeepSeek-V3's sequence-wise
+    # loss) | global_batch (also summed over the step's accumulated micro-batches so far)
+    lbl_granularity: str = "micro_batch"
     z_loss_weight: float = 0.001  # w * mean(logsumexp(logits)^2), summed over layers (ST-MoE)
     bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing bias (DeepSeek-V3), 1e-3 typical
     shared_expert_hidden: int = 0  # > 0: a dense SwiGLU every token also goes through
@@ -82,6 +94,7 @@ class MoEConfig:
             positive_float(self.capacity_factor, f"{p}.capacity_factor")
         choice(self.score, ("softmax", "sigmoid"), f"{p}.score")
         choice(self.lbl, LBL_FORMS, f"{p}.lbl")
+        choice(self.lbl_granularity, LBL_GRANULARITIES, f"{p}.lbl_granularity")
         choice(self.backend, MOE_BACKENDS, f"{p}.backend")
         require(
             self.backend != "megablocks" or self.capacity_factor is None,

@@ -1,6 +1,7 @@
 """What the training loop calls around each optimizer step, so that it never branches on them:
-an IFC expert scope (:class:`moe_lab.families.ifc.scope.ExpertScope`) and the aux-loss-free
-router bias update (:class:`RouterBias`)."""
+an IFC expert scope (:class:`moe_lab.families.ifc.scope.ExpertScope`), the aux-loss-free
+router bias update (:class:`RouterBias`) and the end of a global batch's loads
+(:class:`GlobalBatchLoads`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 from moe_lab.nn.routing import TopKRouter
 from moe_lab.train.distributed import Dist
 
-__all__ = ["RouterBias", "StepHook"]
+__all__ = ["GlobalBatchLoads", "RouterBias", "StepHook"]
 
 
 class StepHook:
@@ -45,3 +46,24 @@ class RouterBias(StepHook):
             else:
                 self.dist.sum_(router.tokens_per_expert)
                 router.update_bias()
+
+
+class GlobalBatchLoads(StepHook):
+    """``lbl_granularity=global_batch``: a router sums its loads over the micro-batches of one
+    optimizer step; after the step they start again from zero."""
+
+    def __init__(self, routers: list[TopKRouter]) -> None:
+        self.routers = routers
+
+    @classmethod
+    def of(cls, model: nn.Module) -> GlobalBatchLoads | None:
+        routers = [
+            m
+            for m in model.modules()
+            if isinstance(m, TopKRouter) and m.cfg.lbl_granularity == "global_batch"
+        ]
+        return cls(routers) if routers else None
+
+    def after_step(self, skipped: bool) -> None:
+        for router in self.routers:
+            router.reset_step_counts()

@@ -27,7 +27,7 @@ from moe_lab.eval.evaluate import evaluate
 from moe_lab.store.checkpoint import drop_optimizer_states, write_json
 from moe_lab.train.distributed import Dist
 from moe_lab.train.distributed import setup as setup_distributed
-from moe_lab.train.hooks import RouterBias
+from moe_lab.train.hooks import GlobalBatchLoads, RouterBias
 from moe_lab.train.interrupt import GracefulInterrupt, TrainingInterrupted
 from moe_lab.train.plots import plot_loss_curve
 from moe_lab.train.run_dir import RunLock, prepare_run_dir, truncate_metrics
@@ -118,7 +118,8 @@ def _steps(st: TrainState, data: TrainData, total_steps: int, scope, metrics, tr
     t, dist, run_dir, main = st.cfg.train, st.dist, Path(st.cfg.run.dir), st.dist.is_main
     st.step_loss = torch.compile(st.step_loss) if t.compile else st.step_loss
     autocast = _autocast(st.device, t.precision)
-    hooks = [h for h in (scope, RouterBias.of(st.model, dist)) if h is not None]
+    hooks = (scope, RouterBias.of(st.model, dist), GlobalBatchLoads.of(st.model))
+    hooks = [h for h in hooks if h is not None]
     params = [p for p in st.model.parameters() if p.requires_grad]
     clip = t.grad_clip if t.grad_clip > 0 else float("inf")
     show = t.progress and main

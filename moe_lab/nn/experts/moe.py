@@ -86,7 +86,9 @@ class MoE(nn.Module):
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)[0]
         dropped = 1.0 - kept_TK.float().mean()
-        return y_TD.view_as(x), self.router.stats(probs_TE, logits_TE, indices_TK, dropped)
+        n_seq = x.shape[0] if x.ndim == 3 else 1  # [B, T, D]: B sequences
+        stats = self.router.stats(probs_TE, logits_TE, indices_TK, dropped, n_seq)
+        return y_TD.view_as(x), stats
 
     def _experts(
         self, x_TD: Tensor, weights_TK: Tensor, indices_TK: Tensor, kept_TK: Tensor

@@ -18,7 +18,16 @@ mixtral        E * sum_{k,e} f_ke P_e  with f and P over all layers'          k 
 =============  ==========================================================  =================
 
 "balanced" is uniform routing; "one" is every token on one expert with probability 1 (its other
-k - 1 choices get probability 0, hence E/k where c counts every slot). The weight
+k - 1 choices get probability 0, hence E/k where c counts every slot).
+
+Granularity (``lbl_granularity``) decides over which tokens f, c and P are taken. ``micro_batch``:
+the tokens of one forward pass; under data parallelism the counts are summed over the ranks (P
+stays local: the gradients' average over ranks then equals one process on the whole micro-batch).
+``sequence``: each sequence alone, the loss averaged over sequences (DeepSeek-V3's sequence-wise
+balance loss). ``global_batch``: the counts are also summed over the micro-batches of the optimizer
+step accumulated so far, so that with a single micro-batch per step the loss sees the whole global
+batch on every rank (Qiu et al. 2025 report that global-batch balancing lets experts specialise by
+domain); P is the micro-batch's own, since it carries the gradient. The weight
 (``lbl_weight``) multiplies the value in the table. The z-loss (Zoph et al. 2022, ST-MoE) is
 ``mean_t logsumexp(logits_t)^2`` per layer, summed over layers, times ``z_loss_weight``.
 """
@@ -34,23 +43,31 @@ from moe_lab.nn.routing.topk import RouterStats
 __all__ = ["LBL_FORMS", "load_balancing_loss", "moe_aux_loss", "z_loss"]
 
 
-def _tokens(s: RouterStats) -> Tensor:
-    return s.slot_counts_KE[0].sum()  # every token has exactly one first choice
+def _views(s: RouterStats) -> tuple[Tensor, Tensor]:
+    """``(counts [S, K, E], probs [S, E])``: per sequence with ``lbl_granularity=sequence``, else
+    one row (the micro-batch, or the global batch so far)."""
+    if s.seq_counts_SKE is not None:
+        return s.seq_counts_SKE, s.seq_probs_SE
+    return s.slot_counts_KE[None], s.probs_E[None]
 
 
 def _per_layer_olmo(s: RouterStats) -> Tensor:
-    E, K = s.slot_counts_KE.shape[1], s.slot_counts_KE.shape[0]
-    counts_E = s.slot_counts_KE.sum(dim=0)
-    return E / (K * _tokens(s)) * (counts_E * s.probs_E).sum()
+    counts_SKE, probs_SE = _views(s)
+    K, E = counts_SKE.shape[1:]
+    tokens_S = counts_SKE[:, 0].sum(-1)  # every token has exactly one first choice
+    return (E / (K * tokens_S) * (counts_SKE.sum(1) * probs_SE).sum(-1)).mean()
 
 
 def _per_layer_switch(s: RouterStats) -> Tensor:
-    E = s.slot_counts_KE.shape[1]
-    return E * (s.slot_counts_KE[0] / _tokens(s) * s.probs_E).sum()
+    counts_SKE, probs_SE = _views(s)
+    first_SE = counts_SKE[:, 0]
+    E = first_SE.shape[-1]
+    return (E * (first_SE / first_SE.sum(-1, keepdim=True) * probs_SE).sum(-1)).mean()
 
 
 def load_balancing_loss(stats: list[RouterStats], form: str) -> Tensor:
-    """The unweighted balancing loss of ``form`` over the MoE layers' stats (see module doc)."""
+    """The unweighted balancing loss of ``form`` over the MoE layers' stats (see module doc);
+    with per-sequence stats, the mean over sequences of each sequence's loss."""
     if form not in LBL_FORMS:
         raise ValueError(f"unknown load-balancing loss {form!r}; choose one of {LBL_FORMS}")
     if form == "none" or not stats:
@@ -61,10 +78,11 @@ def load_balancing_loss(stats: list[RouterStats], form: str) -> Tensor:
         return torch.stack([_per_layer_olmo(s) for s in stats]).sum()
     if form == "megablocks":
         return torch.stack([_per_layer_olmo(s) for s in stats]).mean()
-    E = stats[0].slot_counts_KE.shape[1]
-    f_KE = torch.stack([s.slot_counts_KE / _tokens(s) for s in stats]).mean(dim=0)
-    p_E = torch.stack([s.probs_E for s in stats]).mean(dim=0)
-    return E * (f_KE * p_E).sum()
+    views = [_views(s) for s in stats]
+    E = views[0][0].shape[-1]
+    f_SKE = torch.stack([c / c[:, :1].sum(-1, keepdim=True) for c, _ in views]).mean(dim=0)
+    p_SE = torch.stack([p for _, p in views]).mean(dim=0)
+    return (E * (f_SKE * p_SE[:, None]).sum((-2, -1))).mean()
 
 
 def z_loss(stats: list[RouterStats]) -> Tensor:

@@ -23,10 +23,15 @@ class RouterStats(NamedTuple):
     """
 
     probs_E: Tensor  # [E] mean router probability over tokens
-    slot_counts_KE: Tensor  # [K, E] tokens whose k-th choice is e (before any dropping)
+    # [K, E] tokens whose k-th choice is e (before any dropping); lbl_granularity=global_batch:
+    # summed over the optimizer step's micro-batches so far
+    slot_counts_KE: Tensor
     lse_sq: Tensor  # [] mean over tokens of logsumexp(logits)^2, the z-loss term
     dropped: Tensor  # [] fraction of (token, slot) assignments dropped by capacity
     entropy: Tensor  # [] mean entropy of the router distribution (nats)
+    # lbl_granularity=sequence only: the same two per sequence, S = sequences
+    seq_probs_SE: Tensor | None = None
+    seq_counts_SKE: Tensor | None = None
 
 
 class TopKRouter(nn.Module):
@@ -51,6 +56,9 @@ class TopKRouter(nn.Module):
         # Assignments counted in training since the last bias update (every optimizer step when
         # bias_update_rate > 0): input to that update and telemetry, not checkpoint state.
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
+        # lbl_granularity=global_batch: the loads of the optimizer step's micro-batches so far,
+        # cleared by reset_step_counts after every step (moe_lab.train.hooks.GlobalBatchLoads)
+        self.register_buffer("step_counts_KE", torch.zeros(0), persistent=False)
         self.register_buffer("allowed", None, persistent=False)  # bool [E]; None: every expert
         self.n_allowed = cfg.num_experts  # a Python int, so forward needs no host sync
         # Data parallelism: in training, the expert loads in the stats are summed over this
@@ -117,13 +125,33 @@ class TopKRouter(nn.Module):
         self.expert_bias += step
         self.tokens_per_expert.zero_()
 
+    def reset_step_counts(self) -> None:
+        self.step_counts_KE = torch.zeros_like(self.step_counts_KE)
+
     def stats(
-        self, probs_TE: Tensor, logits_TE: Tensor, indices_TK: Tensor, dropped: Tensor
+        self,
+        probs_TE: Tensor,
+        logits_TE: Tensor,
+        indices_TK: Tensor,
+        dropped: Tensor,
+        n_seq: int = 1,
     ) -> RouterStats:
+        """The layer's :class:`RouterStats`; ``n_seq`` sequences of equal length make up T."""
+        granularity = self.cfg.lbl_granularity
         onehot_TKE = F.one_hot(indices_TK, self.cfg.num_experts).float()
         slot_counts_KE = onehot_TKE.sum(dim=0).detach()
         if self.training and self.load_group is not None:
             torch.distributed.all_reduce(slot_counts_KE, group=self.load_group)
+        if self.training and granularity == "global_batch":
+            if self.step_counts_KE.shape != slot_counts_KE.shape:  # first use, or k changed
+                self.step_counts_KE = torch.zeros_like(slot_counts_KE)
+            self.step_counts_KE += slot_counts_KE
+            slot_counts_KE = self.step_counts_KE.clone()
+        seq_probs_SE = seq_counts_SKE = None
+        if granularity == "sequence":
+            E = self.cfg.num_experts
+            seq_probs_SE = probs_TE.view(n_seq, -1, E).mean(dim=1)
+            seq_counts_SKE = onehot_TKE.view(n_seq, -1, *onehot_TKE.shape[1:]).sum(dim=1).detach()
         with torch.no_grad():
             p = probs_TE / probs_TE.sum(-1, keepdim=True)
             entropy = -(p * p.clamp(min=1e-20).log()).sum(-1).mean()
@@ -133,4 +161,6 @@ class TopKRouter(nn.Module):
             lse_sq=torch.logsumexp(logits_TE, dim=-1).square().mean(),
             dropped=dropped.detach(),
             entropy=entropy,
+            seq_probs_SE=seq_probs_SE,
+            seq_counts_SKE=seq_counts_SKE,
         )
