@@ -139,6 +139,14 @@ def test_ensemble_evaluation_of_identical_experts_equals_the_single_model(routed
     assert got["overall"]["loss"] == pytest.approx(single["overall"]["loss"], rel=1e-5)
     for value, m in single["groups"]["domain"].items():
         assert got["groups"]["domain"][value]["loss"] == pytest.approx(m["loss"], rel=1e-5)
+    # Which expert served which group: the routing weights of every predicted token, summed
+    # document by document in a plain loop, against the report's shares.
+    g = store.group_fields.index("domain")
+    for code, value in enumerate(store.group_values[g]):
+        docs = [d for d in range(store.n_docs) if store.group_codes[d, g] == code]
+        summed = sum(by_prefix(d).sum(axis=0) for d in docs)
+        expected = summed / summed.sum()
+        assert got["routing"]["groups"]["domain"][value][0] == pytest.approx(expected.tolist())
 
 
 def test_ensemble_generation_with_one_hot_routing_equals_the_expert_alone():

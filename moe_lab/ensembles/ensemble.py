@@ -28,6 +28,7 @@ from moe_lab.ensembles.merge import average
 from moe_lab.ensembles.routers import ClusterRouter
 from moe_lab.eval.evaluate import evaluate, summarize, validation_store
 from moe_lab.eval.generation import sample_next
+from moe_lab.eval.routing import routing_report
 from moe_lab.nn.model import Transformer
 
 __all__ = [
@@ -114,7 +115,9 @@ def ensemble_document_nll(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
 ) -> dict:
-    """Per-group loss, perplexity and bits per byte of an ensemble (see moe_lab.eval.evaluate).
+    """Per-group loss, perplexity and bits per byte of an ensemble (see moe_lab.eval.evaluate),
+    and under ``routing`` the share of the routing weight each expert got, overall and per group
+    value (which expert served which group's documents).
 
     Args:
         doc_weights: document index -> ``[n_inputs, E]`` weights, row p for the prediction made
@@ -127,6 +130,7 @@ def ensemble_document_nll(
     count = np.zeros(store.n_docs, dtype=np.int64)
     cache: dict[int, np.ndarray] = {}  # weights of the documents in the current batch
     E = len(ensemble.experts)
+    served = np.zeros((store.n_docs, 1, E))  # routing weight per document and expert
     for batch in eval_rows(store, seq_len, batch_size):
         docs, pos = batch["doc_index"], batch["doc_pos"]
         # Padding gets zero weight for every expert (its targets are ignored), so it never makes
@@ -146,7 +150,10 @@ def ensemble_document_nll(
         scored = (batch["targets"] != IGNORE).numpy()
         np.add.at(nll, docs.numpy()[scored], -lp.cpu().double().numpy()[scored])
         np.add.at(count, docs.numpy()[scored], 1)
-    return summarize(nll, count, store)
+        np.add.at(served[:, 0], docs.numpy()[scored], weights[scored])
+    report = summarize(nll, count, store)
+    report["routing"] = routing_report(served, store)
+    return report
 
 
 def cluster_router(ens, n_experts: int):

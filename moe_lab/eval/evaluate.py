@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from moe_lab.data.documents import load_splits
 from moe_lab.data.packing import IGNORE, TokenStore, build_store, cache_root, eval_rows
-from moe_lab.eval.routing import RouterTap, usage_by_group, usage_summary
+from moe_lab.eval.routing import RouterTap, routing_report
 from moe_lab.nn.losses import token_nll
 from moe_lab.nn.model import Transformer
 
@@ -145,8 +145,5 @@ def evaluate(
     )
     result = summarize(nll, count, store)
     if routed is not None:
-        result["routing"] = {
-            "layers": usage_summary(routed),
-            "groups": usage_by_group(routed, store),
-        }
+        result["routing"] = routing_report(routed, store)
     return result

@@ -23,6 +23,7 @@ __all__ = [
     "TokenRoutes",
     "coactivation",
     "routed_per_document",
+    "routing_report",
     "saturation",
     "token_routes",
     "top_tokens",
@@ -165,6 +166,14 @@ def usage_summary(routed: np.ndarray, dead_below: float = 0.1) -> list[dict]:
             }
         )
     return out
+
+
+def routing_report(routed: np.ndarray, store: TokenStore) -> dict:
+    """The ``routing`` section of an evaluation from ``routed [D, L, E]``: per layer the usage
+    summary, and per group value each expert's share. Token routers count (token, slot)
+    assignments per MoE layer; sequence-level routers (an expert ensemble's) the routing weight
+    each expert got per predicted token, as one layer."""
+    return {"layers": usage_summary(routed), "groups": usage_by_group(routed, store)}
 
 
 def top_tokens(routes: TokenRoutes, tokenizer=None, n: int = 8, min_count: int = 5) -> list:
