@@ -153,6 +153,14 @@ def test_the_report_holds_every_variant_and_group_value(compared):
     assert "cloze acc | cloze acc_norm" in report
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(records))
     assert (out / "loss_vs_flops.png").stat().st_size > 0 and (out / "groups.png").is_file()
+    # What the routers did: the MoE's token routers and the ensembles' cluster routers.
+    assert [r["name"] for r in records if "routing" in r] == ["moe", "cbtm", "cbtm-random"]
+    routing = report.split("## Routing", 1)[1]
+    assert all(f"| {n} | " in routing for n in ("moe", "cbtm", "cbtm-random"))
+    assert "| dense | " not in routing and (out / "routing.png").stat().st_size > 0
+    moe_eval = json.loads((trained_run(exp, "moe") / "eval.json").read_text())["valid"]["routing"]
+    assert json.loads(json.dumps(records[1]["routing"])) == moe_eval
+    assert len(records[2]["routing"]["layers"]) == 1  # one sequence-level router
 
 
 def test_every_variant_is_scored_on_the_fewshot_task(compared):

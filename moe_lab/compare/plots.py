@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_lab.compare.scaling import budget_of
+from moe_lab.compare.summary import routings
 
 __all__ = ["plot_compare", "plot_scaling"]
 
@@ -23,9 +24,11 @@ def _pyplot():
 
 
 def plot_compare(records: list[dict], out_dir: Path, study: dict, baseline: str) -> None:
-    """``loss_vs_flops.png`` and ``groups.png`` in ``out_dir``."""
+    """``loss_vs_flops.png``, ``groups.png`` and, where variants route, ``routing.png`` in
+    ``out_dir``."""
     plot_scaling(records, study, out_dir / "loss_vs_flops.png", baseline)
     _groups(records, baseline, out_dir / "groups.png")
+    _routing(records, out_dir / "routing.png")
 
 
 def plot_scaling(records: list[dict], study: dict, out: Path, baseline: str | None = None) -> Path:
@@ -91,6 +94,30 @@ def _groups(records: list[dict], baseline: str, out: Path) -> None:
             ax.text(j, i, f"{value:+.3f}", ha="center", va="center", fontsize=6)
     fig.colorbar(image, ax=ax, label=f"loss − {baseline}'s (nats/token)")
     ax.set_title(f"Per group at {top:.3g} training FLOPs, against {baseline}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _routing(records: list[dict], out: Path) -> None:
+    """Per variant with routers, at the largest budget and its first seed: the last router
+    layer's share of each group value per expert (uniform: 1/E)."""
+    top, routed = routings(records)
+    if not routed:
+        return
+    plt = _pyplot()
+    routed = {name: routing["groups"] for name, routing in routed.items()}
+    rows = {n: [(f, v) for f in g for v in sorted(g[f])] for n, g in routed.items()}
+    height = 1.2 + 0.3 * max(map(len, rows.values()))
+    fig, axes = plt.subplots(1, len(routed), squeeze=False, figsize=(4.2 * len(routed), height))
+    for ax, (name, groups) in zip(axes[0], routed.items(), strict=True):
+        matrix = np.array([groups[f][v][-1] for f, v in rows[name]])
+        image = ax.imshow(matrix, cmap="viridis", vmin=0.0, aspect="auto")
+        ax.set_yticks(range(len(rows[name])), [f"{f}={v}" for f, v in rows[name]], fontsize=7)
+        ax.set_xticks(range(matrix.shape[1]))
+        ax.set(title=name, xlabel=f"expert (uniform = 1/{matrix.shape[1]})")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(f"share of each group per expert, last router layer, {top:.3g} training FLOPs")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -8,7 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from moe_lab.compare.experiment import ExperimentConfig
-from moe_lab.compare.summary import conclusions, scaling_section, significance_section
+from moe_lab.compare.summary import (
+    conclusions,
+    routing_section,
+    scaling_section,
+    significance_section,
+)
 
 __all__ = ["report_markdown"]
 
@@ -41,6 +46,7 @@ def report_markdown(exp: ExperimentConfig, records: list[dict], study: dict | No
         lines += _table(exp, [r for r in records if r["budget_flops"] == budget]) + [""]
     lines += significance_section(exp, records) if len(exp.variants) > 1 else []
     lines += scaling_section(exp, study)
+    lines += routing_section(exp, records)
     lines += [
         "![validation loss against training FLOPs](loss_vs_flops.png)",
         "",

@@ -1,15 +1,22 @@
 """What a comparison found, in the sentences a researcher would write, and the tables behind
 them: each variant against the baseline at every budget (paired over seeds), and over a sweep the
-fitted curves, their predictions and where they cross the baseline's."""
+fitted curves, their predictions and where they cross the baseline's; what the routers did."""
 
 from __future__ import annotations
 
 import math
 
 from moe_lab.compare.experiment import ExperimentConfig
+from moe_lab.compare.scaling import budget_of
 from moe_lab.compare.stats import LEVEL, significance
 
-__all__ = ["conclusions", "scaling_section", "significance_section"]
+__all__ = [
+    "conclusions",
+    "routing_section",
+    "routings",
+    "scaling_section",
+    "significance_section",
+]
 
 
 def _ci(d: dict) -> str:
@@ -108,4 +115,49 @@ def scaling_section(exp: ExperimentConfig, study: dict) -> list[str]:
             lo, hi = cross["interval"]
             cells.append(f"{cross['flops']:.3g} [{lo:.3g}, {hi:.3g}]")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def routings(records: list[dict]) -> tuple[float, dict[str, dict]]:
+    """The largest budget and, at it, each routed variant's first seed's ``routing``."""
+    top = max(budget_of(r) for r in records)
+    routed: dict[str, dict] = {}
+    for r in records:
+        if "routing" in r and budget_of(r) == top and r["name"] not in routed:
+            routed[r["name"]] = r["routing"]
+    return top, routed
+
+
+def routing_section(exp: ExperimentConfig, records: list[dict]) -> list[str]:
+    """Per variant with routers (an MoE's token routers, an ensemble's sequence router), at the
+    largest budget and the first seed: dead experts and usage entropy per router layer, and for
+    each group value the expert that serves most of it in the last layer."""
+    top, routed = routings(records)
+    if not routed:
+        return []
+    lines = [
+        "## Routing",
+        "",
+        f"At {top:.4g} training FLOPs, seed {exp.seeds[0]}: per router layer the experts below a "
+        "tenth of a uniform share (dead) and the entropy of the usage (bits, of the maximum "
+        "log2 E); per group value the expert serving most of it in the last layer, with its share "
+        "(MoE: of the token assignments; ensembles: of the routing weight). Heatmaps: "
+        "routing.png.",
+        "",
+        "| variant | dead experts per layer | usage entropy per layer | busiest expert per group |",
+        "|---|---|---|---|",
+    ]
+    for name, routing in routed.items():
+        dead = ", ".join(str(len(layer["dead"])) for layer in routing["layers"])
+        entropy = ", ".join(
+            f"{layer['entropy_bits']:.2f}/{layer['max_entropy_bits']:.2f}"
+            for layer in routing["layers"]
+        )
+        busiest = []
+        for field, values in routing["groups"].items():
+            for value, shares in sorted(values.items()):
+                last = shares[-1]
+                e = max(range(len(last)), key=last.__getitem__)
+                busiest.append(f"{field}={value}: {e} ({last[e]:.0%})")
+        lines.append(f"| {name} | {dead} | {entropy} | {'; '.join(busiest)} |")
     return [*lines, ""]

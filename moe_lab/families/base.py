@@ -110,4 +110,6 @@ def result(
         "groups": {
             f: {g: m["loss"] for g, m in values.items()} for f, values in valid["groups"].items()
         },
+        # an MoE's or an ensemble's routing: each expert's share, per layer and group value
+        **({"routing": valid["routing"]} if "routing" in valid else {}),
     }
