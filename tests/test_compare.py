@@ -110,6 +110,9 @@ def test_every_variant_reaches_the_budget_within_one_percent(compared):
     assert moe["total_params"] > moe["active_params"]  # 4 experts, 2 active
     assert cbtm["total_params"] == 2 * dense["total_params"]
     assert cbtm["inference_flops_per_token"] == dense["inference_flops_per_token"]  # top-1
+    # ... nominally: prefix routing that moves within a document runs more than one expert
+    assert cbtm["measured_inference_flops_per_token"] > cbtm["inference_flops_per_token"]
+    assert dense["measured_inference_flops_per_token"] == dense["inference_flops_per_token"]
     # The random-cluster ablation differs from its twin in the clusters only: same costs, and
     # routed the same way (prefix, top-1) through its own clusters' centroids.
     for key in ("total_params", "active_params", "inference_flops_per_token", "train_flops"):

@@ -150,7 +150,7 @@ def test_ensemble_evaluation_of_identical_experts_equals_the_single_model(routed
 
 
 def test_ensemble_generation_with_one_hot_routing_equals_the_expert_alone():
-    from moe_lab.ensembles.ensemble import generate_ensemble
+    from moe_lab.ensembles.generation import generate_ensemble
     from moe_lab.eval.generation import generate
 
     experts = _experts(3)

@@ -12,7 +12,8 @@ from moe_lab.config import (
 )
 from moe_lab.data.tokenizer import load_tokenizer
 from moe_lab.ensembles.directory import load_experts
-from moe_lab.ensembles.ensemble import ExpertEnsemble, evaluate_experts, generate_ensemble
+from moe_lab.ensembles.ensemble import ExpertEnsemble, evaluate_experts
+from moe_lab.ensembles.generation import generate_ensemble
 from moe_lab.ensembles.merge import average
 from moe_lab.ensembles.scoring import FixedRouting
 from moe_lab.eval.evaluate import evaluate, validation_store

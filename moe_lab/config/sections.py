@@ -183,16 +183,31 @@ class EnsembleConfig:
     """How ``moe-lab eval`` mixes the experts of a ``train_experts`` directory (C-BTM)."""
 
     clusters_dir: str | None = None  # a `moe-lab cluster` run: its clusterer routes
-    # prefix (the document so far) | uniform | oracle (whole document) | average (one model with
-    # the experts' parameters averaged: the BTM baseline)
+    # prefix (the document so far) | document (once, on its first route_tokens tokens: exactly
+    # top_k experts per document) | posterior (BTM: the experts' own likelihoods, no clusterer) |
+    # uniform | oracle (whole document) | average (one model with the experts' parameters
+    # averaged: the BTM baseline)
     routing: str = "prefix"
+    route_tokens: int = 32  # routing=document: the tokens it routes on
+    # routing=posterior: updating (Bayes over the document so far: every expert scores it) |
+    # cached (one prior from the first prior_docs validation documents, then fixed)
+    prior: str = "updating"
+    prior_docs: int = 100
     temperature: float = 0.1
     top_k: int | None = None  # experts kept per position; None = all
     distance: str = "squared"  # squared (paper) | cbtm-code (released code: distance^4)
     mix: str = "prob"  # prob (C-BTM) | logit (X-ELM downstream)
 
     def validate(self, prefix: str = "ensemble") -> None:
-        choice(self.routing, ("prefix", "uniform", "oracle", "average"), f"{prefix}.routing")
+        routings = ("prefix", "document", "posterior", "uniform", "oracle", "average")
+        choice(self.routing, routings, f"{prefix}.routing")
+        choice(self.prior, ("updating", "cached"), f"{prefix}.prior")
+        positive_int(self.route_tokens, f"{prefix}.route_tokens")
+        positive_int(self.prior_docs, f"{prefix}.prior_docs")
+        require(
+            self.routing != "posterior" or self.mix == "prob",
+            f"{prefix}.routing=posterior mixes the experts' probabilities: set {prefix}.mix=prob",
+        )
         choice(self.distance, ("squared", "cbtm-code"), f"{prefix}.distance")
         choice(self.mix, ("prob", "logit"), f"{prefix}.mix")
         positive_float(self.temperature, f"{prefix}.temperature")

@@ -273,13 +273,15 @@ class TrainBatches:
             self.rng.bit_generator.state = state["rng"]
 
 
-def eval_rows(store: TokenStore, seq_len: int, batch_size: int, order=None):
+def eval_rows(store: TokenStore, seq_len: int, batch_size: int, order=None, pack: bool = True):
     """Batches that score every document once, each in its own attention span.
 
     A document ``[BOS, x_1..x_n, EOS]`` contributes inputs ``BOS..x_n`` and targets ``x_1..EOS``;
     documents longer than ``T`` are cut into consecutive spans of ``T``. Spans are packed into rows
     with distinct ``doc_ids`` (document masking), padding at the end of a row. ``order`` (default:
-    store order) lists the documents to score, in the order to score them.
+    store order) lists the documents to score, in the order to score them. ``pack=False`` gives
+    every document its own rows (an expert ensemble then runs an expert on exactly the documents
+    that chose it).
 
     Yields:
         dicts with ``input_ids``, ``targets``, ``doc_ids``, ``doc_index`` (the source document
@@ -294,7 +296,7 @@ def eval_rows(store: TokenStore, seq_len: int, batch_size: int, order=None):
         for start in range(0, len(doc) - 1, seq_len):
             piece = doc[start : start + seq_len + 1]
             n = len(piece) - 1
-            if fill + n > seq_len:
+            if fill + n > seq_len or (fill and not pack and start == 0):
                 rows.append(row)
                 row, fill = np.full((5, seq_len), -1, dtype=np.int64), 0
             row[0, fill : fill + n], row[1, fill : fill + n] = piece[:-1], piece[1:]

@@ -19,15 +19,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from moe_lab.accounting import estimate
 from moe_lab.config import ConfigError
 from moe_lab.data.packing import IGNORE, TokenStore, eval_rows
 from moe_lab.data.tokenizer import load_tokenizer
 from moe_lab.ensembles.clustering import Clusterer
 from moe_lab.ensembles.directory import load_experts
 from moe_lab.ensembles.merge import average
+from moe_lab.ensembles.posterior import (
+    cached_prior,
+    expert_log_likelihoods,
+    posterior_weights,
+    top_k_weights,
+)
 from moe_lab.ensembles.routers import ClusterRouter
 from moe_lab.eval.evaluate import evaluate, summarize, validation_store
-from moe_lab.eval.generation import sample_next
 from moe_lab.eval.routing import routing_report
 from moe_lab.nn.model import Transformer
 
@@ -36,7 +42,7 @@ __all__ = [
     "cluster_router",
     "ensemble_document_nll",
     "evaluate_experts",
-    "generate_ensemble",
+    "measured_cost",
 ]
 
 
@@ -58,6 +64,7 @@ class ExpertEnsemble(nn.Module):
         self.experts, self.mix = nn.ModuleList(experts), mix
         self.vocab_size = vocab.pop()
         self.sequences_run = [0] * len(experts)  # how many sequences each expert has processed
+        self.tokens_run = [0] * len(experts)  # how many tokens (padding excluded): its cost
 
     def log_probs(
         self,
@@ -90,6 +97,8 @@ class ExpertEnsemble(nn.Module):
                 continue  # never executed: no sequence gave this expert any weight
             self.sequences_run[j] += len(rows)
             sub_docs = doc_ids[rows] if doc_ids is not None else None
+            real = int((sub_docs >= 0).sum()) if sub_docs is not None else len(rows) * T
+            self.tokens_run[j] += real  # padding (doc id -1) is not counted
             logits = expert(input_ids[rows], doc_ids=sub_docs).logits.float()  # [b, T, V]
             w = weights[rows, :, j, None].float()
             if self.mix == "logit":
@@ -114,10 +123,12 @@ def ensemble_document_nll(
     seq_len: int,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
+    router_flops_per_token: float = 0.0,
 ) -> dict:
     """Per-group loss, perplexity and bits per byte of an ensemble (see moe_lab.eval.evaluate),
-    and under ``routing`` the share of the routing weight each expert got, overall and per group
-    value (which expert served which group's documents).
+    under ``routing`` the share of the routing weight each expert got, overall and per group
+    value (which expert served which group's documents), and under ``inference`` the FLOPs per
+    predicted token that were spent (:func:`measured_cost`).
 
     Args:
         doc_weights: document index -> ``[n_inputs, E]`` weights, row p for the prediction made
@@ -126,12 +137,14 @@ def ensemble_document_nll(
             oracle cluster label all fit this form.
     """
     ensemble.eval()
+    before = list(ensemble.tokens_run)
     nll = np.zeros(store.n_docs, dtype=np.float64)
     count = np.zeros(store.n_docs, dtype=np.int64)
     cache: dict[int, np.ndarray] = {}  # weights of the documents in the current batch
     E = len(ensemble.experts)
     served = np.zeros((store.n_docs, 1, E))  # routing weight per document and expert
-    for batch in eval_rows(store, seq_len, batch_size):
+    # One document per row: an expert runs on the documents that chose it and on no other.
+    for batch in eval_rows(store, seq_len, batch_size, pack=False):
         docs, pos = batch["doc_index"], batch["doc_pos"]
         # Padding gets zero weight for every expert (its targets are ignored), so it never makes
         # an expert run on a row that did not choose it.
@@ -153,7 +166,33 @@ def ensemble_document_nll(
         np.add.at(served[:, 0], docs.numpy()[scored], weights[scored])
     report = summarize(nll, count, store)
     report["routing"] = routing_report(served, store)
+    ran = [after - b for after, b in zip(ensemble.tokens_run, before, strict=True)]
+    report["inference"] = measured_cost(
+        ensemble, ran, int(count.sum()), seq_len, router_flops_per_token
+    )
     return report
+
+
+def measured_cost(
+    ensemble: ExpertEnsemble,
+    tokens_run: Sequence[int],
+    predicted: int,
+    seq_len: int,
+    router_flops_per_token: float = 0.0,
+) -> dict:
+    """The inference FLOPs per predicted token an ensemble spent: every token each expert
+    processed at its forward cost (:func:`moe_lab.accounting.estimate`), plus the router's, over
+    the tokens predicted. An expert runs on a whole sequence once any position gives it weight, so
+    prefix routing that shifts within a document costs more than k experts."""
+    per_expert = [estimate(e.cfg, seq_len).inference_flops_per_token for e in ensemble.experts]
+    spent = sum(n * f for n, f in zip(tokens_run, per_expert, strict=True))
+    predicted = max(predicted, 1)
+    return {
+        "flops_per_token": spent / predicted + router_flops_per_token,
+        "expert_passes_per_token": sum(tokens_run) / predicted,
+        "router_flops_per_token": router_flops_per_token,
+        "tokens_per_expert": list(tokens_run),
+    }
 
 
 def cluster_router(ens, n_experts: int):
@@ -172,71 +211,88 @@ def evaluate_experts(experts_dir, cfg, device="cpu") -> dict:
     """``moe-lab eval`` of a :func:`~moe_lab.train.branch.train_experts` directory, per
     ``cfg.ensemble``.
 
-    ``prefix`` routes each prediction by the document so far, ``uniform`` weighs every expert
-    alike, ``oracle`` routes a whole document by its own nearest cluster (it sees the future: an
-    upper bound on routing), ``average`` evaluates one model with the experts' parameters averaged.
+    ``prefix`` routes each prediction by the document so far; ``document`` routes a document once,
+    by its first ``route_tokens`` tokens, so exactly ``top_k`` experts run on it (those first
+    predictions are made by experts chosen with them in view); ``posterior`` routes by the
+    experts' own likelihoods (:mod:`moe_lab.ensembles.posterior`); ``uniform`` weighs every
+    expert alike; ``oracle`` routes a whole document by its own nearest cluster (it sees the
+    future: an upper bound on routing); ``average`` evaluates one model with the experts'
+    parameters averaged.
     """
     ens = cfg.ensemble
     names, experts = load_experts(experts_dir, device=device)
     first_run = Path(experts_dir) / "experts" / names[0] / "run"
     tokenizer = load_tokenizer(first_run / "tokenizer")
     store = validation_store(cfg, tokenizer)
-    E = len(experts)
+    E, seq_len = len(experts), cfg.train.seq_len
+    out = {"experts": names, "ensemble": asdict(ens)}
     if ens.routing == "average":
-        report = evaluate(average(experts), store, cfg.train.seq_len, cfg.train.eval_batch, device)
-        return {"experts": names, "ensemble": asdict(ens), "valid": report}
-    router = None if ens.routing == "uniform" else cluster_router(ens, E)
+        return {**out, "valid": evaluate(average(experts), store, seq_len, cfg.train.eval_batch,
+                                         device)}  # fmt: skip
+    ensemble = ExpertEnsemble(experts, mix=ens.mix)
+    if ens.routing == "posterior" and ens.prior == "updating":
+        return {
+            **out,
+            "valid": _posterior_document_nll(ensemble, store, seq_len, ens.top_k, device),
+        }
+    router = cluster_router(ens, E) if ens.routing in ("prefix", "document", "oracle") else None
+    fixed = None
+    if ens.routing == "uniform":
+        fixed = np.full(E, 1.0 / E)
+    elif ens.routing == "posterior":  # a cached prior: the same experts for every document
+        docs = [_doc(store, d) for d in range(min(ens.prior_docs, store.n_docs))]
+        prior = cached_prior(
+            [expert_log_likelihoods(experts, doc, seq_len, device) for doc in docs]
+        )
+        fixed = top_k_weights(prior[None], ens.top_k)[0]
+        out["prior"] = prior.tolist()
 
     def doc_weights(d: int) -> np.ndarray:
-        doc = store.tokens[store.offsets[d] : store.offsets[d + 1]].tolist()
+        doc = _doc(store, d)
         n_inputs = len(doc) - 1
-        if router is None:
-            return np.full((n_inputs, E), 1.0 / E)
+        if fixed is not None:
+            return np.tile(fixed, (n_inputs, 1))
         if ens.routing == "oracle":
             label = router.clusterer.predict([tokenizer.decode(doc[1:-1])])[0]
             return np.eye(E)[np.full(n_inputs, label)]
+        if ens.routing == "document":
+            w = router.weights([tokenizer.decode(doc[1 : 1 + ens.route_tokens])])[0]
+            return np.tile(w, (n_inputs, 1))
         return router.document_weights(doc, tokenizer)
 
-    ensemble = ExpertEnsemble(experts, mix=ens.mix)
+    # Prefix routing adds each new word's projection and measures E distances at every token.
+    d = router.clusterer.n_components if router is not None else 0
+    router_flops = 2.0 * d * (E + 1) if ens.routing == "prefix" else 0.0
     report = ensemble_document_nll(
-        ensemble, store, doc_weights, cfg.train.seq_len, cfg.train.eval_batch, device
+        ensemble, store, doc_weights, seq_len, cfg.train.eval_batch, device, router_flops
     )
     return {
-        "experts": names,
-        "ensemble": asdict(ens),
+        **out,
         "valid": report,
         "sequences_run_per_expert": dict(zip(names, ensemble.sequences_run, strict=True)),
     }
 
 
-@torch.no_grad()
-def generate_ensemble(
-    ensemble: ExpertEnsemble,
-    prompt: list[int],
-    max_new_tokens: int,
-    route: Callable[[list[int]], np.ndarray],
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    eos_id: int | None = None,
-    generator: torch.Generator | None = None,
-    stop: Callable[[list[int]], bool] | None = None,
-) -> list[int]:
-    """Continue ``prompt`` (token ids, BOS first) with the ensemble, re-routing at every step.
+def _doc(store: TokenStore, d: int) -> list[int]:
+    return store.tokens[store.offsets[d] : store.offsets[d + 1]].tolist()
 
-    ``route(ids) -> [E]`` gives the weights for the next token after ``ids`` (e.g. the router's
-    weights for the decoded text so far). ``stop(new_ids)``, if given, ends generation when it
-    returns True for the tokens generated so far. Each step recomputes the chosen experts on the
-    whole sequence (no KV cache): simple, and cheap at the lengths small experts are used for.
-    """
-    ids = list(prompt)
-    device = next(ensemble.parameters()).device
-    for _ in range(max_new_tokens):
-        x = torch.tensor([ids], device=device)
-        w = torch.as_tensor(route(ids), dtype=torch.float32, device=device)
-        weights = w.expand(1, len(ids), -1)  # only the last position's mixture is used
-        lp = ensemble.log_probs(x, weights)[:, -1]
-        token = int(sample_next(lp, temperature, top_p, generator)[0])
-        ids.append(token)
-        if token == eos_id or (stop is not None and stop(ids[len(prompt) :])):
-            break
-    return ids
+
+def _posterior_document_nll(
+    ensemble: ExpertEnsemble, store: TokenStore, seq_len: int, top_k: int | None, device
+) -> dict:
+    """Evaluation with BTM's updating posterior: every expert scores each document (the
+    likelihoods the posterior needs), and the mixture is formed from those same scores."""
+    E = len(ensemble.experts)
+    nll = np.zeros(store.n_docs)
+    count = np.zeros(store.n_docs, dtype=np.int64)
+    served = np.zeros((store.n_docs, 1, E))
+    for d in range(store.n_docs):
+        loglik_EN = expert_log_likelihoods(ensemble.experts, _doc(store, d), seq_len, device)
+        w_NE = posterior_weights(loglik_EN, None, top_k)
+        with np.errstate(divide="ignore"):  # log 0 = -inf drops an expert outside the top k
+            mixed = np.logaddexp.reduce(np.log(w_NE.T) + loglik_EN, axis=0)
+        nll[d], count[d], served[d, 0] = -mixed.sum(), loglik_EN.shape[1], w_NE.sum(axis=0)
+    report = summarize(nll, count, store)
+    report["routing"] = routing_report(served, store)
+    report["inference"] = measured_cost(ensemble, [int(count.sum())] * E, int(count.sum()), seq_len)
+    return report

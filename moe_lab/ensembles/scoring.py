@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from moe_lab.data.tokenizer import Tokenizer
-from moe_lab.ensembles.ensemble import ExpertEnsemble, generate_ensemble
+from moe_lab.ensembles.ensemble import ExpertEnsemble
+from moe_lab.ensembles.generation import generate_ensemble
 from moe_lab.ensembles.routers import ClusterRouter
 from moe_lab.eval.scoring import Scorer
 

@@ -112,4 +112,9 @@ def result(
         },
         # an MoE's or an ensemble's routing: each expert's share, per layer and group value
         **({"routing": valid["routing"]} if "routing" in valid else {}),
+        # an ensemble's inference FLOPs per token as spent in its evaluation: experts that a
+        # shifting route brings in cost more than the nominal k
+        "measured_inference_flops_per_token": valid.get("inference", {}).get(
+            "flops_per_token", cost.inference_flops_per_token
+        ),
     }
