@@ -113,6 +113,9 @@ def test_every_variant_reaches_the_budget_within_one_percent(compared):
     # ... nominally: prefix routing that moves within a document runs more than one expert
     assert cbtm["measured_inference_flops_per_token"] > cbtm["inference_flops_per_token"]
     assert dense["measured_inference_flops_per_token"] == dense["inference_flops_per_token"]
+    for r in records:  # evaluation time apart: final evaluations, the ensemble's, few-shot
+        assert 0 < r["eval_s"] < r["wall_s"], r["name"]
+    assert cbtm["eval_s"] > dense["eval_s"]  # a seed, two experts and the ensemble
     # The random-cluster ablation differs from its twin in the clusters only: same costs, and
     # routed the same way (prefix, top-1) through its own clusters' centroids.
     for key in ("total_params", "active_params", "inference_flops_per_token", "train_flops"):

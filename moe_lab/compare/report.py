@@ -95,10 +95,10 @@ def _table(exp: ExperimentConfig, records: list[dict]) -> list[str]:
         best[m] = min(names, key=lambda n: np.nan_to_num(sign * means[n][m][0], nan=np.inf))
     lines = [
         "| variant | family | params (total / active) | train FLOPs (× budget) | tokens | "
-        "inference FLOPs/token (measured) | train s | tokens/s | "
+        "inference FLOPs/token (measured) | train s | eval s | tokens/s | "
         + " | ".join(m for m, _ in metrics)
         + " |",
-        "|---" * (8 + len(metrics)) + "|",
+        "|---" * (9 + len(metrics)) + "|",
     ]
     for n in names:
         rs = by_name[n]
@@ -116,6 +116,7 @@ def _table(exp: ExperimentConfig, records: list[dict]) -> list[str]:
             f"{np.mean([r['train_flops'] for r in rs]):.4g} ({ratio:.4f}) | "
             f"{int(np.mean([r['tokens'] for r in rs])):,d} | "
             f"{_inference(rs)} | {np.mean([r['train_s'] for r in rs]):.0f} | "
+            f"{np.mean([r.get('eval_s', math.nan) for r in rs]):.0f} | "
             f"{np.mean([r['tokens_per_s'] for r in rs]):,.0f} | " + " | ".join(cells) + " |"
         )
     return lines

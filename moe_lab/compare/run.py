@@ -60,10 +60,12 @@ def run_variant(
     with RunLock(job), cpu_threads(cfg.run.threads):  # one compare at a time per job
         record = get_family(v.family).run(cfg, v, budget, job)
         scorer = record.pop("scorer", None)  # how to load the trained variant for scoring
+        scoring = time.perf_counter()
         if exp.fewshot.tasks:
             record["fewshot"] = _fewshot(exp.fewshot, scorer, v)
         if exp.knn.enabled:
             record["knn"] = _knn(exp.knn, scorer, v)
+        record["eval_s"] += time.perf_counter() - scoring
     wall = time.perf_counter() - started
     record = {
         "name": v.name,
@@ -72,7 +74,7 @@ def run_variant(
         "config": str((job / "config.yaml").relative_to(out)),
         "budget_flops": budget,
         "flops_vs_budget": record["train_flops"] / budget,
-        "wall_s": wall,  # this attempt's time, evaluation included
+        "wall_s": wall,  # this attempt's time, evaluation included (eval_s: of it, evaluating)
         # training throughput over every run and resume of the variant
         "tokens_per_s": record["tokens"] / record["train_s"] if record["train_s"] else 0.0,
         **record,

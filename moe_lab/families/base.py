@@ -74,16 +74,18 @@ def curve(metrics: Path, offset: float) -> list[tuple[float, float]]:
     return [(offset + r["flops"], r["loss"]) for r in read_metrics(metrics) if "loss" in r]
 
 
-def chained(run_dirs: list[Path]) -> tuple[list[tuple[float, float]], float, int, float]:
-    """Training-loss curves of several runs laid end to end, and their total FLOPs, tokens and
-    seconds of training (summed over resumes; 0 for runs written before it was counted)."""
-    points, flops, tokens, wall = [], 0.0, 0, 0.0
+def chained(run_dirs: list[Path]) -> tuple[list[tuple[float, float]], float, int, float, float]:
+    """Training-loss curves of several runs laid end to end, and their total FLOPs, tokens,
+    seconds of training (summed over resumes; 0 for runs written before it was counted) and
+    seconds of final evaluation."""
+    points, flops, tokens, wall, evaluating = [], 0.0, 0, 0.0, 0.0
     for run in run_dirs:
         points += curve(run / "metrics.jsonl", flops)
         summary = read_json(run / "eval.json")
         flops, tokens = flops + summary["flops"], tokens + summary["tokens"]
         wall += summary.get("wall_s", 0.0)
-    return points, flops, tokens, wall
+        evaluating += summary.get("eval_s", 0.0)
+    return points, flops, tokens, wall, evaluating
 
 
 def result(
@@ -91,11 +93,13 @@ def result(
     runs: list[Path],
     valid: dict,
     scorer: dict,
+    eval_s: float = 0.0,
 ) -> dict:
     """The record of a trained variant: its cost, the FLOPs, tokens and loss curve of ``runs``
     (in training order), ``scorer`` (the arguments of :func:`moe_lab.families.loading.load_scorer`)
-    and its validation losses (``evaluate``'s result)."""
-    points, flops, tokens, wall = chained(runs)
+    and its validation losses (``evaluate``'s result). ``eval_s``: seconds of evaluation beyond
+    the runs' own final ones (an ensemble's)."""
+    points, flops, tokens, wall, evaluating = chained(runs)
     return {
         "total_params": cost.total_params,
         "active_params": cost.active_params,
@@ -103,6 +107,7 @@ def result(
         "tokens": tokens,
         "inference_flops_per_token": cost.inference_flops_per_token,
         "train_s": wall,
+        "eval_s": evaluating + eval_s,
         "curve": points,
         "scorer": scorer,
         "valid_loss": valid["overall"]["loss"],

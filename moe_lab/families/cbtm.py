@@ -7,6 +7,7 @@ one MoE, trained for ``finetune_share`` of the budget)."""
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -93,7 +94,9 @@ class CBTM(Family):
             cost = accounting.estimate(btx_config(cfg, v).model, cfg.train.seq_len)
             return result(cost, [*runs, merged.run_dir], valid, {"run_dir": str(merged.run_dir)})
         ens = self.ensemble(cfg, v, clusters)
+        started = time.perf_counter()
         valid = evaluate_experts(experts, replace(cfg, ensemble=ens))["valid"]
+        eval_s = time.perf_counter() - started
         used = v.k if v.top_k is None else v.top_k
         if v.merge == "average":
             cost = member
@@ -102,7 +105,7 @@ class CBTM(Family):
         top_k = "null" if v.top_k is None else v.top_k
         overrides = [f"ensemble.clusters_dir={clusters}", f"ensemble.routing={ens.routing}"]
         scorer = {"run_dir": str(experts), "overrides": [*overrides, f"ensemble.top_k={top_k}"]}
-        return result(cost, runs, valid, scorer)
+        return result(cost, runs, valid, scorer, eval_s)
 
 
 def _clusters(cfg: Config, v: VariantConfig, clusters: Path) -> Path:

@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -325,11 +326,13 @@ class XELM(Family):
     def run(self, cfg: Config, v: VariantConfig, budget: float, job: Path) -> dict:
         cfg = replace(cfg, run=replace(cfg.run, dir=str(job / "xelm")))
         plan = train_xelm(cfg)
+        started = time.perf_counter()
         valid = evaluate_by_language(cfg, job / "xelm")["valid"]
+        eval_s = time.perf_counter() - started
         runs = [job / "xelm" / "seed"] + [
             job / "xelm" / "experts" / n / "run" for n in plan["groups"]
         ]
         member = accounting.estimate(cfg.model, cfg.train.seq_len)
         cost = accounting.ensemble(member, experts=len(plan["groups"]), active=1)
         scorer = {"run_dir": str(job / "xelm"), "route_by": cfg.xelm.lang_field}
-        return result(cost, runs, valid, scorer)
+        return result(cost, runs, valid, scorer, eval_s)

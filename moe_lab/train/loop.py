@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,10 +171,12 @@ def _final_evaluation(st: TrainState, data: TrainData, metrics) -> dict | None:
     scored_model = st.evaluation_model()
     if not st.dist.is_main:
         return None
+    started = time.perf_counter()
     result = evaluate(
         scored_model, data.valid, t.seq_len, t.eval_batch, st.device, progress=t.progress
     )
     summary = {"step": c["step"], "tokens": c["tokens"], "flops": c["flops"], "wall_s": c["wall_s"]}
+    summary["eval_s"] = time.perf_counter() - started  # apart from wall_s, training's seconds
     summary["valid"] = result
     write_json(Path(st.cfg.run.dir) / "eval.json", summary)
     final = {"step": c["step"], "valid_loss": result["overall"]["loss"], "final": True}

@@ -10,6 +10,7 @@ against.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -125,7 +126,9 @@ class IFC(Family):
         manifest = train_ifc(cfg, job / "ifc")
         policy = AccessPolicy({"all": frozenset(manifest["domains"])})
         model = load_ifc(job / "ifc", policy, "all")
+        started = time.perf_counter()
         valid = evaluate_ifc(model, cfg)
+        eval_s = time.perf_counter() - started
         runs = [job / "ifc" / "public" / "run"]
         runs += [job / "ifc" / "domains" / d / "run" for d in manifest["domains"]]
         n = len(model.experts) if model.experts is not None else 1
@@ -133,4 +136,4 @@ class IFC(Family):
             accounting.estimate(model.cfg.model, cfg.train.seq_len), experts=n, active=n
         )
         scorer = {"run_dir": str(job / "ifc"), "principal": "all", "policy": policy}
-        return result(cost, runs, valid, scorer)
+        return result(cost, runs, valid, scorer, eval_s)
