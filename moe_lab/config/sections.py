@@ -75,7 +75,11 @@ class TrainConfig:
     doc_masking: bool = False  # attention stays inside each packed document (Llama 3)
     lr: float = 3e-3
     warmup_steps: int = 20
-    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak (Llama)
+    # cosine (Llama) | wsd: warmup-stable-decay, the peak held, then a linear decay over the last
+    # decay_fraction of the steps (Hägele et al. 2024) | constant: the peak held (a WSD trunk)
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
+    min_lr_ratio: float = 0.1  # the schedule decays to this fraction of the peak (Llama)
     weight_decay: float = 0.1  # on matrices (embeddings included), not on norm weights
     beta1: float = 0.9
     beta2: float = 0.95
@@ -104,6 +108,10 @@ class TrainConfig:
     # start from the weights of a run directory or checkpoint (fresh optimizer, step 0): how
     # branch-train-merge branches experts from a seed model (C-BTM's --finetune-from-model)
     init_from: str | None = None
+    # continue another run's checkpoint in this run.dir, with everything it saved (weights,
+    # optimizer, step, data position, RNG) and this config's budget and schedule: a WSD decay
+    # branched from the stable trunk (schedule=constant) equals a whole WSD run of this budget
+    branch_from: str | None = None
 
     @property
     def eval_batch(self) -> int:
@@ -156,6 +164,16 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             require(0 <= getattr(self, name) < 1, f"{prefix}.{name} must be in [0, 1)")
         choice(self.precision, ("auto", "fp32", "bf16"), f"{prefix}.precision")
+        choice(self.schedule, ("cosine", "wsd", "constant"), f"{prefix}.schedule")
+        require(
+            0 < self.decay_fraction <= 1,
+            f"{prefix}.decay_fraction must be in (0, 1], got {self.decay_fraction!r}",
+        )
+        require(
+            self.init_from is None or self.branch_from is None,
+            f"{prefix}.init_from (weights only, step 0) and {prefix}.branch_from (the whole "
+            "training state) exclude each other",
+        )
         choice(self.on_nonfinite, ("raise", "skip"), f"{prefix}.on_nonfinite")
         choice(self.spike_action, ("none", "log", "skip"), f"{prefix}.spike_action")
 

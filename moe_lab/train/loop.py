@@ -31,7 +31,12 @@ from moe_lab.train.distributed import setup as setup_distributed
 from moe_lab.train.hooks import GlobalBatchLoads, RouterBias
 from moe_lab.train.interrupt import GracefulInterrupt, TrainingInterrupted
 from moe_lab.train.plots import plot_loss_curve
-from moe_lab.train.run_dir import RunLock, prepare_run_dir, truncate_metrics
+from moe_lab.train.run_dir import (
+    RunLock,
+    branch_checkpoint,
+    prepare_run_dir,
+    truncate_metrics,
+)
 from moe_lab.train.state import TrainData, TrainState, prepare_data
 from moe_lab.train.step import NonFiniteError, train_step
 from moe_lab.train.threads import cpu_threads
@@ -79,18 +84,22 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
     for seed in (random.seed, np.random.seed, torch.manual_seed):
         seed(cfg.run.seed)
     resume_from = prepare_run_dir(cfg)
+    branched = resume_from is None and t.branch_from is not None  # a new branch of another run
+    if branched:
+        resume_from = branch_checkpoint(cfg)
     dist.barrier()  # every rank has checked the run directory before rank 0 writes to it
     total_steps = planned_steps(cfg, dist.world)
     # Data first: any problem with it is reported before the run directory is touched.
-    data = prepare_data(cfg, dist.world, resume_from)
+    data = prepare_data(cfg, dist.world, resume_from, branched)
     check_trackers(cfg)
     st = TrainState(cfg, dist, device, data.batches, scope)
     st.load_weights(resume_from)
     st.distribute()
+    if (resume_from is None or branched) and main:
+        _start_run_dir(cfg, data)
+    dist.barrier()
     if resume_from is not None:
         st.resume(resume_from, total_steps)
-    elif main:
-        _start_run_dir(cfg, data)
     dist.barrier()
     trackers = open_trackers(cfg, run_dir) if main else []
 

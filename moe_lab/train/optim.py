@@ -1,5 +1,6 @@
-"""The optimizer and its schedule: AdamW with decay on matrices only, linear warmup then cosine to
-``min_lr_ratio`` of the peak, and the loss-spike detector that may skip a step."""
+"""The optimizer and its schedule: AdamW with decay on matrices only; linear warmup, then cosine to
+``min_lr_ratio`` of the peak, or warmup-stable-decay; and the loss-spike detector that may skip a
+step."""
 
 from __future__ import annotations
 
@@ -11,13 +12,38 @@ import torch
 
 from moe_lab.config import Config
 
-__all__ = ["SpikeDetector", "build_optimizer", "lr_at"]
+__all__ = ["SpikeDetector", "build_optimizer", "decay_start", "lr_at"]
 
 
-def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
-    """Learning rate of optimizer step ``step`` (1-based): linear warmup, then cosine decay."""
+def decay_start(total: int, decay_fraction: float) -> int:
+    """The last step at the peak of a warmup-stable-decay run of ``total`` steps: its decay takes
+    the final ``round(decay_fraction * total)`` steps."""
+    return total - round(decay_fraction * total)
+
+
+def lr_at(
+    step: int,
+    peak: float,
+    warmup: int,
+    total: int,
+    min_ratio: float,
+    schedule: str = "cosine",
+    decay_fraction: float = 0.2,
+) -> float:
+    """Learning rate of optimizer step ``step`` (1-based) after a linear warmup: ``cosine`` decays
+    to ``min_ratio`` of the peak over the rest of ``total``; ``wsd`` (warmup-stable-decay, Hägele et
+    al. 2024) holds the peak, then decays linearly to ``min_ratio`` over the last
+    ``decay_fraction`` of ``total``; ``constant`` holds the peak (a WSD run's stable trunk, which
+    decay branches continue: see ``train.branch_from``)."""
     if warmup > 0 and step <= warmup:
         return peak * step / warmup
+    if schedule == "constant":
+        return peak
+    if schedule == "wsd":
+        start = decay_start(total, decay_fraction)
+        if step <= start:
+            return peak
+        return peak * (1 - (1 - min_ratio) * (step - start) / max(1, total - start))
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 

@@ -23,6 +23,7 @@ from moe_lab.store.metrics import read_metrics
 __all__ = [
     "RESUMABLE_KEYS",
     "RunLock",
+    "branch_checkpoint",
     "init_checkpoint",
     "init_tokenizer_dir",
     "prepare_run_dir",
@@ -60,6 +61,13 @@ RESUMABLE_KEYS = {
 }
 
 
+# What a decay branch (train.branch_from) may change of the run it continues.
+BRANCHABLE_KEYS = RESUMABLE_KEYS | {
+    "train.schedule",
+    "train.decay_fraction",
+    "train.branch_from",
+}
+
 # Sections the training loop never reads: the experiments that orchestrate runs (a language added
 # to an X-ELM run, a new access policy) may change them and still resume or reuse finished runs.
 NOT_TRAINING = ("cluster", "ensemble", "ifc", "xelm")
@@ -80,6 +88,31 @@ def _flat(cfg: Config) -> dict[str, object]:
     return flat
 
 
+def _changed(old: dict, new: dict, allowed: set[str]) -> list[str]:
+    """The training keys that differ between two flattened configs, beyond ``allowed``."""
+    return sorted(
+        k
+        for k, v in new.items()
+        if old.get(k) != v and k not in allowed and k.split(".")[0] not in NOT_TRAINING
+    )
+
+
+def branch_checkpoint(cfg: Config) -> Path:
+    """The checkpoint ``train.branch_from`` names, checked to belong to a run that differs from
+    ``cfg`` in its budget, schedule and the keys a resume may change only."""
+    ckpt = init_checkpoint(Path(cfg.train.branch_from), "train.branch_from")
+    source = ckpt.parent.parent / "config.yaml"
+    if not source.is_file():
+        raise ConfigError(f"train.branch_from: {source} (the run's config) is missing")
+    changed = _changed(_flat(load_config(source)), _flat(cfg), BRANCHABLE_KEYS)
+    if changed:
+        raise ConfigError(
+            f"cannot branch from {ckpt} with a different {', '.join(changed)}: a branch "
+            "continues that run, changing only its budget, schedule and logging"
+        )
+    return ckpt
+
+
 def prepare_run_dir(cfg: Config) -> Path | None:
     """Check the run directory; return the checkpoint to resume from, if any."""
     run_dir = Path(cfg.run.dir)
@@ -96,11 +129,7 @@ def prepare_run_dir(cfg: Config) -> Path | None:
     if ckpt is None:
         return None
     old, new = _flat(load_config(run_dir / "config.yaml")), _flat(cfg)
-    changed = sorted(
-        k
-        for k, v in new.items()
-        if old.get(k) != v and k not in RESUMABLE_KEYS and k.split(".")[0] not in NOT_TRAINING
-    )
+    changed = _changed(old, new, RESUMABLE_KEYS)
     if changed:
         raise ConfigError(
             f"cannot resume {run_dir} with a different {', '.join(changed)}; only "
@@ -126,13 +155,12 @@ def _clear(run_dir: Path) -> None:
             entry.unlink()
 
 
-def init_checkpoint(path: Path) -> Path:
-    """The checkpoint ``train.init_from`` names: a checkpoint directory or a run's latest one."""
+def init_checkpoint(path: Path, key: str = "train.init_from") -> Path:
+    """The checkpoint ``key`` names: a checkpoint directory or a run's latest one."""
     ckpt = find_checkpoint(path)
     if ckpt is None:
         raise ConfigError(
-            f"train.init_from ({path}) is neither a checkpoint nor a run directory "
-            "with a complete checkpoint"
+            f"{key} ({path}) is neither a checkpoint nor a run directory with a complete checkpoint"
         )
     return ckpt
 

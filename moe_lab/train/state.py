@@ -40,15 +40,19 @@ class TrainData:
     valid: TokenStore
 
 
-def prepare_data(cfg: Config, world: int, resume_from: Path | None) -> TrainData:
-    """Documents to token stores; the tokenizer is the resumed run's, the ``init_from`` run's
-    (its weights are tied to those token ids) or a new one fitted on the training documents."""
+def prepare_data(
+    cfg: Config, world: int, resume_from: Path | None, branched: bool = False
+) -> TrainData:
+    """Documents to token stores; the tokenizer is the resumed run's, the ``init_from`` or
+    ``branch_from`` run's (its weights are tied to those token ids) or a new one fitted on the
+    training documents."""
     t = cfg.train
     train_docs, valid_docs, groups = load_splits(cfg)
-    if resume_from is not None:
+    source = t.init_from or t.branch_from
+    if resume_from is not None and not branched:
         tokenizer = load_tokenizer(Path(cfg.run.dir) / "tokenizer")
-    elif t.init_from is not None and (init_tokenizer := init_tokenizer_dir(Path(t.init_from))):
-        tokenizer = load_tokenizer(init_tokenizer)
+    elif source is not None and (source_tokenizer := init_tokenizer_dir(Path(source))):
+        tokenizer = load_tokenizer(source_tokenizer)
     else:
         tokenizer = build_tokenizer(cfg, train_docs)
     cache = cache_root(cfg.data.cache_dir)

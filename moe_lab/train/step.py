@@ -77,7 +77,9 @@ def train_step(
     t, dist = st.cfg.train, st.dist
     started = time.perf_counter()
     step = st.counters["step"] + 1
-    lr = lr_at(step, t.lr, t.warmup_steps, total_steps, t.min_lr_ratio)
+    lr = lr_at(
+        step, t.lr, t.warmup_steps, total_steps, t.min_lr_ratio, t.schedule, t.decay_fraction
+    )
     for group in st.optimizer.param_groups:
         group["lr"] = lr
     loss, aux, routing = _forward_backward(st, autocast)
