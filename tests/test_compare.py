@@ -10,6 +10,7 @@ import moe_lab.families.cbtm as cbtm_module
 import moe_lab.families.dense as dense_module
 from moe_lab.accounting import estimate
 from moe_lab.compare import fit_scaling, load_experiment, run_compare
+from moe_lab.compare.plan import plan
 from moe_lab.config import ConfigError, ModelConfig, load_config
 from moe_lab.data.documents import CORPUS_DIR, load_documents, load_splits
 from moe_lab.eval.fewshot import choice_logliks, corpus_cloze, evaluate_task, load_task
@@ -384,3 +385,26 @@ def test_a_budget_sweep_runs_every_variant_at_every_budget_and_fits_the_curves(
 
     monkeypatch.setattr(dense_module, "train", retrain)
     assert run_compare(exp) == json.loads((out / "results.json").read_text())
+
+
+def test_a_wsd_sweep_branches_each_budget_from_one_trunk(tmp_path):
+    budgets = [budget() / 4, budget() / 2]
+    exp = experiment(tmp_path, VARIANTS[:1], budget={"sweep": budgets, "schedule": "wsd"})
+    records = run_compare(exp)
+    out = Path(exp.dir)
+    trunk = out / "variants" / "dense" / "seed0" / "trunk"
+    assert load_config(trunk / "config.yaml").train.schedule == "constant"
+    small, large = records
+    for r in records:  # each decay is charged the FLOPs of a whole WSD run of its budget
+        assert abs(r["flops_vs_budget"] - 1) <= 0.01
+        assert 0.75 * r["train_flops"] < r["wsd_trunk_flops"] < 0.85 * r["train_flops"]
+        run = out / r["config"]
+        assert load_config(run).train.schedule == "wsd"
+    assert small["wsd_trunk_flops"] < large["wsd_trunk_flops"]
+    spent = large["wsd_trunk_flops"] + sum(r["train_flops"] - r["wsd_trunk_flops"] for r in records)
+    saved = 1 - spent / (small["train_flops"] + large["train_flops"])
+    report = (out / "report.md").read_text()
+    assert "## Warmup-stable-decay" in report and f"| {saved:.0%} |" in report and saved > 0.2
+    with pytest.raises(ConfigError, match="budget.schedule=wsd .* family 'cbtm'"):
+        plan(experiment(tmp_path, VARIANTS[2:3], budget={"sweep": budgets, "schedule": "wsd"}),
+             tmp_path / "refused")  # fmt: skip

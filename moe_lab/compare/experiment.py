@@ -60,6 +60,9 @@ class BudgetConfig:
     # how far a variant's FLOPs in whole optimizer steps may fall from each budget; the records
     # and fits use the FLOPs reached, so a looser tolerance costs precision, not honesty
     tolerance: float = 0.01
+    # cosine: one run per budget | wsd: per variant and seed one constant-LR trunk, and per budget
+    # a decay (train.decay_fraction of its steps) branched from it (dense and MoE variants)
+    schedule: str = "cosine"
 
     def values(self) -> list[float]:
         """The budgets, ascending; a :class:`ConfigError` unless exactly one form is set."""
@@ -84,6 +87,8 @@ class BudgetConfig:
             raise ConfigError(f"budgets must be positive and finite, got {bad}")
         if len(set(values)) != len(values):
             raise ConfigError(f"budget.sweep repeats a budget: {values}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ConfigError(f"budget.schedule must be cosine or wsd, got {self.schedule!r}")
         return sorted(values)
 
 

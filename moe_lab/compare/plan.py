@@ -25,6 +25,9 @@ SHARED_DATA = (
 )
 
 
+WSD_FAMILIES = ("dense", "moe")  # one training run each: a decay branch per budget
+
+
 def plan(exp: ExperimentConfig, out: Path) -> dict[str, dict]:
     """Per variant: its config and, per budget, the FLOPs it reaches; refuse what cannot be
     compared.
@@ -53,6 +56,12 @@ def plan(exp: ExperimentConfig, out: Path) -> dict[str, dict]:
         if v.merge == "btx" and not 0 < v.finetune_share < 1 - v.seed_share:
             raise ConfigError(f"variant {v.name!r}: finetune_share must be in (0, 1 - seed_share)")
         family.check(cfg, v)
+        if exp.budget.schedule == "wsd" and v.family not in WSD_FAMILIES:
+            raise ConfigError(
+                f"variant {v.name!r}: budget.schedule=wsd branches one training run per budget "
+                f"from a shared trunk; family {v.family!r} trains several (only "
+                f"{', '.join(WSD_FAMILIES)})"
+            )
         phases = family.phases(cfg, v)
         tolerance = exp.budget.tolerance
         reached = {b: _reached(v, phases, b, tolerance) for b in exp.budgets}

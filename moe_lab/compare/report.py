@@ -13,6 +13,7 @@ from moe_lab.compare.summary import (
     routing_section,
     scaling_section,
     significance_section,
+    wsd_section,
 )
 
 __all__ = ["report_markdown"]
@@ -47,6 +48,7 @@ def report_markdown(exp: ExperimentConfig, records: list[dict], study: dict | No
     lines += significance_section(exp, records) if len(exp.variants) > 1 else []
     lines += scaling_section(exp, study)
     lines += routing_section(exp, records)
+    lines += wsd_section(exp, records)
     lines += [
         "![validation loss against training FLOPs](loss_vs_flops.png)",
         "",

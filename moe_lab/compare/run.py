@@ -14,6 +14,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from moe_lab.budget import planned_steps
 from moe_lab.compare.experiment import (
     ExperimentConfig,
     FewshotConfig,
@@ -25,13 +26,21 @@ from moe_lab.compare.plan import plan
 from moe_lab.compare.plots import plot_compare
 from moe_lab.compare.report import report_markdown
 from moe_lab.compare.scaling import scaling_study
-from moe_lab.config import ConfigError, save_config
+from moe_lab.config import Config, ConfigError, save_config
 from moe_lab.eval.evaluate import validation_store
 from moe_lab.eval.fewshot import evaluate_task, load_task
 from moe_lab.eval.knnlm.run import build_run_datastore, evaluate_run_knn
 from moe_lab.families.loading import load_scorer
 from moe_lab.families.registry import get_family
-from moe_lab.store.checkpoint import load_run, read_json, write_json
+from moe_lab.store.checkpoint import (
+    find_checkpoint,
+    latest_checkpoint,
+    load_run,
+    read_json,
+    write_json,
+)
+from moe_lab.train.loop import train
+from moe_lab.train.optim import decay_start
 from moe_lab.train.run_dir import RunLock
 from moe_lab.train.threads import cpu_threads
 
@@ -54,6 +63,9 @@ def run_variant(
              seed, job)  # fmt: skip
     cfg = variant_config(exp, v, seed, job, budget)
     cfg = replace(cfg, run=replace(cfg.run, resume=True))
+    trunk_flops = None
+    if exp.budget.schedule == "wsd":
+        cfg, trunk_flops = _wsd_branch(exp, v, seed, cfg)
     job.mkdir(parents=True, exist_ok=True)
     save_config(cfg, job / "config.yaml")
     started = time.perf_counter()
@@ -75,6 +87,8 @@ def run_variant(
         "budget_flops": budget,
         "flops_vs_budget": record["train_flops"] / budget,
         "wall_s": wall,  # this attempt's time, evaluation included (eval_s: of it, evaluating)
+        # budget.schedule=wsd: the FLOPs of the shared trunk this budget's decay branched from
+        **({"wsd_trunk_flops": trunk_flops} if trunk_flops is not None else {}),
         # training throughput over every run and resume of the variant
         "tokens_per_s": record["tokens"] / record["train_s"] if record["train_s"] else 0.0,
         **record,
@@ -84,6 +98,28 @@ def run_variant(
         "variant %s, seed %d: valid loss %.4f in %.0f s", v.name, seed, record["valid_loss"], wall
     )
     return record
+
+
+def _wsd_branch(
+    exp: ExperimentConfig, v: VariantConfig, seed: int, cfg: Config
+) -> tuple[Config, float]:
+    """``budget.schedule=wsd``: train the variant's constant-LR trunk up to the step where this
+    budget's decay starts (budgets come in ascending order, so the trunk only grows) and return
+    the job's config, a WSD run branched from that checkpoint, with the trunk's FLOPs there."""
+    steps = planned_steps(cfg)
+    start = decay_start(steps, cfg.train.decay_fraction)
+    trunk = Path(exp.dir) / "variants" / v.name / f"seed{seed}" / "trunk"
+    ckpt = trunk / "checkpoints" / f"step-{start:08d}"
+    if find_checkpoint(ckpt) != ckpt:
+        latest = latest_checkpoint(trunk / "checkpoints")
+        if latest is not None and int(latest.name.split("-")[1]) > start:
+            raise ConfigError(f"{trunk} is past step {start}, where this budget's decay starts")
+        t = replace(cfg.train, schedule="constant", max_flops=None, max_steps=start,
+                    keep_checkpoints=len(exp.budgets) + 1, keep_optimizer=True)  # fmt: skip
+        log.info("variant %s, seed %d: WSD trunk to step %d", v.name, seed, start)
+        train(replace(cfg, train=t, run=replace(cfg.run, dir=str(trunk), resume=True)))
+    flops = read_json(ckpt / "state.json")["flops"]
+    return replace(cfg, train=replace(cfg.train, schedule="wsd", branch_from=str(ckpt))), flops
 
 
 def _fewshot(fs: FewshotConfig, scorer: dict | None, v: VariantConfig) -> dict:

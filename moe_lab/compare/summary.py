@@ -16,6 +16,7 @@ __all__ = [
     "routings",
     "scaling_section",
     "significance_section",
+    "wsd_section",
 ]
 
 
@@ -160,4 +161,29 @@ def routing_section(exp: ExperimentConfig, records: list[dict]) -> list[str]:
                 e = max(range(len(last)), key=last.__getitem__)
                 busiest.append(f"{field}={value}: {e} ({last[e]:.0%})")
         lines.append(f"| {name} | {dead} | {entropy} | {'; '.join(busiest)} |")
+    return [*lines, ""]
+
+
+def wsd_section(exp: ExperimentConfig, records: list[dict]) -> list[str]:
+    """``budget.schedule=wsd``: what the shared trunks saved against one run per budget."""
+    if exp.budget.schedule != "wsd":
+        return []
+    lines = [
+        "## Warmup-stable-decay",
+        "",
+        "Each variant and seed trained one constant-learning-rate trunk; each budget's model is a "
+        "decay of the last `train.decay_fraction` of its steps branched from the trunk, equal to "
+        "a whole WSD run of that budget and charged its FLOPs.",
+        "",
+        "| variant | training FLOPs spent | one run per budget would spend | saved |",
+        "|---|---|---|---|",
+    ]
+    for v in exp.variants:
+        spent = separate = 0.0
+        for seed in exp.seeds:
+            rs = [r for r in records if r["name"] == v.name and r["seed"] == seed]
+            trunk = max(r["wsd_trunk_flops"] for r in rs)  # the trunk where the last decay began
+            spent += trunk + sum(r["train_flops"] - r["wsd_trunk_flops"] for r in rs)
+            separate += sum(r["train_flops"] for r in rs)
+        lines.append(f"| {v.name} | {spent:.4g} | {separate:.4g} | {1 - spent / separate:.0%} |")
     return [*lines, ""]

@@ -135,10 +135,11 @@ def prepare_run_dir(cfg: Config) -> Path | None:
             f"cannot resume {run_dir} with a different {', '.join(changed)}; only "
             f"{', '.join(sorted(RESUMABLE_KEYS))} may change"
         )
-    if any(old.get(f"train.{b}") != new[f"train.{b}"] for b in BUDGET_KEYS):
+    budget_changed = any(old.get(f"train.{b}") != new[f"train.{b}"] for b in BUDGET_KEYS)
+    if budget_changed and cfg.train.schedule != "constant":  # a constant rate has no length
         log.warning(
-            "the budget changed on resume: the cosine schedule is re-stretched to the "
-            "new length, so the run no longer matches an uninterrupted one"
+            "the budget changed on resume: the schedule is re-stretched to the new length, "
+            "so the run no longer matches an uninterrupted one"
         )
     return ckpt
 
