@@ -138,3 +138,16 @@ def test_the_shipped_experiments_and_policy_load():
     default = load_experiment(experiments / "default.yaml")
     families = {v.family for v in default.variants}
     assert {"dense", "moe", "cbtm"} <= families
+
+
+@pytest.mark.parametrize("name", ["xelm-compare.yaml", "ifc-compare.yaml"])
+def test_the_shipped_xelm_and_ifc_comparisons_plan_within_their_budget(name, tmp_path):
+    """moe-lab compare versions of xelm.yaml and ifc.yaml: every variant fits the budget."""
+    from moe_lab.compare import load_experiment
+    from moe_lab.compare.plan import plan
+    from moe_lab.config import PRESET_DIR
+
+    exp = load_experiment(PRESET_DIR.parent / "experiments" / name, [f"dir={tmp_path}"])
+    plans = plan(exp, tmp_path)
+    assert {v.family for v in exp.variants} == {"dense", name.split("-")[0]}
+    assert set(plans) == {v.name for v in exp.variants}
