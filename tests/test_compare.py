@@ -405,6 +405,13 @@ def test_a_wsd_sweep_branches_each_budget_from_one_trunk(tmp_path):
     saved = 1 - spent / (small["train_flops"] + large["train_flops"])
     report = (out / "report.md").read_text()
     assert "## Warmup-stable-decay" in report and f"| {saved:.0%} |" in report and saved > 0.2
+    # ... and how far WSD sits from ordinary cosine runs of the two budgets
+    references = json.loads((out / "wsd_reference.json").read_text())
+    assert [r["budget_flops"] for r in references] == budgets
+    for ref, r in zip(references, records, strict=True):
+        assert load_config(out / ref["config"]).train.schedule == "cosine"
+        assert ref["config"].endswith("seed0-cosine/config.yaml")
+        assert f"| {r['valid_loss']:.4f} | {ref['valid_loss']:.4f} | " in report
     with pytest.raises(ConfigError, match="budget.schedule=wsd .* family 'cbtm'"):
         plan(experiment(tmp_path, VARIANTS[2:3], budget={"sweep": budgets, "schedule": "wsd"}),
              tmp_path / "refused")  # fmt: skip

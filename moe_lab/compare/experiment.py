@@ -63,6 +63,9 @@ class BudgetConfig:
     # cosine: one run per budget | wsd: per variant and seed one constant-LR trunk, and per budget
     # a decay (train.decay_fraction of its steps) branched from it (dense and MoE variants)
     schedule: str = "cosine"
+    # schedule=wsd: also train ordinary cosine runs (first seed) at this many of the smallest
+    # budgets, so the report can say how far the WSD losses sit from them
+    wsd_reference: int = 2
 
     def values(self) -> list[float]:
         """The budgets, ascending; a :class:`ConfigError` unless exactly one form is set."""

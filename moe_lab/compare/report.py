@@ -23,9 +23,15 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def report_markdown(exp: ExperimentConfig, records: list[dict], study: dict | None = None) -> str:
+def report_markdown(
+    exp: ExperimentConfig,
+    records: list[dict],
+    study: dict | None = None,
+    references: list[dict] = (),
+) -> str:
     """The report for people: what was found first, then per budget one row per variant (mean ±
-    std over seeds, best in bold), the paired tests against the baseline and the scaling fits."""
+    std over seeds, best in bold), the paired tests against the baseline and the scaling fits;
+    ``references``: under ``budget.schedule=wsd``, cosine runs to set the WSD losses against."""
     study = study or {}
     tolerance = exp.budget.tolerance
     within = all(abs(r["flops_vs_budget"] - 1) <= tolerance for r in records)
@@ -48,7 +54,7 @@ def report_markdown(exp: ExperimentConfig, records: list[dict], study: dict | No
     lines += significance_section(exp, records) if len(exp.variants) > 1 else []
     lines += scaling_section(exp, study)
     lines += routing_section(exp, records)
-    lines += wsd_section(exp, records)
+    lines += wsd_section(exp, records, references)
     lines += [
         "![validation loss against training FLOPs](loss_vs_flops.png)",
         "",

@@ -50,13 +50,20 @@ log = logging.getLogger(__name__)
 
 
 def run_variant(
-    exp: ExperimentConfig, v: VariantConfig, seed: int, budget: float | None = None
+    exp: ExperimentConfig,
+    v: VariantConfig,
+    seed: int,
+    budget: float | None = None,
+    cosine_reference: bool = False,
 ) -> dict:
     """Train and evaluate one (variant, budget, seed); a finished job returns its saved record.
-    ``budget`` may be left out when the experiment has one."""
+    ``budget`` may be left out when the experiment has one. ``cosine_reference``: under
+    ``budget.schedule=wsd``, the ordinary cosine run of the same job (in ``seed<s>-cosine``)."""
     out = Path(exp.dir)
     budget = exp.budgets[0] if budget is None else budget
     job = exp.job_dir(v.name, budget, seed)
+    if cosine_reference:
+        job = job.with_name(f"{job.name}-cosine")
     if (job / "result.json").exists():
         return read_json(job / "result.json")
     log.info("variant %s (%s), %.3g FLOPs, seed %d: training in %s", v.name, v.family, budget,
@@ -64,7 +71,7 @@ def run_variant(
     cfg = variant_config(exp, v, seed, job, budget)
     cfg = replace(cfg, run=replace(cfg.run, resume=True))
     trunk_flops = None
-    if exp.budget.schedule == "wsd":
+    if exp.budget.schedule == "wsd" and not cosine_reference:
         cfg, trunk_flops = _wsd_branch(exp, v, seed, cfg)
     job.mkdir(parents=True, exist_ok=True)
     save_config(cfg, job / "config.yaml")
@@ -192,9 +199,15 @@ def run_compare(exp: ExperimentConfig) -> list[dict]:
                      elapsed, elapsed * left / done)  # fmt: skip
         records.append(run_variant(exp, v, seed, budget))
     write_json(out / "results.json", records)
+    references = []
+    if exp.budget.schedule == "wsd":  # how far WSD sits from cosine, at the smallest budgets
+        for budget in exp.budgets[: exp.budget.wsd_reference]:
+            for v in exp.variants:
+                references.append(run_variant(exp, v, exp.seeds[0], budget, cosine_reference=True))
+        write_json(out / "wsd_reference.json", references)
     study = scaling_study(records, exp.baseline_name) if len(exp.budgets) >= 3 else {}
     if study:
         write_json(out / "scaling.json", study)
-    (out / "report.md").write_text(report_markdown(exp, records, study))
+    (out / "report.md").write_text(report_markdown(exp, records, study, references))
     plot_compare(records, out, study, exp.baseline_name)
     return records

@@ -164,8 +164,9 @@ def routing_section(exp: ExperimentConfig, records: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
-def wsd_section(exp: ExperimentConfig, records: list[dict]) -> list[str]:
-    """``budget.schedule=wsd``: what the shared trunks saved against one run per budget."""
+def wsd_section(exp: ExperimentConfig, records: list[dict], references=()) -> list[str]:
+    """``budget.schedule=wsd``: what the shared trunks saved against one run per budget, and how
+    far the WSD losses sit from cosine runs of the same budgets (``references``)."""
     if exp.budget.schedule != "wsd":
         return []
     lines = [
@@ -186,4 +187,20 @@ def wsd_section(exp: ExperimentConfig, records: list[dict]) -> list[str]:
             spent += trunk + sum(r["train_flops"] - r["wsd_trunk_flops"] for r in rs)
             separate += sum(r["train_flops"] for r in rs)
         lines.append(f"| {v.name} | {spent:.4g} | {separate:.4g} | {1 - spent / separate:.0%} |")
+    if references:
+        lines += [
+            "",
+            f"Against ordinary cosine runs of the same budgets (seed {exp.seeds[0]}; validation "
+            "loss, negative: WSD lower):",
+            "",
+            "| budget | variant | WSD | cosine | WSD − cosine |",
+            "|---|---|---|---|---|",
+        ]
+        for ref in references:
+            (wsd,) = [r for r in records if r["name"] == ref["name"] and r["seed"] == ref["seed"]
+                      and r["budget_flops"] == ref["budget_flops"]]  # fmt: skip
+            lines.append(
+                f"| {ref['budget_flops']:.4g} | {ref['name']} | {wsd['valid_loss']:.4f} | "
+                f"{ref['valid_loss']:.4f} | {wsd['valid_loss'] - ref['valid_loss']:+.4f} |"
+            )
     return [*lines, ""]
