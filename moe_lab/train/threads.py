@@ -46,7 +46,7 @@ def _running(path: Path) -> int:
     return count
 
 
-def busy_cores(samples: int = 5, interval_s: float = 0.02) -> int:
+def busy_cores(samples: int = 3, interval_s: float = 0.01) -> int:
     """Cores that other processes keep busy now: the machine's runnable threads less this
     process's own, the median of a few samples (a snapshot catches passing threads). 0 where
     ``/proc`` is not there to tell."""
