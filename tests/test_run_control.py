@@ -17,20 +17,7 @@ from moe_lab.config import ConfigError, load_config
 from moe_lab.store.checkpoint import latest_checkpoint, list_checkpoints, load_run
 from moe_lab.train.loop import train
 from moe_lab.train.threads import auto_threads, busy_cores, cpu_threads
-from tests.test_train import TINY
-
-
-def _cfg(tmp_path, lang_files, *extra):
-    train_file, valid_file = lang_files
-    return load_config(
-        overrides=[
-            *TINY,
-            f"data.train_files=[{train_file}]",
-            f"data.valid_files=[{valid_file}]",
-            f"run.dir={tmp_path / 'run'}",
-            *extra,
-        ]
-    )
+from tests.test_train import TINY, _cfg
 
 
 def _steps(run_dir):

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moe_lab.config import ConfigError, load_config
+from moe_lab.config import ConfigError
 from moe_lab.store.checkpoint import latest_checkpoint
 from moe_lab.train.loop import train
 from moe_lab.train.optim import decay_start, lr_at
-from tests.test_train import TINY
+from tests.test_train import _cfg as train_cfg
 
 
 def test_wsd_and_constant_schedules_in_closed_form():
@@ -23,19 +23,8 @@ def test_wsd_and_constant_schedules_in_closed_form():
 
 
 def _cfg(tmp_path, lang_files, name, *extra):
-    train_file, valid_file = lang_files
-    return load_config(
-        overrides=[
-            *TINY,
-            f"data.train_files=[{train_file}]",
-            f"data.valid_files=[{valid_file}]",
-            "data.sample_by=lang",
-            "data.group_fields=[lang]",
-            "train.warmup_steps=2",
-            f"run.dir={tmp_path / name}",
-            *extra,
-        ]  # fmt: skip
-    )
+    # sampling over languages draws from the data RNG: the branch must restore it
+    return train_cfg(tmp_path, lang_files, "data.sample_by=lang", *extra, name=name)
 
 
 def _records(run):

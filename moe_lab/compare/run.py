@@ -33,6 +33,8 @@ from moe_lab.eval.knnlm.run import build_run_datastore, evaluate_run_knn
 from moe_lab.families.loading import load_scorer
 from moe_lab.families.registry import get_family
 from moe_lab.store.checkpoint import (
+    checkpoint_dir,
+    checkpoint_step,
     find_checkpoint,
     latest_checkpoint,
     load_run,
@@ -116,10 +118,10 @@ def _wsd_branch(
     steps = planned_steps(cfg)
     start = decay_start(steps, cfg.train.decay_fraction)
     trunk = Path(exp.dir) / "variants" / v.name / f"seed{seed}" / "trunk"
-    ckpt = trunk / "checkpoints" / f"step-{start:08d}"
+    ckpt = checkpoint_dir(trunk / "checkpoints", start)
     if find_checkpoint(ckpt) != ckpt:
         latest = latest_checkpoint(trunk / "checkpoints")
-        if latest is not None and int(latest.name.split("-")[1]) > start:
+        if latest is not None and checkpoint_step(latest) > start:
             raise ConfigError(f"{trunk} is past step {start}, where this budget's decay starts")
         t = replace(cfg.train, schedule="constant", max_flops=None, max_steps=start,
                     keep_checkpoints=len(exp.budgets) + 1, keep_optimizer=True)  # fmt: skip

@@ -35,11 +35,10 @@ def expert_log_likelihoods(
     for start in range(0, len(ids) - 1, seq_len):
         piece = ids[start : start + seq_len + 1]
         inputs, targets = piece[:-1][None], piece[1:][None]
+        span = slice(start, start + targets.shape[1])
         for j, expert in enumerate(experts):
             lp = expert(inputs).logits.float().log_softmax(-1)
-            out[j, start : start + len(targets[0])] = lp.gather(-1, targets[..., None])[
-                0, :, 0
-            ].cpu()
+            out[j, span] = lp.gather(-1, targets[..., None])[0, :, 0].cpu().numpy()
     return out
 
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from moe_lab.data.documents import load_splits
 from moe_lab.data.packing import IGNORE, TokenStore, build_store, cache_root, eval_rows
-from moe_lab.eval.routing import RouterTap, routing_report
+from moe_lab.eval.routing import RouterTap, count_routes, routing_report
 from moe_lab.nn.losses import token_nll
 from moe_lab.nn.model import Transformer
 
@@ -70,8 +70,8 @@ def document_nll(
             docs = batch["doc_index"].flatten().numpy()[scored]
             np.add.at(nll, docs, losses.cpu().double().numpy()[scored])
             np.add.at(count, docs, 1)
-            if routed is not None:
-                _count_routes(routed, tap.pop(), docs, scored)
+            if routed is not None:  # the scored positions: real tokens, not padding
+                count_routes(routed, [i.cpu().numpy()[scored] for i in tap.pop()], docs)
             bar.update()
     bar.close()
     partial = count < np.diff(store.offsets) - 1  # targets: every token after BOS
@@ -80,15 +80,6 @@ def document_nll(
         routed[partial] = 0
     model.train(was_training)
     return nll, count
-
-
-def _count_routes(routed: np.ndarray, indices: list[torch.Tensor], docs, scored) -> None:
-    """Add one batch's expert choices (``[B * T, K]`` per MoE layer) to ``routed [D, L, E]``."""
-    D, _, E = routed.shape
-    for layer, idx in enumerate(indices):
-        idx = idx.cpu().numpy()[scored]  # the scored positions: real tokens, not padding
-        flat = np.repeat(docs, idx.shape[1]) * E + idx.reshape(-1)
-        routed[:, layer] += np.bincount(flat, minlength=D * E).reshape(D, E)
 
 
 def _metrics(nll: float, tokens: int, n_bytes: int, docs: int) -> dict[str, float]:

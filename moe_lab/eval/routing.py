@@ -22,6 +22,7 @@ __all__ = [
     "RouterTap",
     "TokenRoutes",
     "coactivation",
+    "count_routes",
     "routed_per_document",
     "routing_report",
     "saturation",
@@ -120,14 +121,19 @@ def token_routes(
     )
 
 
+def count_routes(routed: np.ndarray, indices, docs: np.ndarray) -> None:
+    """Add to ``routed [D, L, E]`` the (token, slot) assignments of tokens whose documents are
+    ``docs [N]`` and whose experts per MoE layer are ``indices`` (``[N, K]`` each)."""
+    D, _, E = routed.shape
+    for layer, idx in enumerate(indices):
+        flat = np.repeat(docs, idx.shape[1]) * E + idx.reshape(-1)
+        routed[:, layer] += np.bincount(flat, minlength=D * E).reshape(D, E)
+
+
 def routed_per_document(routes: TokenRoutes, n_docs: int) -> np.ndarray:
     """``[D, L, E]``: the (token, slot) assignments of each document's tokens to each expert."""
-    L, E = routes.indices.shape[0], routes.num_experts
-    counts = np.zeros((n_docs, L, E), dtype=np.int64)
-    docs = np.repeat(routes.docs, routes.top_k)
-    for layer in range(L):
-        flat = docs * E + routes.indices[layer].reshape(-1)
-        counts[:, layer] = np.bincount(flat, minlength=n_docs * E).reshape(n_docs, E)
+    counts = np.zeros((n_docs, routes.indices.shape[0], routes.num_experts), dtype=np.int64)
+    count_routes(counts, routes.indices, routes.docs)
     return counts
 
 

@@ -20,7 +20,13 @@ from moe_lab.eval.routing import (
 )
 from moe_lab.eval.routing_plots import plot_routing
 from moe_lab.nn.model import build_model
-from moe_lab.store.checkpoint import list_checkpoints, load_checkpoint, load_run, write_json
+from moe_lab.store.checkpoint import (
+    checkpoint_step,
+    list_checkpoints,
+    load_checkpoint,
+    load_run,
+    write_json,
+)
 
 __all__ = ["analyze_run"]
 
@@ -52,9 +58,9 @@ def analyze_run(
         earlier = build_model(cfg.model, device=device)
         load_checkpoint(ckpt, earlier, restore_rng_state=False)
         routes = token_routes(earlier, store, t.seq_len, t.eval_batch, device, max_tokens)
-        steps.append(int(ckpt.name.split("-")[1]))
+        steps.append(checkpoint_step(ckpt))
         values.append(saturation(routes, final))
-    steps.append(int(checkpoints[-1].name.split("-")[1]))
+    steps.append(checkpoint_step(checkpoints[-1]))
     values.append(1.0)
     moe = cfg.model.moe
     report = {

@@ -35,8 +35,9 @@ from moe_lab.nn.model import build_model
 from moe_lab.store.weights import WeightsMismatchError, load_weights
 
 __all__ = [
-    "read_json",
     "capture_rng",
+    "checkpoint_dir",
+    "checkpoint_step",
     "convert_checkpoint",
     "drop_optimizer_states",
     "find_checkpoint",
@@ -45,8 +46,9 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "load_run",
-    "read_safetensors",
+    "read_json",
     "read_optimizer_state",
+    "read_safetensors",
     "read_training_state",
     "restore_rng",
     "save_checkpoint",
@@ -110,6 +112,16 @@ def read_safetensors(path: Path, device="cpu") -> dict[str, torch.Tensor]:
     return tensors
 
 
+def checkpoint_dir(directory: Path, step: int) -> Path:
+    """Where checkpoint ``step`` of a run's ``checkpoints`` directory lives."""
+    return Path(directory) / f"step-{step:08d}"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of checkpoint directory ``path`` (``step-00000100`` -> 100)."""
+    return int(_STEP_DIR.fullmatch(Path(path).name).group(1))
+
+
 def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints in ``directory``, oldest first."""
     if not directory.is_dir():
@@ -117,7 +129,7 @@ def list_checkpoints(directory: Path) -> list[Path]:
     found = [
         p for p in directory.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / MARKER).is_file()
     ]
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
@@ -214,7 +226,7 @@ def save_checkpoint(
     ``optimizer`` are then None).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step-{step:08d}"
+    final = checkpoint_dir(directory, step)
     tmp = staging_dir(directory, step, create=not staged)
     try:
         if model is not None:
