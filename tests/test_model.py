@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from moe_lab import ModelConfig, build_model
 from moe_lab.config import ConfigError, load_model_preset
 from moe_lab.eval.generation import generate, sample_next
-from moe_lab.nn.model import RMSNorm, positions_in_documents
+from moe_lab.nn.model import positions_in_documents
+from moe_lab.nn.norm import RMSNorm
 
 CFG = ModelConfig(
     dim=64,
@@ -55,7 +56,7 @@ def test_rmsnorm_matches_closed_form_and_runs_in_fp32():
 def test_rmsnorm_gradients_match_autograd_of_the_closed_form():
     """The hand-written backward: gradcheck in float64, and bf16 inputs against float64 autograd
     through the closed form, to bf16 resolution."""
-    from moe_lab.nn.model import _RMSNorm
+    from moe_lab.nn.norm import _RMSNorm
 
     x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, dtype=torch.float64, requires_grad=True)
@@ -77,7 +78,7 @@ def test_rope_matches_the_rotate_half_formula_and_its_gradient():
     """The hand-written RoPE: forward equals the formula, gradcheck in float64, and the backward
     (a rotation by the negative angle) equals autograd through the formula on a strided input,
     as the attention passes it."""
-    from moe_lab.nn.model import apply_rope
+    from moe_lab.nn.rope import apply_rope
 
     def formula(x, cos, sin):
         x1, x2 = x.chunk(2, dim=-1)

@@ -3,14 +3,17 @@ parameters (what :mod:`moe_lab.accounting` turns into FLOPs)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from moe_lab.config.base import choice, positive_float, positive_int, require
 
 __all__ = [
     "LBL_FORMS",
+    "ATTENTION_BIASES",
     "LBL_GRANULARITIES",
     "MOE_BACKENDS",
+    "NORM_POSITIONS",
+    "QK_NORMS",
     "ModelConfig",
     "MoEConfig",
     "RopeScalingConfig",
@@ -46,6 +49,9 @@ class RopeScalingConfig:
 LBL_FORMS = ("switch", "megablocks", "olmo", "mixtral", "none")  # moe_lab.nn.routing.losses
 LBL_GRANULARITIES = ("micro_batch", "sequence", "global_batch")
 MOE_BACKENDS = ("reference", "megablocks", "auto")
+QK_NORMS = ("none", "projection", "head")  # moe_lab.nn.model.Attention
+ATTENTION_BIASES = ("none", "qkv", "all")
+NORM_POSITIONS = ("pre", "post")
 
 
 @dataclass
@@ -67,6 +73,7 @@ class MoEConfig:
     top_k: int = 2
     expert_hidden: int = 88  # SwiGLU width of each expert
     every: int = 1  # layer i is an MoE layer iff (i + 1) % every == 0 (fairseq's --moe-freq)
+    dense_layers: list[int] = field(default_factory=list)  # layers kept dense whatever `every`
     capacity_factor: float | None = None  # None = dropless; else capacity = factor * k * T / E
     score: str = "softmax"  # softmax | sigmoid, computed in fp32
     renormalize: bool = True  # chosen k weights sum to 1 (Mixtral, fairseq); MegaBlocks: false
@@ -80,6 +87,8 @@ class MoEConfig:
     z_loss_weight: float = 0.001  # w * mean(logsumexp(logits)^2), summed over layers (ST-MoE)
     bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing bias (DeepSeek-V3), 1e-3 typical
     shared_expert_hidden: int = 0  # > 0: a dense SwiGLU every token also goes through
+    # the shared expert's output scaled by sigmoid(x . g), g a learned [D] row (Qwen2-MoE)
+    shared_expert_gate: bool = False
     backend: str = "reference"  # reference (PyTorch, CPU/GPU) | megablocks (CUDA) | auto
 
     def validate(self, prefix: str = "model.moe") -> None:
@@ -108,9 +117,20 @@ class MoEConfig:
             self.shared_expert_hidden >= 0,
             f"{p}.shared_expert_hidden must be >= 0, got {self.shared_expert_hidden}",
         )
+        require(
+            not self.shared_expert_gate or self.shared_expert_hidden > 0,
+            f"{p}.shared_expert_gate needs a shared expert ({p}.shared_expert_hidden > 0)",
+        )
+        for layer in self.dense_layers:
+            require(
+                isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0,
+                f"{p}.dense_layers must hold layer indices >= 0, got {layer!r}",
+            )
 
     def is_moe_layer(self, layer_id: int) -> bool:
-        return (layer_id + 1) % self.every == 0
+        """Qwen-MoE's rule: every ``every``-th layer (``decoder_sparse_step``) unless listed in
+        ``dense_layers`` (``mlp_only_layers``)."""
+        return (layer_id + 1) % self.every == 0 and layer_id not in self.dense_layers
 
     def num_params(self, dim: int) -> int:
         """Parameters of one MoE layer: its E experts, router and shared expert."""
@@ -124,8 +144,9 @@ class MoEConfig:
         return 3 * dim * self.expert_hidden  # w1, v1, w2: [F, D] per expert
 
     def routed_always_params(self, dim: int) -> int:
-        """The router and the shared expert, which every token runs."""
-        return dim * self.num_experts + 3 * dim * self.shared_expert_hidden
+        """The router and the shared expert (and its gate), which every token runs."""
+        shared = 3 * dim * self.shared_expert_hidden + (dim if self.shared_expert_gate else 0)
+        return dim * self.num_experts + shared
 
 
 @dataclass
@@ -138,8 +159,9 @@ class ModelConfig:
 
     dim: int = 64  # residual stream width
     n_layers: int = 2  # transformer blocks
-    n_heads: int = 4  # query heads; head_dim = dim // n_heads
+    n_heads: int = 4  # query heads
     n_kv_heads: int | None = None  # key/value heads for grouped-query attention; None = n_heads
+    head_dim: int | None = None  # width of each head; None = dim // n_heads (Qwen3 sets it)
     vocab_size: int = 512  # embedding rows; at least the tokenizer's vocabulary
     ffn_hidden: int = 176  # SwiGLU hidden width (Llama: ~8/3 * dim rounded to a multiple)
     max_seq_len: int = 256  # longest context (RoPE tables, KV cache)
@@ -149,20 +171,37 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # share the input embedding with the output head
     init_std: float = 0.02  # residual projections use init_std / sqrt(2 * n_layers) (GPT-2)
+    # RMSNorm on queries and keys before RoPE: none | projection (over all heads at once:
+    # OLMo 2, OLMoE, FlexOlmo) | head (each head alone, one [head_dim] weight: Qwen3)
+    qk_norm: str = "none"
+    attention_bias: str = "none"  # none | qkv (Qwen2: q, k, v projections) | all (also the output)
+    # pre: x + f(norm(x)) (Llama) | post: x + norm(f(x)) (OLMo 2, FlexOlmo)
+    norm_position: str = "pre"
+    # the transformers class this model was imported from (moe_lab.interop.hf), to_hf's default
+    hf_architecture: str | None = None
     moe: MoEConfig | None = None  # None = dense; else token-routed experts (see MoEConfig)
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def head_size(self) -> int:
+        """Each attention head's width: ``head_dim``, or ``dim // n_heads`` when unset."""
+        return self.dim // self.n_heads if self.head_dim is None else self.head_dim
 
     @property
     def kv_heads(self) -> int:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     def attention_params(self) -> int:
-        """Parameters of one layer's attention: wq, wo ``[H*hd, D]`` and wk, wv ``[KV*hd, D]``."""
-        q_and_o = 2 * self.dim * self.n_heads * self.head_dim
-        return q_and_o + 2 * self.dim * self.kv_heads * self.head_dim
+        """Parameters of one layer's attention: wq, wo ``[H*hd, D]``, wk, wv ``[KV*hd, D]``,
+        their biases and the q/k norms' weights."""
+        q, kv = self.n_heads * self.head_size, self.kv_heads * self.head_size
+        biases = {"none": 0, "qkv": q + 2 * kv, "all": q + 2 * kv + self.dim}
+        qk_norms = {"none": 0, "projection": q + kv, "head": 2 * self.head_size}
+        extra = biases[self.attention_bias] + qk_norms[self.qk_norm]
+        return self.attention_projection_params() + extra
+
+    def attention_projection_params(self) -> int:
+        """The matrices of one layer's attention: wq, wk, wv and wo."""
+        return 2 * self.dim * (self.n_heads + self.kv_heads) * self.head_size
 
     def ffn_params(self, layer_id: int) -> tuple[int, int]:
         """(total, active per token) parameters of layer ``layer_id``'s FFN."""
@@ -192,14 +231,14 @@ class ModelConfig:
         """Parameters in a matrix multiply per token: attention and active FFN projections and
         the output head (also when tied); the embedding is a lookup, norms are elementwise."""
         ffn = sum(self.ffn_params(i)[1] for i in range(self.n_layers))
-        return self.n_layers * self.attention_params() + ffn + self.vocab_size * self.dim
+        return self.n_layers * self.attention_projection_params() + ffn + self.vocab_size * self.dim
 
     def forward_flops_per_token(self, seq_len: int | None = None) -> float:
         """``2 * matmul_params + 4 * L * T * H * hd`` at context ``seq_len`` (default
         ``max_seq_len``); see :mod:`moe_lab.accounting` for the conventions."""
         seq_len = self.max_seq_len if seq_len is None else seq_len
         require(seq_len > 0, f"seq_len must be positive, got {seq_len}")
-        attention_scores = 4 * self.n_layers * seq_len * self.n_heads * self.head_dim
+        attention_scores = 4 * self.n_layers * seq_len * self.n_heads * self.head_size
         return float(2 * self.matmul_params() + attention_scores)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
@@ -218,14 +257,21 @@ class ModelConfig:
                 f"{p}.n_heads ({self.n_heads}) must be divisible by "
                 f"{p}.n_kv_heads ({self.n_kv_heads})",
             )
+        if self.head_dim is None:
+            require(
+                self.dim % self.n_heads == 0,
+                f"{p}.dim ({self.dim}) must be divisible by {p}.n_heads ({self.n_heads}), "
+                f"or set {p}.head_dim",
+            )
+        else:
+            positive_int(self.head_dim, f"{p}.head_dim")
         require(
-            self.dim % self.n_heads == 0,
-            f"{p}.dim ({self.dim}) must be divisible by {p}.n_heads ({self.n_heads})",
+            self.head_size % 2 == 0,
+            f"{p}.head_dim must be even for RoPE, got head_dim {self.head_size}",
         )
-        require(
-            self.head_dim % 2 == 0,
-            f"{p}.dim / {p}.n_heads must be even for RoPE, got head_dim {self.head_dim}",
-        )
+        choice(self.qk_norm, QK_NORMS, f"{p}.qk_norm")
+        choice(self.attention_bias, ATTENTION_BIASES, f"{p}.attention_bias")
+        choice(self.norm_position, NORM_POSITIONS, f"{p}.norm_position")
         positive_float(self.rope_theta, f"{p}.rope_theta")
         positive_float(self.norm_eps, f"{p}.norm_eps")
         positive_float(self.init_std, f"{p}.init_std")
@@ -241,4 +287,13 @@ class ModelConfig:
                 self.moe.every <= self.n_layers,
                 f"{p}.moe.every ({self.moe.every}) exceeds {p}.n_layers ({self.n_layers}): "
                 "no layer would be an MoE layer",
+            )
+            require(
+                all(layer < self.n_layers for layer in self.moe.dense_layers),
+                f"{p}.moe.dense_layers {self.moe.dense_layers} names a layer >= "
+                f"{p}.n_layers ({self.n_layers})",
+            )
+            require(
+                any(self.moe.is_moe_layer(i) for i in range(self.n_layers)),
+                f"{p}.moe.dense_layers and {p}.moe.every leave no MoE layer",
             )

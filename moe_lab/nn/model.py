@@ -13,15 +13,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from moe_lab.config import ModelConfig, RopeScalingConfig
+from moe_lab.config import ModelConfig
 from moe_lab.nn.causal_attention import causal_attention
 from moe_lab.nn.experts import build_ffn
 from moe_lab.nn.losses import IGNORE_INDEX, fused_linear_cross_entropy
+from moe_lab.nn.norm import RMSNorm
+from moe_lab.nn.rope import apply_rope, rope_frequencies
 from moe_lab.nn.routing import RouterStats, moe_aux_loss
 
-__all__ = ["KVCache", "ModelOutput", "RMSNorm", "Transformer", "build_model", "rope_frequencies"]
+__all__ = ["KVCache", "ModelOutput", "Transformer", "build_model"]
 
 
 @dataclass
@@ -29,109 +30,6 @@ class ModelOutput:
     logits: Tensor  # [B, T, V]
     aux_loss: Tensor  # [] weighted balancing + z-losses of the MoE layers; exactly 0 for dense
     routing: list[RouterStats] = field(default_factory=list)  # one entry per MoE layer
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 (or wider) whatever the
-    input dtype."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim))
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _RMSNorm.apply(x, self.weight, self.eps)
-
-
-class _RMSNorm(torch.autograd.Function):
-    """``weight * x / rms(x)`` with the normalisation in fp32, and a hand-written backward.
-
-    Autograd's backward of the three-line formula makes about twice as many passes over the
-    activations as needed; this one is 2x faster on CPU, where these passes are memory-bound
-    (17 norms are ~4% of a d=512 training step, bench/train_step.py).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        ms = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x.shape[-1])
-        inv_rms = torch.rsqrt(ms.add_(eps))
-        x_hat = x32 * inv_rms  # kept in fp32 for the backward
-        ctx.save_for_backward(x_hat, weight, inv_rms)
-        ctx.in_dtype = x.dtype
-        return weight * x_hat.to(x.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        x_hat, weight, inv_rms = ctx.saved_tensors
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad * x_hat.to(ctx.in_dtype)).flatten(0, -2).sum(0).to(weight.dtype)
-        # d/dx of w * x * r(x): r * (g_hat - x_hat * mean(g_hat * x_hat)), g_hat = grad * w
-        g_hat = (grad * weight).to(x_hat.dtype)
-        mean_gx = torch.linalg.vecdot(g_hat, x_hat).unsqueeze(-1).div_(x_hat.shape[-1])
-        grad_x = torch.addcmul(g_hat, x_hat, mean_gx, value=-1).mul_(inv_rms)
-        return grad_x.to(ctx.in_dtype), grad_weight, None
-
-
-def rope_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig | None) -> Tensor:
-    """Inverse RoPE frequencies ``[head_dim // 2]`` in fp32, with Llama 3.1 scaling if given."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
-    if scaling is None:
-        return inv_freq
-    wavelen = 2 * math.pi / inv_freq
-    low_freq_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
-    high_freq_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
-    # Long wavelengths are stretched by `factor`; short ones kept; the band between interpolated.
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return torch.where(is_medium, smoothed, scaled)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x [B, H, T, hd]`` by position; ``cos``/``sin`` are ``[B, 1, T, hd // 2]``."""
-    if torch.compiler.is_compiling():  # inductor fuses the formula into one kernel
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return _Rope.apply(x, cos, sin)
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``(x1 cos - x2 sin, x2 cos + x1 sin)`` over the halves of the last dim, written in place
-    into one output: four kernels and no temporaries instead of seven kernels and six."""
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    x1, x2 = x.chunk(2, dim=-1)
-    out1, out2 = out.chunk(2, dim=-1)
-    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)
-    torch.mul(x2, cos, out=out2).addcmul_(x1, sin)
-    return out
-
-
-class _Rope(torch.autograd.Function):
-    """RoPE with a hand-written backward: a rotation's gradient is the rotation by ``-angle``.
-
-    Autograd through the formula runs ~3x as many kernels; this halves RoPE's cost on CPU.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, -sin), None, None
 
 
 def positions_in_documents(doc_ids: Tensor) -> Tensor:
@@ -154,7 +52,7 @@ class KVCache:
     def __init__(
         self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None
     ) -> None:
-        shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+        shape = (batch_size, cfg.kv_heads, max_len, cfg.head_size)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.max_len = max_len
@@ -171,22 +69,41 @@ class KVCache:
 class Attention(nn.Module):
     """Grouped-query attention (Ainslie et al. 2023): causal through
     :func:`~moe_lab.nn.causal_attention.causal_attention`, with a document mask or after a cached
-    past through ``scaled_dot_product_attention`` and that mask."""
+    past through ``scaled_dot_product_attention`` and that mask.
+
+    Options of the families transformers ships: biases on the projections (Qwen2: ``qkv``), and
+    an RMSNorm of queries and keys before RoPE, over the whole projection (OLMo 2, OLMoE) or each
+    head alone (Qwen3), see :class:`~moe_lab.config.ModelConfig`.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        q_dim, kv_dim = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+        qkv_bias = cfg.attention_bias != "none"
+        self.wq = nn.Linear(cfg.dim, q_dim, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.dim, kv_dim, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.dim, kv_dim, bias=qkv_bias)
+        self.wo = nn.Linear(q_dim, cfg.dim, bias=cfg.attention_bias == "all")
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = RMSNorm(cfg.head_size if per_head else q_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_size if per_head else kv_dim, cfg.norm_eps)
+        self.per_head_norm = cfg.qk_norm == "head"
         self.init_std, self.n_layers = cfg.init_std, cfg.n_layers
 
     def reset_parameters(self) -> None:
         for lin in (self.wq, self.wk, self.wv):
             nn.init.normal_(lin.weight, std=self.init_std)
         nn.init.normal_(self.wo.weight, std=self.init_std / math.sqrt(2 * self.n_layers))
+        for lin in (self.wq, self.wk, self.wv, self.wo):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None
@@ -195,10 +112,18 @@ class Attention(nn.Module):
         # One GEMM for q, k and v over the concatenated weights (a 1.5 MB copy at d=512): ~10%
         # faster than three on CPU, while the state dict keeps Llama's separate wq, wk, wv.
         w_qkv = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))
+        b_qkv = None
+        if self.wq.bias is not None:
+            b_qkv = torch.cat((self.wq.bias, self.wk.bias, self.wv.bias))
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = F.linear(x, w_qkv).split((q_dim, kv_dim, kv_dim), dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        q, k, v = F.linear(x, w_qkv, b_qkv).split((q_dim, kv_dim, kv_dim), dim=-1)
+        if self.q_norm is not None and not self.per_head_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.per_head_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd], [B, Hkv, T, hd]
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -218,6 +143,7 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = build_ffn(cfg, layer_id)
+        self.post_norm = cfg.norm_position == "post"
 
     def reset_parameters(self) -> None:
         self.attention_norm.reset_parameters()
@@ -228,6 +154,10 @@ class TransformerBlock(nn.Module):
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None
     ) -> tuple[Tensor, RouterStats | None]:
+        if self.post_norm:  # OLMo 2: the sublayers' outputs are normalised, the stream is not
+            x = x + self.attention_norm(self.attention(x, cos, sin, mask, cache))
+            y, routing = self.feed_forward(x)
+            return x + self.ffn_norm(y), routing
         #  x ─┬─ norm ─ attention ─(+)─┬─ norm ─ ffn ─(+)─> out
         #     └────────────────────────┘└───────────────┘
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
@@ -267,7 +197,7 @@ class Transformer(nn.Module):
     def _rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         if self._inv_freq is None or self._inv_freq.device != positions.device:
             cfg = self.cfg
-            inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            inv_freq = rope_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling)
             self._inv_freq = inv_freq.to(positions.device)
         freqs = positions[..., None].float() * self._inv_freq  # [B, T, hd/2], fp32 as transformers
         return freqs.cos().to(dtype)[:, None], freqs.sin().to(dtype)[:, None]  # [B, 1, T, hd/2]

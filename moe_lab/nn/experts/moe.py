@@ -1,4 +1,4 @@
-"""The reference MoE layer: a top-k router, E SwiGLU experts, an optional shared expert.
+"""The reference MoE layer: a top-k router, E SwiGLU experts, an optional (gated) shared expert.
 
 Pure PyTorch, CPU and GPU: the numerical oracle for the MegaBlocks backend. Token slots are sorted
 by expert so that each expert runs once, on one contiguous segment: in one autograd Function with a
@@ -66,9 +66,11 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E * Fh, dim))
         self.fused = True  # run_experts' fused: the hand-written Function, or the loop
         self.ep_group = None  # expert parallelism: this rank holds E / W experts (experts.parallel)
-        self.shared = None
+        self.shared = self.shared_gate = None
         if cfg.shared_expert_hidden > 0:
             self.shared = SwiGLU(dim, cfg.shared_expert_hidden, n_layers, init_std)
+        if cfg.shared_expert_gate:
+            self.shared_gate = nn.Linear(dim, 1, bias=False)
 
     def reset_parameters(self) -> None:
         self.router.reset_parameters()
@@ -77,6 +79,8 @@ class MoE(nn.Module):
         nn.init.normal_(self.w2, std=self.init_std / math.sqrt(2 * self.n_layers))
         if self.shared is not None:
             self.shared.reset_parameters()
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, std=self.init_std)
 
     def forward(self, x: Tensor) -> tuple[Tensor, RouterStats]:
         x_TD = x.reshape(-1, self.dim)
@@ -84,7 +88,10 @@ class MoE(nn.Module):
         kept_TK = expert_slots(indices_TK, self.cfg.num_experts, capacity(self.cfg, len(x_TD)))
         y_TD = self._experts(x_TD, weights_TK, indices_TK, kept_TK)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)[0]
+            shared_TD = self.shared(x_TD)[0]
+            if self.shared_gate is not None:  # Qwen2-MoE: the token decides how much it takes
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
         dropped = 1.0 - kept_TK.float().mean()
         n_seq = x.shape[0] if x.ndim == 3 else 1  # [B, T, D]: B sequences
         stats = self.router.stats(probs_TE, logits_TE, indices_TK, dropped, n_seq)
