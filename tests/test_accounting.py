@@ -96,3 +96,42 @@ def test_attention_term_grows_linearly_with_context():
     assert b.forward_flops_per_token - a.forward_flops_per_token == per_token_attention
     with pytest.raises(ValueError, match="seq_len"):
         estimate(cfg, 0)
+
+
+# MoE presets: (transformers class, published total, published active, tolerance). Sources: OLMoE
+# paper (Muennighoff et al. 2024: 6.9B / 1.3B), Qwen3-30B-A3B model card (30.5B / 3.3B), the
+# Qwen1.5-MoE blog (14.3B / 2.7B), FlexOlmo paper (Shi et al. 2025: 37B / 20B, its 8-expert top-4
+# model). Two-digit figures are truncations of exact counts up to 1.6% above them (3.353B for
+# Qwen3's "3.3B", 37.6B for FlexOlmo's "37B"): those get 2%, the rest 1%.
+MOE_PRESETS = {
+    "olmoe-1b-7b": ({}, 6.9e9, 1.3e9, 0.02),
+    "qwen3-30b-a3b": ({}, 30.5e9, 3.3e9, 0.02),
+    "qwen1.5-moe-a2.7b": ({}, 14.3e9, 2.7e9, 0.01),
+    "flexolmo-7x7b": ({"num_experts": 8, "top_k": 4}, 37e9, 20e9, 0.02),
+}
+
+
+@pytest.mark.parametrize("name", MOE_PRESETS)
+def test_moe_presets_count_what_transformers_builds_and_what_was_published(name):
+    transformers = pytest.importorskip("transformers")
+    from dataclasses import replace
+
+    from moe_lab.interop.hf import config_to_hf
+
+    moe_changes, total, active, rel = MOE_PRESETS[name]
+    cfg = load_model_preset(name)
+    cfg = replace(cfg, moe=replace(cfg.moe, **moe_changes))
+    with torch.device("meta"):  # the independent count: transformers' own model of that shape
+        theirs = getattr(transformers, cfg.hf_architecture)(config_to_hf(cfg))
+    theirs_total = sum(p.numel() for p in theirs.parameters())
+    experts = [layer.mlp.experts for layer in theirs.model.layers if hasattr(layer.mlp, "experts")]
+    unused = sum(
+        (e.gate_up_proj.numel() + e.down_proj.numel()) * (e.num_experts - cfg.moe.top_k)
+        // e.num_experts
+        for e in experts
+    )
+    est = estimate(cfg, 4096)
+    assert est.total_params == theirs_total
+    assert est.active_params == theirs_total - unused
+    assert est.total_params == pytest.approx(total, rel=rel)
+    assert est.active_params == pytest.approx(active, rel=rel)
