@@ -126,7 +126,8 @@ def test_moe_presets_count_what_transformers_builds_and_what_was_published(name)
     theirs_total = sum(p.numel() for p in theirs.parameters())
     experts = [layer.mlp.experts for layer in theirs.model.layers if hasattr(layer.mlp, "experts")]
     unused = sum(
-        (e.gate_up_proj.numel() + e.down_proj.numel()) * (e.num_experts - cfg.moe.top_k)
+        (e.gate_up_proj.numel() + e.down_proj.numel())
+        * (e.num_experts - cfg.moe.top_k)
         // e.num_experts
         for e in experts
     )

@@ -22,6 +22,7 @@ from moe_lab.cli.experiments import (
     cmd_convert,
     cmd_export,
     cmd_ifc,
+    cmd_import,
     cmd_info,
     cmd_presets,
     cmd_scaling,
@@ -93,6 +94,11 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", required=True, help="a new directory for the transformers model")
 
 
+def _import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("hf_dir", help="a transformers save_pretrained directory (safetensors)")
+    p.add_argument("--to", required=True, help="a new directory for the moe_lab run")
+
+
 def _routing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a directory written by moe-lab train (an MoE model)")
     p.add_argument("--out", help="where routing.json and the figures go (default RUN_DIR/routing)")
@@ -122,6 +128,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable]] = {
     ),
     "knn": (cmd_knn, _knn_args),
     "export": (cmd_export, _export_args),
+    "import": (cmd_import, _import_args),
     "routing": (cmd_routing, _routing_args),
 }
 
@@ -142,6 +149,7 @@ EXAMPLES = {
     "convert": "moe-lab convert runs/fsdp",
     "knn": "moe-lab knn build runs/mine --index flat",
     "export": "moe-lab export runs/mine --to runs/mine-hf",
+    "import": "moe-lab import ~/models/OLMoE-1B-7B-0924 --to runs/olmoe",
     "routing": "moe-lab routing runs/moe --max-tokens 50000",
 }
 

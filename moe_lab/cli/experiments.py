@@ -29,6 +29,7 @@ from moe_lab.ensembles.clustering.run import cluster_documents
 from moe_lab.families.ifc.experiment import run_ifc_experiment
 from moe_lab.families.xelm import run_xelm_experiment
 from moe_lab.interop.export import export_run
+from moe_lab.interop.hf_import import import_run
 from moe_lab.store.checkpoint import convert_checkpoint, read_json
 from moe_lab.train.loop import train
 
@@ -44,6 +45,7 @@ __all__ = [
     "cmd_compare",
     "cmd_scaling",
     "cmd_export",
+    "cmd_import",
 ]
 
 
@@ -175,3 +177,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     """Export a run as a transformers directory: weights, config and tokenizer."""
     out = export_run(args.run_dir, args.to)
     print(f"wrote {out}: AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    """Import a transformers directory as a run: config, step-0 checkpoint and tokenizer."""
+    out = import_run(args.hf_dir, args.to)
+    print(
+        f"wrote {out}: moe-lab eval/generate/routing {out}, or train from it with "
+        f"model={out}/model.yaml train.init_from={out}"
+    )

@@ -91,8 +91,10 @@ class BPETokenizer(Tokenizer):
     def __init__(self, tok) -> None:
         self._tok = tok
         self.vocab_size = tok.get_vocab_size()
-        self.bos_id = _special_id(tok, (BOS, "<s>", "<|begin_of_text|>"))
-        self.eos_id = _special_id(tok, (EOS, "</s>", "<|end_of_text|>", "<|endoftext|>"))
+        self.eos_id = _special_id(tok, (EOS, "<eos>", "</s>", "<|end_of_text|>", "<|endoftext|>"))
+        # GPT-2's, OLMo's and Qwen's tokenizers have no BOS: their end-of-text token separates
+        # documents on both sides, so it opens them too
+        self.bos_id = _special_id(tok, (BOS, "<bos>", "<s>", "<|begin_of_text|>"), self.eos_id)
 
     @classmethod
     def from_file(cls, path: Path) -> BPETokenizer:
@@ -126,11 +128,13 @@ class BPETokenizer(Tokenizer):
         return self._tok
 
 
-def _special_id(tok, candidates: tuple[str, ...]) -> int:
+def _special_id(tok, candidates: tuple[str, ...], default: int | None = None) -> int:
     for name in candidates:
         idx = tok.token_to_id(name)
         if idx is not None:
             return idx
+    if default is not None:
+        return default
     raise ValueError(f"tokenizer has none of the special tokens {candidates}; add one of them")
 
 
