@@ -73,7 +73,14 @@ def test_backend_megablocks_without_cuda_is_a_clear_error_and_auto_is_the_refere
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"top_k": 1}, {"renormalize": False}, {"score": "sigmoid"}, {"shared_expert_hidden": 64}],
+    [
+        {},
+        {"top_k": 1},
+        {"renormalize": False},
+        {"score": "sigmoid"},
+        {"shared_expert_hidden": 64},
+        {"shared_expert_hidden": 64, "shared_expert_gate": True},  # Qwen2-MoE
+    ],
 )
 def test_megablocks_equals_the_reference_outputs_gradients_and_losses(kw):
     """Same weights, same routing (one router), the experts on either side: MegaBlocks computes
@@ -114,5 +121,26 @@ def test_a_reference_checkpoint_runs_on_megablocks_with_the_same_loss():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss_r, aux_r, _ = ref.loss(x, targets)
         loss_m, aux_m, _ = mb.loss(x, targets)
+    assert abs(loss_m.item() - loss_r.item()) < 1e-2 * loss_r.item()
+    assert abs(aux_m.item() - aux_r.item()) < 1e-2 * aux_r.item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["OlmoeForCausalLM", "Qwen2MoeForCausalLM", "FlexOlmoForCausalLM"])
+def test_an_imported_transformers_moe_runs_on_megablocks_with_the_same_loss(arch):
+    pytest.importorskip("megablocks")
+    transformers = pytest.importorskip("transformers")
+    from moe_lab.interop.hf import config_to_hf, from_hf
+    from tests.test_hf_moe import CASES
+
+    torch.manual_seed(0)
+    ref = from_hf(getattr(transformers, arch)(config_to_hf(CASES[arch], arch))).cuda()
+    cfg = ref.cfg
+    mb = build_model(replace(cfg, moe=replace(cfg.moe, backend="megablocks"))).cuda()
+    mb.load_state_dict(ref.state_dict())
+    x = torch.randint(0, cfg.vocab_size, (4, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_r, aux_r, _ = ref.loss(x, x.roll(-1, dims=1))
+        loss_m, aux_m, _ = mb.loss(x, x.roll(-1, dims=1))
     assert abs(loss_m.item() - loss_r.item()) < 1e-2 * loss_r.item()
     assert abs(aux_m.item() - aux_r.item()) < 1e-2 * aux_r.item()
