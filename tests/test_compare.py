@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import moe_lab.families.cbtm as cbtm_module
 import moe_lab.families.dense as dense_module
@@ -276,6 +278,12 @@ def test_xelm_and_ifc_variants_are_charged_the_same_budget(tmp_path):
     assert xelm["inference_flops_per_token"] == dense["inference_flops_per_token"]  # top-1
     assert set(xelm["groups"]["lang"]) == set(dense["groups"]["lang"])
     assert ifc["groups"]["domain"].keys() == dense["groups"]["domain"].keys()
+    # FlexOlmo runs IFC's phases with other settings: planned within 1% of the budget alike
+    flexolmo = {**variants[2], "name": "flexolmo", "family": "flexolmo"}
+    exp = experiment(tmp_path, [flexolmo])
+    (reached,) = plan(exp, tmp_path / "plan")["flexolmo"]["flops"].values()
+    assert abs(reached / exp.budgets[0] - 1) <= 0.01
+    assert reached == pytest.approx(ifc["train_flops"], rel=1e-9)
     # Few-shot: IFC as its all-domain principal sees it; X-ELM item by item with the expert of
     # the item's language, here recomputed with that expert's model alone.
     items = load_task(str(task))
@@ -303,15 +311,26 @@ def test_merged_variants_average_or_btx_the_experts_within_the_budget(tmp_path):
             "finetune_share": 0.2,
         },
     ]
-    avg, btx = run_compare(experiment(tmp_path, variants))
+    variants.append({**variants[1], "name": "btx-data", "router_init": "data"})
+    avg, btx, btx_data = run_compare(experiment(tmp_path, variants))
     dense_params = estimate(ModelConfig(**MODEL), 32).total_params
     assert avg["total_params"] == dense_params  # one averaged model
     assert btx["total_params"] > dense_params and btx["active_params"] < btx["total_params"]
-    for r in (avg, btx):
+    for r in (avg, btx, btx_data):
         assert abs(r["flops_vs_budget"] - 1) <= 0.01, r["name"]
     out = Path(tmp_path / "out" / "variants" / "btx" / "seed0" / "btx" / "run")
     trained = load_config(out / "config.yaml")
     assert trained.model.moe.num_experts == 2 and trained.train.init_from.endswith("merged")
+    # The two BTX variants share their experts' runs up to the merge; only the router differs.
+    merged = {
+        name: load_file(next((tmp_path / "out" / "variants" / name / "seed0" / "btx" / "merged"
+                              / "checkpoints").iterdir()) / "model.safetensors")
+        for name in ("btx", "btx-data")
+    }  # fmt: skip
+    routers = [k for k in merged["btx"] if k.endswith("router.gate.weight")]
+    random, data = merged["btx"], merged["btx-data"]
+    assert routers and all(not torch.equal(random[k], data[k]) for k in routers)
+    assert all(torch.equal(v, data[k]) for k, v in random.items() if k not in routers)
     # The averaged model's evaluation differs from the BTX model's: they are different models.
     assert avg["valid_loss"] != btx["valid_loss"]
 

@@ -26,6 +26,7 @@ from moe_lab.config import (
 )
 from moe_lab.data.policy import AccessPolicy
 from moe_lab.ensembles.clustering.run import cluster_documents
+from moe_lab.families.flexolmo import run_flexolmo_experiment
 from moe_lab.families.ifc.experiment import run_ifc_experiment
 from moe_lab.families.xelm import run_xelm_experiment
 from moe_lab.interop.export import export_run
@@ -45,6 +46,7 @@ __all__ = [
     "cmd_compare",
     "cmd_scaling",
     "cmd_export",
+    "cmd_flexolmo",
     "cmd_import",
 ]
 
@@ -104,8 +106,13 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_presets(args: argparse.Namespace) -> None:
     """List the model presets with their parameter counts."""
-    for name in model_presets():
-        print(f"{name:14s} {estimate(load_model_preset(name)).total_params:>16,d} params")
+    names = model_presets()
+    width = max(map(len, names))
+    for name in names:
+        est = estimate(load_model_preset(name))
+        sparse = est.active_params < est.total_params
+        active = f" {est.active_params:>16,d} active" if sparse else ""
+        print(f"{name:{width}s} {est.total_params:>16,d} params{active}")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -125,6 +132,19 @@ def cmd_ifc(args: argparse.Namespace) -> None:
         policy = Path(args.config).parent / policy  # relative to the experiment's file
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = run_ifc_experiment(cfg, AccessPolicy.load(policy), device)
+    print(f"validation loss per {cfg.ifc.domain_field}; training FLOPs {result['train_flops']}")
+    print(result["table"])
+    print(f"wrote {Path(cfg.run.dir) / 'report.json'}")
+
+
+def cmd_flexolmo(args: argparse.Namespace) -> None:
+    """FlexOlmo: a public model, one expert per data owner, merged; every owner opted out in
+    turn, next to a dense baseline of equal training FLOPs."""
+    import torch
+
+    cfg = load_config(args.config, args.overrides)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = run_flexolmo_experiment(cfg, device)
     print(f"validation loss per {cfg.ifc.domain_field}; training FLOPs {result['train_flops']}")
     print(result["table"])
     print(f"wrote {Path(cfg.run.dir) / 'report.json'}")

@@ -246,9 +246,21 @@ class IFCConfig:
     form: str = "moe"
     public_share: float = 0.5  # fraction of the training budget spent on the public phase
     policy: str | None = None  # access policy file (principal -> domains) for evaluation
+    # a domain phase reads its documents mixed half and half with public ones (true), or only its
+    # own (false: FlexOlmo, where an owner trains on its closed data alone)
+    mix_public: bool = True
+    # form=moe: a domain expert's router rows start as a copy of the public expert's (random) or
+    # as the mean input of each MoE layer over the domain's documents (data: FlexOlmo), computed
+    # in the domain's own phase; the public row likewise from public documents
+    router_init: str = "random"
 
     def validate(self, prefix: str = "ifc") -> None:
         choice(self.form, ("moe", "ensemble"), f"{prefix}.form")
+        choice(self.router_init, ("random", "data"), f"{prefix}.router_init")
+        require(
+            self.router_init == "random" or self.form == "moe",
+            f"{prefix}.router_init=data initialises MoE routers: it needs {prefix}.form=moe",
+        )
         require(
             0 < self.public_share < 1,
             f"{prefix}.public_share must be in (0, 1), got {self.public_share!r}",

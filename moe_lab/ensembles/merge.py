@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 
 from moe_lab.config import ConfigError, MoEConfig
+from moe_lab.data.packing import TokenStore
+from moe_lab.ensembles.router_init import mean_ffn_inputs, set_router_rows
 from moe_lab.nn.model import Transformer, build_model
 
 __all__ = ["average", "btx", "dare", "task_vectors", "ties"]
@@ -146,18 +148,28 @@ def btx(
     top_k: int = 2,
     router_std: float = 0.02,
     seed: int = 0,
+    router_init: str = "random",
+    router_data: Sequence[TokenStore] | None = None,
+    seq_len: int = 256,
     **moe_fields,
 ) -> Transformer:
     """Branch-Train-MiX: one MoE layer per block whose expert e is expert model e's FFN.
 
-    Attention, norms, embeddings and head are averaged; the router is ``N(0, router_std)`` and
-    meant to be trained (the returned model is an ordinary moe_lab MoE checkpoint).
+    Attention, norms, embeddings and head are averaged; the router is meant to be trained (the
+    returned model is an ordinary moe_lab MoE checkpoint) and starts ``N(0, router_std)``
+    (``router_init="random"``, BTX) or from data (``"data"``, FlexOlmo): row e of each layer is
+    the mean input of that layer's FFN in expert model e over ``router_data[e]``, e's documents
+    (:func:`~moe_lab.ensembles.router_init.mean_ffn_inputs`, ``seq_len`` tokens per span).
 
     Args:
         experts: dense models of one architecture (branched from one seed).
         top_k: experts per token (BTX: 2).
         moe_fields: further :class:`~moe_lab.config.MoEConfig` fields (lbl, capacity, ...).
     """
+    if router_init not in ("random", "data"):
+        raise ConfigError(f"router_init must be random or data, got {router_init!r}")
+    if router_init == "data" and (router_data is None or len(router_data) != len(experts)):
+        raise ConfigError("router_init='data' needs router_data: one token store per expert")
     _check_compatible(experts)
     dense = experts[0].cfg
     if set_here := sorted({"num_experts", "top_k", "expert_hidden"} & set(moe_fields)):
@@ -194,4 +206,7 @@ def btx(
         ffn.w1.copy_(torch.cat([s.w1.weight for s in sources]))
         ffn.v1.copy_(torch.cat([s.w3.weight for s in sources]))
         ffn.w2.copy_(torch.cat([s.w2.weight.t() for s in sources]))
+    if router_init == "data":
+        rows = [mean_ffn_inputs(e, d, seq_len) for e, d in zip(experts, router_data, strict=True)]
+        set_router_rows(merged, rows)
     return merged

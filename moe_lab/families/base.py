@@ -39,6 +39,9 @@ class VariantConfig:
     # btx (Branch-Train-MiX: the experts' FFNs become one MoE, trained for `finetune_share`)
     merge: str = "none"
     finetune_share: float = 0.1
+    # cbtm, merge=btx: the router starts random (BTX) or from data (FlexOlmo): row e of each
+    # layer is the mean input of that layer's FFN in expert e over e's training documents
+    router_init: str = "random"
 
 
 class Family:

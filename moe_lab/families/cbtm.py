@@ -13,7 +13,10 @@ from pathlib import Path
 
 from moe_lab import accounting
 from moe_lab.budget import Phase
-from moe_lab.config import Config, ConfigError, EnsembleConfig, MoEConfig
+from moe_lab.config import Config, ConfigError, EnsembleConfig, MoEConfig, load_config
+from moe_lab.data.documents import load_splits
+from moe_lab.data.packing import TokenStore, build_store, cache_root
+from moe_lab.data.tokenizer import load_tokenizer
 from moe_lab.ensembles.clustering.run import cluster_documents
 from moe_lab.ensembles.ensemble import evaluate_experts
 from moe_lab.ensembles.merge import btx
@@ -42,6 +45,10 @@ class CBTM(Family):
             raise ConfigError(f"variant {v.name!r}: k (clusters) must be at least 1")
         if v.top_k is not None and not 1 <= v.top_k <= v.k:
             raise ConfigError(f"variant {v.name!r}: top_k must be in [1, k={v.k}] or null")
+        if v.router_init not in ("random", "data"):
+            raise ConfigError(f"variant {v.name!r}: router_init must be random or data")
+        if v.router_init == "data" and v.merge != "btx":
+            raise ConfigError(f"variant {v.name!r}: router_init=data is for merge=btx's router")
 
     def phases(self, cfg: Config, v: VariantConfig) -> list[Phase]:
         if v.merge != "btx":
@@ -122,6 +129,18 @@ def _clusters(cfg: Config, v: VariantConfig, clusters: Path) -> Path:
     return clusters
 
 
+def _training_stores(runs: list[Path]) -> list[TokenStore]:
+    """Each expert run's training documents, tokenized by its tokenizer."""
+    stores = []
+    for run in runs:
+        cfg = load_config(run / "config.yaml")
+        docs, _, _ = load_splits(cfg)
+        tokenizer = load_tokenizer(run / "tokenizer")
+        data = cfg.data
+        stores.append(build_store(docs, tokenizer, data.text_field, [], cache_root(data.cache_dir)))
+    return stores
+
+
 def _train_btx(cfg: Config, v: VariantConfig, budget: float, job: Path, runs: list[Path]):
     """Merge the experts into one MoE (:func:`moe_lab.ensembles.merge.btx`) and train it, router
     included."""
@@ -129,7 +148,15 @@ def _train_btx(cfg: Config, v: VariantConfig, budget: float, job: Path, runs: li
     start = job / "btx" / "merged"
     if not (start / "checkpoints").exists():
         experts = [load_run(run)[1] for run in runs[1:]]
-        model = btx(experts, top_k=merged_cfg.model.moe.top_k, seed=cfg.run.seed)
+        stores = _training_stores(runs[1:]) if v.router_init == "data" else None
+        model = btx(
+            experts,
+            top_k=merged_cfg.model.moe.top_k,
+            seed=cfg.run.seed,
+            router_init=v.router_init,
+            router_data=stores,
+            seq_len=cfg.train.seq_len,
+        )
         save_checkpoint(start / "checkpoints", 0, model, None, {}, 1)
         shutil.copytree(runs[0] / "tokenizer", start / "tokenizer", dirs_exist_ok=True)
     return train(

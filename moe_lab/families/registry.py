@@ -7,13 +7,16 @@ from moe_lab.config import ConfigError
 from moe_lab.families.base import Family
 from moe_lab.families.cbtm import CBTM
 from moe_lab.families.dense import Dense
+from moe_lab.families.flexolmo import FlexOlmo
 from moe_lab.families.ifc.experiment import IFC
 from moe_lab.families.moe import MoE
 from moe_lab.families.xelm import XELM
 
 __all__ = ["FAMILIES", "get_family"]
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (Dense(), MoE(), CBTM(), XELM(), IFC())}
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (Dense(), MoE(), CBTM(), XELM(), IFC(), FlexOlmo())
+}
 
 
 def get_family(name: str) -> Family:

@@ -15,6 +15,9 @@ public seed.
    the public expert and the domain's own expert, and only the latter's rows change
    (:class:`~moe_lab.families.ifc.scope.ExpertScope`); the run is checked to have left every other
    tensor bit-identical to the seed. ``form=ensemble``: the whole branched model trains.
+   ``ifc.mix_public=false`` gives a domain phase its own documents only, and
+   ``ifc.router_init=data`` starts each router row from its domain's data
+   (:mod:`~moe_lab.families.ifc.data_rows`): FlexOlmo's recipe (``moe_lab.families.flexolmo``).
 
 Files: ``public/run/`` and ``domains/<d>/run/`` (run directories), ``seed/`` (``form=moe``: the
 branched public model and tokenizer; the shared artefact), ``domains/<d>/expert.safetensors``
@@ -37,6 +40,7 @@ from moe_lab.config import Config, ConfigError, ModelConfig, load_config, save_c
 from moe_lab.data.documents import DataError, load_splits, narrowed, with_group_field
 from moe_lab.data.policy import AccessPolicy
 from moe_lab.data.tokenizer import Tokenizer, load_tokenizer
+from moe_lab.families.ifc.data_rows import domain_init, set_public_rows
 from moe_lab.families.ifc.scope import ExpertScope, expert_rows, restrict_experts
 from moe_lab.nn.experts.moe import MoE
 from moe_lab.nn.model import Transformer, build_model
@@ -115,7 +119,7 @@ def _phase(cfg: Config, out: Path, domain: str, budget: dict, **train) -> Config
     router row when *not* to pick its expert; public data may flow anywhere)."""
     ifc = cfg.ifc
     data = narrowed(cfg.data, {ifc.domain_field: [domain]})
-    if domain != ifc.public:
+    if domain != ifc.public and ifc.mix_public:
         data = replace(
             narrowed(data, {ifc.domain_field: [ifc.public, domain]}),
             sample_by=ifc.domain_field,
@@ -178,8 +182,11 @@ def train_ifc(cfg: Config, out_dir: str | Path | None = None) -> dict:
     for i, domain in enumerate(domains, start=1):
         expert_dir = out / "domains" / domain
         if not (expert_dir / "expert.json").exists():
+            start = shared
+            if cfg.ifc.router_init == "data":  # the domain's router row, from its own data
+                start = domain_init(cfg, shared, domain, i, expert_dir / "init")
             phase = _phase(cfg, expert_dir / "run", domain, budget.share(cfg.train, share),
-                           init_from=str(shared))  # fmt: skip
+                           init_from=str(start))  # fmt: skip
             _train_domain(replace(phase, model=domain_model), domain, i, shared)
         experts[domain] = read_json(expert_dir / "expert.json")
     manifest = _manifest(cfg, domains, experts, out / "public" / "run")
@@ -213,6 +220,8 @@ def _branch(cfg: Config, out: Path, n_domains: int) -> Path:
     seed = build_model(cfg.model)
     # top_k differs, not the shapes
     load_weights(seed, read_safetensors(_final_weights(public_run)))
+    if cfg.ifc.router_init == "data":  # copied to every expert's row below
+        set_public_rows(seed, cfg, load_tokenizer(public_run / "tokenizer"))
     with torch.no_grad():
         for moe in (m for m in seed.modules() if isinstance(m, MoE)):
             public_rows = expert_rows(moe, 0)

@@ -1,0 +1,70 @@
+"""FlexOlmo (Shi et al. 2025): data owners' experts merged into one MoE, with opt-out.
+
+Each data owner trains an expert on its own closed documents, independently, against a frozen
+public model; the experts merge into one MoE whose router rows are embeddings of the owners' data;
+an owner opts out at inference by removing its expert, with no retraining.
+
+That is the information-flow-control pipeline (:mod:`moe_lab.families.ifc`) with two settings:
+
+1. a **public model** is trained on public documents (attention, embeddings, norms, the public
+   expert and its router row);
+2. per owner, in its own phase (a separate resumable run, which may run elsewhere): the 2-expert
+   MoE of the frozen public expert and the owner's copy of it, only the latter's rows and router
+   row trainable (:class:`~moe_lab.families.ifc.scope.ExpertScope`), on the owner's documents
+   alone (``ifc.mix_public=false``); its router row starts as the mean input of each MoE layer
+   over the owner's documents (``ifc.router_init=data``);
+3. the **merge** loads every expert's rows into one MoE (:func:`~moe_lab.families.ifc.load_ifc`);
+4. **opt-out**: a principal granted every owner but one runs the others, through ``restrict``;
+   every other expert and router row is bit-identical (each was trained alone).
+
+Not implemented: FlexOlmo's optional router tuning on a proxy set of public data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from moe_lab.config import Config
+from moe_lab.data.policy import AccessPolicy
+from moe_lab.families.base import VariantConfig
+from moe_lab.families.ifc.experiment import IFC, run_ifc_experiment
+from moe_lab.families.ifc.pipeline import discover_domains, with_domain_field
+
+__all__ = ["FlexOlmo", "flexolmo_config", "opt_out_policy", "run_flexolmo_experiment"]
+
+ALL = "all owners"
+
+
+def flexolmo_config(cfg: Config) -> Config:
+    """``cfg`` with FlexOlmo's settings of the IFC pipeline (module docstring)."""
+    return replace(cfg, ifc=replace(cfg.ifc, form="moe", mix_public=False, router_init="data"))
+
+
+def opt_out_policy(owners: list[str]) -> AccessPolicy:
+    """Principals ``all owners`` and ``without <owner>`` for each owner: FlexOlmo's opt-out
+    table, each owner's data evaluated with and without its expert."""
+    grants = {ALL: owners} | {f"without {o}": [d for d in owners if d != o] for o in owners}
+    return AccessPolicy.from_dict({"principals": grants})
+
+
+def run_flexolmo_experiment(cfg: Config, device: str = "cpu") -> dict:
+    """Train the FlexOlmo model and the dense baseline of equal training FLOPs, and evaluate
+    every opt-out per domain (``run.dir/report.json``)."""
+    cfg = flexolmo_config(with_domain_field(cfg))
+    return run_ifc_experiment(cfg, opt_out_policy(discover_domains(cfg)), device)
+
+
+class FlexOlmo(IFC):
+    """The FlexOlmo model with every owner opted in, for ``moe-lab compare``."""
+
+    name = "flexolmo"
+
+    def uses_moe(self, cfg: Config) -> bool:
+        return True
+
+    def phases(self, cfg: Config, v: VariantConfig):
+        return super().phases(flexolmo_config(cfg), v)
+
+    def run(self, cfg: Config, v: VariantConfig, budget: float, job: Path) -> dict:
+        return super().run(flexolmo_config(cfg), v, budget, job)

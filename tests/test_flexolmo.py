@@ -1,0 +1,178 @@
+"""FlexOlmo: owners train alone on their own documents, touch only their expert, start their router
+rows from their data (checked against a naive loop), and opting an owner out equals the model
+merged without it."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import moe_lab.families.ifc.pipeline as pipeline
+from moe_lab.cli import main
+from moe_lab.config import load_config
+from moe_lab.data.documents import DataError, load_documents, load_splits
+from moe_lab.data.tokenizer import ByteTokenizer
+from moe_lab.families.flexolmo import flexolmo_config, opt_out_policy
+from moe_lab.families.ifc import load_ifc, restrict_experts, train_ifc
+from moe_lab.nn.model import build_model
+from moe_lab.store.checkpoint import latest_checkpoint
+from tests.conftest import write_jsonl
+from tests.test_ifc import corpus_files, ifc_cfg
+
+OWNERS = ["legal", "code"]
+
+
+def small_corpus_files(root, per_domain=(24, 8)):
+    """The first documents of each domain of :func:`corpus_files` (train, valid): the naive loop
+    below runs them one span at a time."""
+    out = []
+    for path, n in zip(corpus_files(root), per_domain, strict=True):
+        docs = load_documents([path], "text", ["domain"])
+        seen, keep = {}, []
+        for text, domain in zip(docs["text"], docs["domain"], strict=True):
+            seen[domain] = seen.get(domain, 0) + 1
+            if seen[domain] <= n:
+                keep.append({"text": text, "domain": domain})
+        out.append(str(write_jsonl(root / f"small-{Path(path).name}", keep)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def flex(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flexolmo")
+    files = small_corpus_files(root)
+    cfg = flexolmo_config(pipeline.with_domain_field(ifc_cfg(root / "run", files)))
+    manifest = train_ifc(cfg)
+    return root / "run", files, manifest, load_config(root / "run" / "seed" / "config.yaml")
+
+
+def _weights(path):
+    return load_file(latest_checkpoint(path / "checkpoints") / "model.safetensors")
+
+
+def test_each_owner_trains_on_its_own_documents_only(flex):
+    out, _, _, _ = flex
+    for owner in OWNERS:
+        owner_cfg = load_config(out / "domains" / owner / "run" / "config.yaml")
+        train_docs, _, _ = load_splits(owner_cfg)
+        assert set(train_docs["domain"]) == {owner}
+
+
+def test_an_owner_changes_no_tensor_outside_its_expert(flex):
+    out, _, manifest, _ = flex
+    seed = _weights(out / "seed")
+    for owner in OWNERS:
+        index = manifest["experts"][owner]["index"]
+        run = load_file(pipeline._final_weights(out / "domains" / owner / "run"))
+        for key, value in run.items():
+            rows = torch.ones(value.shape[0], dtype=torch.bool)
+            if key.endswith(("w1", "v1", "w2")):
+                F = value.shape[0] // 3
+                rows[index * F : (index + 1) * F] = False
+            elif key.endswith("router.gate.weight"):
+                rows[index] = False
+            assert torch.equal(value[rows], seed[key][rows]), (owner, key)
+
+
+def _naive_mean_ffn_inputs(model, texts, seq_len):
+    """Per layer, the mean FFN input over every input token of ``texts``, one span of at most
+    ``seq_len`` tokens at a time, the blocks written out (pre-norm: ffn_norm of the stream)."""
+    tok = ByteTokenizer()
+    sums, count = [torch.zeros(model.cfg.dim, dtype=torch.float64) for _ in model.layers], 0
+    with torch.no_grad():
+        for text in texts:
+            inputs = [tok.bos_id, *tok.encode(text)]  # [BOS, x, EOS] without its last token
+            for start in range(0, len(inputs), seq_len):
+                ids = torch.tensor([inputs[start : start + seq_len]])
+                x = model.tok_embeddings(ids)
+                cos, sin = model._rope(torch.arange(ids.shape[1])[None], x.dtype)
+                for layer, total in zip(model.layers, sums, strict=True):
+                    x = x + layer.attention(layer.attention_norm(x), cos, sin, None, None)
+                    ffn_in = layer.ffn_norm(x)
+                    total += ffn_in[0].double().sum(0)
+                    x = x + layer.feed_forward(ffn_in)[0]
+                count += ids.shape[1]
+    return [(s / count).float() for s in sums]
+
+
+def test_router_rows_are_the_mean_ffn_input_of_each_owners_data(flex):
+    out, (train_file, _), manifest, cfg = flex
+    docs = load_documents([train_file], "text", ["domain"])
+    seed = build_model(cfg.model)
+    seed.load_state_dict(_weights(out / "seed"))
+    restrict_experts(seed, [0])  # the public model: its one expert is the whole FFN
+    init = {owner: _weights(out / "domains" / owner / "init") for owner in OWNERS}
+    for owner in OWNERS:
+        index = manifest["experts"][owner]["index"]
+        texts = [t for t, d in zip(docs["text"], docs["domain"], strict=True) if d == owner]
+        expected = _naive_mean_ffn_inputs(seed, texts, cfg.train.seq_len)
+        for i, mean in enumerate(expected):
+            row = init[owner][f"layers.{i}.feed_forward.router.gate.weight"][index]
+            torch.testing.assert_close(row, mean, rtol=1e-4, atol=1e-5)
+    # the public row, in the seed, from public documents; every other row of the seed copies it
+    public = [t for t, d in zip(docs["text"], docs["domain"], strict=True) if d == "literature"]
+    for i, mean in enumerate(_naive_mean_ffn_inputs(seed, public, cfg.train.seq_len)):
+        rows = seed.layers[i].feed_forward.router.gate.weight
+        torch.testing.assert_close(rows[0], mean, rtol=1e-4, atol=1e-5)
+        assert all(torch.equal(r, rows[0]) for r in rows[1:])
+
+
+def test_opting_an_owner_out_equals_the_model_merged_without_it(flex):
+    out, _, manifest, cfg = flex
+    policy = opt_out_policy(OWNERS)
+    without_code = load_ifc(out, policy, "without code").model
+    everyone = load_ifc(out, policy, "all owners").model
+    # merged without code: the public expert and legal's, nothing of code's anywhere
+    legal = manifest["experts"]["legal"]["index"]
+    keep = [0, legal]
+    small_cfg = replace(cfg.model, moe=replace(cfg.model.moe, num_experts=2))
+    merged = build_model(small_cfg)
+    state = {}
+    F = cfg.model.moe.expert_hidden
+    for key, value in everyone.state_dict().items():
+        if key.endswith(("w1", "v1", "w2")):
+            value = torch.cat([value[e * F : (e + 1) * F] for e in keep])
+        elif key.endswith("router.gate.weight") or key.endswith("router.expert_bias"):
+            value = value[keep]
+        state[key] = value
+    merged.load_state_dict(state)
+    x = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(without_code(x).logits, merged(x).logits, rtol=0, atol=1e-6)
+        assert (everyone(x).logits - merged(x).logits).abs().max() > 1e-3  # code's expert mattered
+
+
+def test_moe_lab_flexolmo_reports_each_domain_with_and_without_its_owner(flex, tmp_path, capsys):
+    _, (train_file, valid_file), _, _ = flex
+    rc = main(["flexolmo", "model.moe.top_k=2", "train.max_steps=6", "train.seq_len=64",
+               "train.batch_size=4", "train.progress=false", "train.warmup_steps=1",
+               "data.group_fields=[domain]", "ifc.domain_field=domain", "ifc.public=literature",
+               "ifc.domains=[legal,code]", f"data.train_files=[{train_file}]",
+               f"data.valid_files=[{valid_file}]", f"run.dir={tmp_path / 'flex'}"])  # fmt: skip
+    assert rc == 0
+    table = capsys.readouterr().out
+    for column in ("dense (all data)", "all owners: literature+legal+code",
+                   "without legal: literature+code", "without code: literature+legal"):  # fmt: skip
+        assert column in table
+    loss = json.loads((tmp_path / "flex" / "report.json").read_text())["loss"]
+    # an owner's data is modelled better with its expert than without it
+    for owner in OWNERS:
+        assert loss["all owners: literature+legal+code"][owner] < min(
+            v[owner] for k, v in loss.items() if k.startswith(f"without {owner}")
+        )
+    assert np.isfinite(loss["dense (all data)"]["legal"])
+
+
+def test_flexolmo_settings_override_the_ifc_ones_and_bad_input_stops_before_training(
+    flex, tmp_path
+):
+    _, files, _, _ = flex
+    cfg = flexolmo_config(ifc_cfg(tmp_path, files, "ifc.form=ensemble", "ifc.public=nobody"))
+    assert cfg.ifc.form == "moe" and cfg.ifc.router_init == "data" and not cfg.ifc.mix_public
+    with pytest.raises(DataError, match="no training document has domain='nobody'"):
+        train_ifc(cfg)
+    assert not (tmp_path / "public").exists()
