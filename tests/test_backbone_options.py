@@ -175,8 +175,32 @@ def test_cached_generation_with_the_options_matches_the_full_forward():
         (dict(moe=MoEConfig(dense_layers=[0, 1])), r"leave no MoE layer"),
         (dict(moe=MoEConfig(dense_layers=[5])), r"dense_layers \[5\] names a layer >= "),
         (dict(moe=MoEConfig(shared_expert_gate=True)), r"shared_expert_gate needs a shared"),
+        (dict(moe=MoEConfig(top_k=1, always_selected=[0, 1])), r"at most top_k \(1\) distinct"),
+        (dict(moe=MoEConfig(always_selected=[8])), r"always_selected must hold .* in 0..7"),
     ],
 )
 def test_invalid_options_are_refused_by_name(overrides, message):
     with pytest.raises(ConfigError, match=message):
         ModelConfig(**overrides).validate()
+
+
+def test_always_selected_experts_are_in_every_tokens_top_k_with_their_probability():
+    from moe_lab.nn.routing.topk import TopKRouter
+
+    torch.manual_seed(0)
+    router = TopKRouter(16, MoEConfig(num_experts=4, top_k=2, always_selected=[3]))
+    router.reset_parameters()
+    with torch.no_grad():
+        router.gate.weight[3] = -10 * router.gate.weight[3].sign()  # expert 3 scores low
+    x = torch.randn(64, 16)
+    weights, indices, probs, _ = router(x)
+    assert (indices == 3).any(dim=1).all()
+    others = probs.clone()
+    others[:, 3] = -1
+    best_other = others.argmax(1)
+    assert all(set(row.tolist()) == {3, int(o)} for row, o in zip(indices, best_other, strict=True))
+    assert (probs.topk(2).indices != 3).all(1).any()  # without the rule, 3 would lose somewhere
+    picked = probs.gather(1, indices)
+    torch.testing.assert_close(weights, picked / picked.sum(1, keepdim=True))
+    router.restrict([0, 1])  # a restriction still wins: 3 is never chosen when forbidden
+    assert not (router(x)[1] == 3).any()

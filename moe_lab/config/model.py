@@ -86,6 +86,9 @@ class MoEConfig:
     lbl_granularity: str = "micro_batch"
     z_loss_weight: float = 0.001  # w * mean(logsumexp(logits)^2), summed over layers (ST-MoE)
     bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing bias (DeepSeek-V3), 1e-3 typical
+    # experts chosen for every token, the rest of the top k by score (FlexOlmo's public expert);
+    # their weights are still their router probabilities
+    always_selected: list[int] = field(default_factory=list)
     shared_expert_hidden: int = 0  # > 0: a dense SwiGLU every token also goes through
     # the shared expert's output scaled by sigmoid(x . g), g a learned [D] row (Qwen2-MoE)
     shared_expert_gate: bool = False
@@ -120,6 +123,12 @@ class MoEConfig:
         require(
             not self.shared_expert_gate or self.shared_expert_hidden > 0,
             f"{p}.shared_expert_gate needs a shared expert ({p}.shared_expert_hidden > 0)",
+        )
+        require(
+            all(isinstance(e, int) and 0 <= e < self.num_experts for e in self.always_selected)
+            and len(set(self.always_selected)) == len(self.always_selected) <= self.top_k,
+            f"{p}.always_selected must hold at most top_k ({self.top_k}) distinct experts in "
+            f"0..{self.num_experts - 1}, got {self.always_selected}",
         )
         for layer in self.dense_layers:
             require(

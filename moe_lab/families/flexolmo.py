@@ -13,7 +13,9 @@ That is the information-flow-control pipeline (:mod:`moe_lab.families.ifc`) with
    row trainable (:class:`~moe_lab.families.ifc.scope.ExpertScope`), on the owner's documents
    alone (``ifc.mix_public=false``); its router row starts as the mean input of each MoE layer
    over the owner's documents (``ifc.router_init=data``);
-3. the **merge** loads every expert's rows into one MoE (:func:`~moe_lab.families.ifc.load_ifc`);
+3. the **merge** loads every expert's rows into one MoE (:func:`~moe_lab.families.ifc.load_ifc`)
+   whose routers put the public expert in every token's top k (``model.moe.always_selected``,
+   the role of the paper's router bias) and pick the rest by score;
 4. **opt-out**: a principal granted every owner but one runs the others, through ``restrict``;
    every other expert and router row is bit-identical (each was trained alone).
 
@@ -38,7 +40,11 @@ ALL = "all owners"
 
 def flexolmo_config(cfg: Config) -> Config:
     """``cfg`` with FlexOlmo's settings of the IFC pipeline (module docstring)."""
-    return replace(cfg, ifc=replace(cfg.ifc, form="moe", mix_public=False, router_init="data"))
+    ifc = replace(cfg.ifc, form="moe", mix_public=False, router_init="data")
+    model = cfg.model
+    if model.moe is not None:  # the public expert in every token's top k
+        model = replace(model, moe=replace(model.moe, always_selected=[0]))
+    return replace(cfg, ifc=ifc, model=model)
 
 
 def opt_out_policy(owners: list[str]) -> AccessPolicy:

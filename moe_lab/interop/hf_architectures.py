@@ -288,6 +288,7 @@ def problems(cfg: ModelConfig, arch: Architecture) -> list[str]:
         ),
         (moe.capacity_factor is None, f"model.moe.capacity_factor set ({short} is dropless)"),
         (moe.bias_update_rate == 0, "model.moe.bias_update_rate > 0 (no selection bias)"),
+        (not moe.always_selected, "model.moe.always_selected (top-k by score alone)"),
         # transformers' router_jitter_noise also perturbs the experts' input; ours only the router's
         (moe.jitter == 0, "model.moe.jitter > 0 (transformers' jitter also scales the input)"),
         (

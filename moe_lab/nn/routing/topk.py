@@ -100,6 +100,9 @@ class TopKRouter(nn.Module):
         else:
             probs_TE = logits_TE.sigmoid()
         select_TE = probs_TE + self.expert_bias if cfg.bias_update_rate > 0 else probs_TE
+        if cfg.always_selected:  # FlexOlmo's public expert: in every token's top k
+            always = torch.tensor(cfg.always_selected, device=select_TE.device)
+            select_TE = select_TE.index_fill(1, always, float("inf"))
         if self.allowed is not None:  # a bias must not lift a forbidden expert into the top k
             select_TE = select_TE.masked_fill(~self.allowed, float("-inf"))
         indices_TK = select_TE.topk(top_k, dim=-1).indices
