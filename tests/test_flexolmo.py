@@ -3,7 +3,6 @@ rows from their data (checked against a naive loop), and opting an owner out equ
 merged without it."""
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from moe_lab.cli import main
 from moe_lab.config import load_config
 from moe_lab.data.documents import DataError, load_documents, load_splits
 from moe_lab.data.tokenizer import ByteTokenizer
-from moe_lab.families.flexolmo import flexolmo_config, opt_out_policy
+from moe_lab.families.flexolmo import flexolmo_config, merged_model, opt_out_policy
 from moe_lab.families.ifc import load_ifc, restrict_experts, train_ifc
 from moe_lab.nn.model import build_model
 from moe_lab.store.checkpoint import latest_checkpoint
@@ -45,7 +44,9 @@ def small_corpus_files(root, per_domain=(24, 8)):
 def flex(tmp_path_factory):
     root = tmp_path_factory.mktemp("flexolmo")
     files = small_corpus_files(root)
-    cfg = flexolmo_config(pipeline.with_domain_field(ifc_cfg(root / "run", files)))
+    # FlexOlmo's own backbone (OLMo 2: QK-norm, post-norm), so the merged model exports
+    backbone = ["model.qk_norm=projection", "model.norm_position=post"]
+    cfg = flexolmo_config(pipeline.with_domain_field(ifc_cfg(root / "run", files, *backbone)))
     manifest = train_ifc(cfg)
     return root / "run", files, manifest, load_config(root / "run" / "seed" / "config.yaml")
 
@@ -80,7 +81,7 @@ def test_an_owner_changes_no_tensor_outside_its_expert(flex):
 
 def _naive_mean_ffn_inputs(model, texts, seq_len):
     """Per layer, the mean FFN input over every input token of ``texts``, one span of at most
-    ``seq_len`` tokens at a time, the blocks written out (pre-norm: ffn_norm of the stream)."""
+    ``seq_len`` tokens at a time, the post-norm blocks written out (the FFN reads the stream)."""
     tok = ByteTokenizer()
     sums, count = [torch.zeros(model.cfg.dim, dtype=torch.float64) for _ in model.layers], 0
     with torch.no_grad():
@@ -91,10 +92,9 @@ def _naive_mean_ffn_inputs(model, texts, seq_len):
                 x = model.tok_embeddings(ids)
                 cos, sin = model._rope(torch.arange(ids.shape[1])[None], x.dtype)
                 for layer, total in zip(model.layers, sums, strict=True):
-                    x = x + layer.attention(layer.attention_norm(x), cos, sin, None, None)
-                    ffn_in = layer.ffn_norm(x)
-                    total += ffn_in[0].double().sum(0)
-                    x = x + layer.feed_forward(ffn_in)[0]
+                    x = x + layer.attention_norm(layer.attention(x, cos, sin, None, None))
+                    total += x[0].double().sum(0)
+                    x = x + layer.ffn_norm(layer.feed_forward(x)[0])
                 count += ids.shape[1]
     return [(s / count).float() for s in sums]
 
@@ -122,28 +122,32 @@ def test_router_rows_are_the_mean_ffn_input_of_each_owners_data(flex):
 
 
 def test_opting_an_owner_out_equals_the_model_merged_without_it(flex):
-    out, _, manifest, cfg = flex
+    out, _, _, _ = flex
     policy = opt_out_policy(OWNERS)
-    without_code = load_ifc(out, policy, "without code").model
+    without_code = load_ifc(out, policy, "without code").model  # code's expert masked
     everyone = load_ifc(out, policy, "all owners").model
-    # merged without code: the public expert and legal's, nothing of code's anywhere
-    legal = manifest["experts"]["legal"]["index"]
-    keep = [0, legal]
-    small_cfg = replace(cfg.model, moe=replace(cfg.model.moe, num_experts=2))
-    merged = build_model(small_cfg)
-    state = {}
-    F = cfg.model.moe.expert_hidden
-    for key, value in everyone.state_dict().items():
-        if key.endswith(("w1", "v1", "w2")):
-            value = torch.cat([value[e * F : (e + 1) * F] for e in keep])
-        elif key.endswith("router.gate.weight") or key.endswith("router.expert_bias"):
-            value = value[keep]
-        state[key] = value
-    merged.load_state_dict(state)
+    merged = merged_model(out, ["legal"])  # code's expert never loaded: 2 experts
+    assert merged.cfg.moe.num_experts == 2
     x = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(without_code(x).logits, merged(x).logits, rtol=0, atol=1e-6)
         assert (everyone(x).logits - merged(x).logits).abs().max() > 1e-3  # code's expert mattered
+
+
+def test_the_merged_model_exports_to_transformers_flexolmo(flex):
+    transformers = pytest.importorskip("transformers")
+    from moe_lab.interop.hf import to_hf
+
+    out, _, _, _ = flex
+    with pytest.raises(ValueError, match=r"always_selected"):
+        to_hf(merged_model(out), "FlexOlmoForCausalLM")
+    ours = merged_model(out, public_always_selected=False)
+    theirs = to_hf(ours, "FlexOlmoForCausalLM")
+    assert isinstance(theirs, transformers.FlexOlmoForCausalLM)
+    assert theirs.config.num_experts == 1 + len(OWNERS)
+    x = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(x).logits - theirs(x).logits).abs().max() <= 1e-5
 
 
 def test_moe_lab_flexolmo_reports_each_domain_with_and_without_its_owner(flex, tmp_path, capsys):

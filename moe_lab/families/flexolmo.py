@@ -18,6 +18,8 @@ That is the information-flow-control pipeline (:mod:`moe_lab.families.ifc`) with
    the role of the paper's router bias) and pick the rest by score;
 4. **opt-out**: a principal granted every owner but one runs the others, through ``restrict``;
    every other expert and router row is bit-identical (each was trained alone).
+   :func:`merged_model` builds the MoE of chosen owners alone (for release, or
+   ``FlexOlmoForCausalLM``).
 
 Not implemented: FlexOlmo's optional router tuning on a proxy set of public data.
 """
@@ -27,13 +29,24 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from moe_lab.config import Config
 from moe_lab.data.policy import AccessPolicy
 from moe_lab.families.base import VariantConfig
 from moe_lab.families.ifc.experiment import IFC, run_ifc_experiment
-from moe_lab.families.ifc.pipeline import discover_domains, with_domain_field
+from moe_lab.families.ifc.pipeline import discover_domains, load_ifc, with_domain_field
+from moe_lab.nn.model import Transformer, build_model
+from moe_lab.store.checkpoint import read_json
+from moe_lab.store.weights import load_weights
 
-__all__ = ["FlexOlmo", "flexolmo_config", "opt_out_policy", "run_flexolmo_experiment"]
+__all__ = [
+    "FlexOlmo",
+    "flexolmo_config",
+    "merged_model",
+    "opt_out_policy",
+    "run_flexolmo_experiment",
+]
 
 ALL = "all owners"
 
@@ -52,6 +65,34 @@ def opt_out_policy(owners: list[str]) -> AccessPolicy:
     table, each owner's data evaluated with and without its expert."""
     grants = {ALL: owners} | {f"without {o}": [d for d in owners if d != o] for o in owners}
     return AccessPolicy.from_dict({"principals": grants})
+
+
+def merged_model(
+    out_dir: str | Path, owners: list[str] | None = None, public_always_selected: bool = True
+) -> Transformer:
+    """The MoE of the public expert and ``owners`` (default: every owner) alone, as if merged
+    without the others: their weights are never read and the model has ``1 + len(owners)``
+    experts. With FlexOlmo's backbone (``model.qk_norm=projection``, ``norm_position=post``) and
+    ``public_always_selected=False`` it converts to ``FlexOlmoForCausalLM``
+    (:func:`moe_lab.interop.hf.to_hf`), whose router picks every expert by score."""
+    manifest = read_json(Path(out_dir) / "manifest.json")
+    owners = list(manifest["domains"]) if owners is None else list(owners)
+    policy = AccessPolicy.from_dict({"principals": {"export": owners}})
+    restricted = load_ifc(out_dir, policy, "export").model
+    keep = [0] + [manifest["experts"][o]["index"] for o in owners]
+    moe = restricted.cfg.moe
+    always = [0] if public_always_selected else []
+    small = replace(moe, num_experts=len(keep), always_selected=always)
+    model = build_model(replace(restricted.cfg, moe=small), device="meta")
+    F, state = moe.expert_hidden, {}
+    for key, value in restricted.state_dict().items():
+        if key.endswith(("feed_forward.w1", "feed_forward.v1", "feed_forward.w2")):
+            value = torch.cat([value[e * F : (e + 1) * F] for e in keep])
+        elif key.endswith(("router.gate.weight", "router.expert_bias")):
+            value = value[keep]
+        state[key] = value
+    load_weights(model, state, source=str(out_dir))
+    return model.eval()
 
 
 def run_flexolmo_experiment(cfg: Config, device: str = "cpu") -> dict:
