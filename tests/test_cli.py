@@ -57,7 +57,10 @@ def test_dense_vs_moe_example_runs_at_equal_flops(tmp_path):
     assert again.stdout.split("per domain\n", 1)[1] == table
 
 
-def test_train_eval_generate_on_a_users_jsonl(tmp_path, lang_files):
+def test_train_eval_generate_on_a_users_jsonl(tmp_path, lang_files, capsys):
+    """Training in a real process; evaluation and generation in this one (moe_lab.cli.main)."""
+    from moe_lab.cli import main
+
     train_file, valid_file = lang_files
     run = tmp_path / "run"
     out = _run(
@@ -71,15 +74,16 @@ def test_train_eval_generate_on_a_users_jsonl(tmp_path, lang_files):
         f"run.dir={run}",
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    out = _run("eval", str(run))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "lang=de" in out.stdout and "lang=en" in out.stdout
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    assert "lang=de" in (stdout := capsys.readouterr().out) and "lang=en" in stdout
     report = json.loads((run / "eval.json").read_text())
     assert report["step"] == 3 and set(report["valid"]["groups"]["lang"]) == {"de", "en"}
-    out = _run("generate", str(run), "--prompt", "the cat", "--max-new-tokens", "5")
-    assert out.returncode == 0 and out.stdout.startswith("the cat")
-    bad = _run("generate", str(run), "--prompt", "x", "--top-p", "0")
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "top_p" in bad.stderr
+    assert main(["generate", str(run), "--prompt", "the cat", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("the cat")
+    assert main(["generate", str(run), "--prompt", "x", "--top-p", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "top_p" in err
 
 
 def test_ifc_serving_example_runs(tmp_path):

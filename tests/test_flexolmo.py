@@ -45,8 +45,9 @@ def flex(tmp_path_factory):
     root = tmp_path_factory.mktemp("flexolmo")
     files = small_corpus_files(root)
     # FlexOlmo's own backbone (OLMo 2: QK-norm, post-norm), so the merged model exports
-    backbone = ["model.qk_norm=projection", "model.norm_position=post"]
-    cfg = flexolmo_config(pipeline.with_domain_field(ifc_cfg(root / "run", files, *backbone)))
+    # and the optional router tuning after the merge
+    extra = ["model.qk_norm=projection", "model.norm_position=post", "ifc.router_tuning_share=0.2"]
+    cfg = flexolmo_config(pipeline.with_domain_field(ifc_cfg(root / "run", files, *extra)))
     manifest = train_ifc(cfg)
     return root / "run", files, manifest, load_config(root / "run" / "seed" / "config.yaml")
 
@@ -180,3 +181,37 @@ def test_flexolmo_settings_override_the_ifc_ones_and_bad_input_stops_before_trai
     with pytest.raises(DataError, match="no training document has domain='nobody'"):
         train_ifc(cfg)
     assert not (tmp_path / "public").exists()
+
+
+def test_router_tuning_trains_only_the_routers_on_public_text(flex):
+    out, _, manifest, _ = flex
+    assert set(manifest["router"]["provenance"]) == {"literature", *OWNERS}
+    init, run = _weights(out / "router" / "init"), _weights(out / "router" / "run")
+    moved = {k for k in run if not torch.equal(run[k], init[k])}
+    assert moved == {f"layers.{i}.feed_forward.router.gate.weight" for i in range(2)}
+    tuning_cfg = load_config(out / "router" / "run" / "config.yaml")
+    assert set(load_splits(tuning_cfg)[0]["domain"]) == {"literature"}
+    assert manifest["train_flops"] == pytest.approx(
+        sum(e["flops"] for e in manifest["experts"].values())
+        + manifest["router"]["flops"]
+        + json.loads((out / "public" / "run" / "eval.json").read_text())["flops"]
+    )
+
+
+def test_tuned_routers_serve_only_principals_permitted_every_domain(flex, monkeypatch):
+    out, _, manifest, _ = flex
+    opened = []
+    read = pipeline._read
+    monkeypatch.setattr(
+        pipeline, "_read", lambda path, device: opened.append(path.name) or read(path, device)
+    )
+    policy = opt_out_policy(OWNERS)
+    everyone = load_ifc(out, policy, "all owners").model
+    assert "router.safetensors" in opened
+    opened.clear()
+    without_code = load_ifc(out, policy, "without code").model
+    assert "router.safetensors" not in opened  # tuned with code's expert: never opened
+    tuned_rows = load_file(out / "router" / "router.safetensors")
+    key = "layers.0.feed_forward.router.gate.weight"
+    assert torch.equal(everyone.state_dict()[key], tuned_rows[key])
+    assert not torch.equal(without_code.state_dict()[key], tuned_rows[key])

@@ -404,6 +404,7 @@ def test_global_batch_loads_cover_exactly_one_step_in_training(tmp_path):
     overrides = ["model.moe.num_experts=2", "model.moe.top_k=1",
                  "model.moe.lbl_granularity=global_batch", "train.grad_accum=2",
                  "train.batch_size=2", "train.seq_len=32", "train.max_steps=3",
+                 "train.eval_batch_size=64",
                  "train.progress=false", f"run.dir={tmp_path / 'moe'}"]  # fmt: skip
     result = train(load_config(overrides=overrides))
     lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()

@@ -253,10 +253,22 @@ class IFCConfig:
     # as the mean input of each MoE layer over the domain's documents (data: FlexOlmo), computed
     # in the domain's own phase; the public row likewise from public documents
     router_init: str = "random"
+    # > 0: after the merge, only the routers train on public documents for this share of the
+    # budget (FlexOlmo's optional router tuning); used by principals permitted every domain
+    router_tuning_share: float = 0.0
 
     def validate(self, prefix: str = "ifc") -> None:
         choice(self.form, ("moe", "ensemble"), f"{prefix}.form")
         choice(self.router_init, ("random", "data"), f"{prefix}.router_init")
+        require(
+            0 <= self.router_tuning_share < 1 - self.public_share,
+            f"{prefix}.router_tuning_share must be in [0, 1 - {prefix}.public_share), "
+            f"got {self.router_tuning_share!r}",
+        )
+        require(
+            self.router_tuning_share == 0 or self.form == "moe",
+            f"{prefix}.router_tuning_share tunes MoE routers: it needs {prefix}.form=moe",
+        )
         require(
             self.router_init == "random" or self.form == "moe",
             f"{prefix}.router_init=data initialises MoE routers: it needs {prefix}.form=moe",

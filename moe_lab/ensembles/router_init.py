@@ -28,7 +28,7 @@ def mean_ffn_inputs(
     store: TokenStore,
     seq_len: int,
     max_docs: int | None = 256,
-    batch_size: int = 8,
+    batch_size: int = 64,
 ) -> list[Tensor]:
     """Per layer, the mean ``[D]`` (fp32) of its FFN's input over every token of ``store``'s
     documents (at most ``max_docs`` of them, evenly spaced through the store), each document in

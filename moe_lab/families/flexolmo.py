@@ -21,7 +21,10 @@ That is the information-flow-control pipeline (:mod:`moe_lab.families.ifc`) with
    :func:`merged_model` builds the MoE of chosen owners alone (for release, or
    ``FlexOlmoForCausalLM``).
 
-Not implemented: FlexOlmo's optional router tuning on a proxy set of public data.
+``ifc.router_tuning_share > 0`` adds FlexOlmo's optional router tuning: after the merge, only the
+routers train on public text, for that share of the budget
+(:mod:`~moe_lab.families.ifc.router_tuning`); the tuned routers serve only principals permitted
+every owner.
 """
 
 from __future__ import annotations

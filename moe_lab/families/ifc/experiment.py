@@ -116,11 +116,14 @@ class IFC(Family):
     def phases(self, cfg: Config, v: VariantConfig) -> list[Phase]:
         n = len(discover_domains(with_domain_field(cfg)))
         _, public, domain = phase_models(cfg, n)
-        share = cfg.ifc.public_share
-        return [
+        share, tuning = cfg.ifc.public_share, cfg.ifc.router_tuning_share
+        phases = [
             Phase(replace(cfg, model=public), share, 1),
-            Phase(replace(cfg, model=domain), (1 - share) / n, n),
+            Phase(replace(cfg, model=domain), (1 - share - tuning) / n, n),
         ]
+        if tuning > 0:  # the merged model, every expert routing
+            phases.append(Phase(phase_models(cfg, n)[0], tuning, 1))
+        return phases
 
     def run(self, cfg: Config, v: VariantConfig, budget: float, job: Path) -> dict:
         manifest = train_ifc(cfg, job / "ifc")
@@ -131,6 +134,8 @@ class IFC(Family):
         eval_s = time.perf_counter() - started
         runs = [job / "ifc" / "public" / "run"]
         runs += [job / "ifc" / "domains" / d / "run" for d in manifest["domains"]]
+        if "router" in manifest:
+            runs.append(job / "ifc" / "router" / "run")
         n = len(model.experts) if model.experts is not None else 1
         cost = accounting.ensemble(
             accounting.estimate(model.cfg.model, cfg.train.seq_len), experts=n, active=n

@@ -41,6 +41,7 @@ from moe_lab.data.documents import DataError, load_splits, narrowed, with_group_
 from moe_lab.data.policy import AccessPolicy
 from moe_lab.data.tokenizer import Tokenizer, load_tokenizer
 from moe_lab.families.ifc.data_rows import domain_init, set_public_rows
+from moe_lab.families.ifc.router_tuning import tune_routers
 from moe_lab.families.ifc.scope import ExpertScope, expert_rows, restrict_experts
 from moe_lab.nn.experts.moe import MoE
 from moe_lab.nn.model import Transformer, build_model
@@ -177,7 +178,7 @@ def train_ifc(cfg: Config, out_dir: str | Path | None = None) -> dict:
     save_config(cfg, out / "config.yaml")
     _train_public(cfg, out, public_model)
     shared = _branch(cfg, out, len(domains))
-    share = (1 - cfg.ifc.public_share) / len(domains)
+    share = (1 - cfg.ifc.public_share - cfg.ifc.router_tuning_share) / len(domains)
     experts = {}
     for i, domain in enumerate(domains, start=1):
         expert_dir = out / "domains" / domain
@@ -191,7 +192,23 @@ def train_ifc(cfg: Config, out_dir: str | Path | None = None) -> dict:
         experts[domain] = read_json(expert_dir / "expert.json")
     manifest = _manifest(cfg, domains, experts, out / "public" / "run")
     write_json(out / "manifest.json", manifest)
+    if cfg.ifc.router_tuning_share > 0:
+        manifest = _tune_routers(cfg, out, manifest)
+        write_json(out / "manifest.json", manifest)
     return manifest
+
+
+def _tune_routers(cfg: Config, out: Path, manifest: dict) -> dict:
+    """The router-tuning phase (:mod:`~moe_lab.families.ifc.router_tuning`) on public text."""
+    if not (out / "router" / "router.json").exists():
+        everyone = AccessPolicy({"everyone": frozenset(manifest["domains"])})
+        merged = load_ifc(out, everyone, "everyone").model
+        tuning = budget.share(cfg.train, cfg.ifc.router_tuning_share)
+        phase = _phase(cfg, out / "router" / "run", cfg.ifc.public, tuning, init_from=None)
+        tune_routers(phase, merged, out / "seed" / "tokenizer")
+    entry = read_json(out / "router" / "router.json")
+    entry["provenance"] = sorted({cfg.ifc.public, *manifest["domains"]})
+    return manifest | {"router": entry, "train_flops": manifest["train_flops"] + entry["flops"]}
 
 
 def _train_public(cfg: Config, out: Path, model: ModelConfig) -> None:
@@ -361,6 +378,10 @@ def load_ifc(
                 path = out / "domains" / entry["domain"] / entry["weights"]
                 for key, rows in _read(path, device).items():
                     params[key][_row_slice(model, key, entry["index"])] = rows
+        router = manifest.get("router")
+        if router is not None and set(router["provenance"]) <= set(permitted):
+            for key, rows in _read(out / router["weights"], device).items():
+                params[key].data.copy_(rows)  # tuned with every expert: only for who may use all
         restrict_experts(model, [0] + [e["index"] for e in granted])
         result.model = model.eval()
         return result
