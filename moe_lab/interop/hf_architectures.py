@@ -297,8 +297,9 @@ def problems(cfg: ModelConfig, arch: Architecture) -> list[str]:
             f"({short}: every layer is MoE)",
         ),
         (
-            (moe.shared_expert_hidden > 0 and moe.shared_expert_gate) == arch.gated_shared_expert
-            and (arch.gated_shared_expert or moe.shared_expert_hidden == 0),
+            (moe.shared_expert_hidden > 0 and moe.shared_expert_gate)
+            if arch.gated_shared_expert
+            else moe.shared_expert_hidden == 0,
             f"model.moe.shared_expert_hidden={moe.shared_expert_hidden}, shared_expert_gate="
             f"{str(moe.shared_expert_gate).lower()} ({short}: "
             + ("a sigmoid-gated shared expert)" if arch.gated_shared_expert else "none)"),
