@@ -193,3 +193,27 @@ def test_resume_is_exact_at_equal_world_size(runs, mode):
     world, args = PARALLEL[mode]
     train(resumed, *args, "run.resume=true", world=world)
     assert losses(resumed) == losses(root / mode)
+
+
+@pytest.mark.parametrize("mode", ["fsdp2", "moe-ep2-of-4-fsdp2"])
+def test_a_sharded_checkpoint_holds_no_pickle(runs, mode, tmp_path):
+    """Every file of FSDP2's sharded checkpoints is JSON or safetensors (store.sharded_format),
+    one safetensors file per rank that wrote chunks; moe-lab convert reads them back."""
+    from safetensors import safe_open
+
+    from moe_lab.store.checkpoint import convert_checkpoint
+
+    root, _ = runs
+    ckpt = latest_checkpoint(root / mode / "checkpoints")
+    files = sorted(p.name for p in (ckpt / "sharded").iterdir())
+    assert files[0] == "index.json" and all(f.endswith(".safetensors") for f in files[1:])
+    assert len(files) - 1 == PARALLEL[mode][0]  # every rank wrote its shards
+    json.loads((ckpt / "sharded" / "index.json").read_text())
+    for f in files[1:]:
+        with safe_open(ckpt / "sharded" / f, "pt") as opened:
+            assert list(opened.keys())
+    copy = tmp_path / "run" / "checkpoints" / ckpt.name  # convert writes next to the shards
+    shutil.copytree(ckpt, copy)
+    shutil.copy(root / mode / "config.yaml", tmp_path / "run" / "config.yaml")
+    weights = load_file(convert_checkpoint(copy))
+    assert all(torch.isfinite(v).all() for v in weights.values())

@@ -89,3 +89,37 @@ def test_a_payload_stored_as_a_non_tensor_entry_is_refused(tmp_path):
     loaded = {"optim": {"lr": 0.0, "betas": (0.0, 0.0)}}
     safe_load(loaded, tmp_path / "ok", no_dist=True)
     assert loaded == {"optim": {"lr": 0.5, "betas": (0.9, 0.95)}}
+
+
+def test_the_sharded_format_round_trips_values_and_refuses_a_tampered_index(tmp_path):
+    """moe_lab's sharded format (store.sharded_format): tensors in safetensors, the optimizer's
+    plain values in JSON, tuples kept; an index pointing outside its directory, or naming
+    something other than a dtype, is refused."""
+    import json
+
+    import torch
+
+    from moe_lab.store.sharded_format import INDEX, load_sharded, save_sharded
+
+    group = {"lr": 0.1, "betas": (0.9, 0.95), "params": ["w"]}
+    state = {"model": {"w": torch.randn(4, 3)}, "optim": {"param_groups": [group]}}
+    save_sharded(state, tmp_path / "s")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [INDEX, "rank0.safetensors"]
+    empty = {"lr": 0.0, "betas": (0.0, 0.0), "params": ["x"]}
+    template = {"model": {"w": torch.zeros(4, 3)}, "optim": {"param_groups": [empty]}}
+    load_sharded(template, tmp_path / "s")
+    assert torch.equal(template["model"]["w"], state["model"]["w"])
+    assert template["optim"] == state["optim"]
+    index = json.loads((tmp_path / "s" / INDEX).read_text())
+    for tamper, message in [
+        (
+            lambda i: i["storage"][0].update(file="../elsewhere.safetensors"),
+            "outside its directory",
+        ),
+        (lambda i: i["entries"]["model.w"].update(dtype="system"), "not a torch dtype"),
+    ]:
+        bad = json.loads(json.dumps(index))
+        tamper(bad)
+        (tmp_path / "s" / INDEX).write_text(json.dumps(bad))
+        with pytest.raises(UnsafeCheckpointError, match=message):
+            load_sharded(template, tmp_path / "s")

@@ -59,7 +59,7 @@ __all__ = [
 
 _STEP_DIR = re.compile(r"step-(\d{8})")
 MARKER = "COMPLETE"
-SHARDED = "sharded"  # DCP directory of a sharded (FSDP2) checkpoint
+SHARDED = "sharded"  # a sharded (FSDP2) checkpoint's directory (moe_lab.store.sharded_format)
 
 
 def read_json(path: Path) -> object:
@@ -330,13 +330,14 @@ def _sharded_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tens
     # DCP takes ~0.6 s to import, and only sharded checkpoints need it: not at start-up.
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from moe_lab.store.sharded import UnsafeCheckpointError, safe_load
+    from moe_lab.store.sharded import UnsafeCheckpointError
+    from moe_lab.store.sharded_format import load_sharded
 
     if not (path / SHARDED).is_dir():
         raise FileNotFoundError(f"{path} has neither model.safetensors nor {SHARDED}/")
     template = {"model": {k: torch.empty_like(v) for k, v in model.state_dict().items()}}
     try:
-        safe_load(template, path / SHARDED, no_dist=True)
+        load_sharded(template, path / SHARDED, no_dist=True)
     except UnsafeCheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # DCP reports a mismatch deep in its planner

@@ -210,22 +210,24 @@ class Dist:
         return weights
 
     def save_sharded(self, path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """FSDP2: every rank writes its shards of the weights and optimizer state (DCP)."""
-        import torch.distributed.checkpoint as dcp
+        """FSDP2: every rank writes its shards of the weights and optimizer state (DCP's plan,
+        stored as safetensors and JSON: :mod:`moe_lab.store.sharded_format`)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
+        from moe_lab.store.sharded_format import save_sharded  # DCP: only sharded runs import it
+
         weights, moments = get_state_dict(model, optimizer)
-        dcp.save(self._experts_as_shards(weights, moments), checkpoint_id=path)
+        save_sharded(self._experts_as_shards(weights, moments), path)
 
     def load_sharded(self, path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """FSDP2: every rank reads its shards of :meth:`save_sharded`'s state (DCP)."""
+        """FSDP2: every rank reads its shards of :meth:`save_sharded`'s state."""
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        from moe_lab.store.sharded import safe_load  # DCP, imported when a sharded run needs it
+        from moe_lab.store.sharded_format import load_sharded  # DCP: only sharded runs need it
 
         weights, moments = get_state_dict(model, optimizer)
         state = self._experts_as_shards(weights, moments)
-        safe_load(state, path)  # no code from the checkpoint's index: see store.sharded
+        load_sharded(state, path)  # no code from the checkpoint: see store.sharded_format
         state = self._experts_as_shards(state["model"], state["optim"], back=True)
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
