@@ -21,6 +21,7 @@ CASES = {
     "mha": ModelConfig(**BASE),
     "gqa_theta": ModelConfig(**BASE | {"n_kv_heads": 2, "rope_theta": 500000.0}),
     "mqa_tied": ModelConfig(**BASE | {"n_kv_heads": 1, "tie_embeddings": True}),
+    "biases": ModelConfig(**BASE | {"n_kv_heads": 2, "attention_bias": "all"}),
     "llama31_scaling": ModelConfig(
         **BASE
         | {
