@@ -48,6 +48,9 @@ def flex(tmp_path_factory):
     # and the optional router tuning after the merge
     extra = ["model.qk_norm=projection", "model.norm_position=post", "ifc.router_tuning_share=0.2"]
     cfg = flexolmo_config(pipeline.with_domain_field(ifc_cfg(root / "run", files, *extra)))
+    # owners as separate jobs: legal's alone first (the public phase with it), then the rest
+    assert train_ifc(cfg, only=["legal"]) == {"pending": ["code"]}
+    assert not (root / "run" / "domains" / "code").exists()
     manifest = train_ifc(cfg)
     return root / "run", files, manifest, load_config(root / "run" / "seed" / "config.yaml")
 

@@ -42,7 +42,7 @@ from moe_lab.data.policy import AccessPolicy
 from moe_lab.data.tokenizer import Tokenizer, load_tokenizer
 from moe_lab.families.ifc.data_rows import domain_init, set_public_rows
 from moe_lab.families.ifc.router_tuning import tune_routers
-from moe_lab.families.ifc.scope import ExpertScope, expert_rows, restrict_experts
+from moe_lab.families.ifc.scope import ExpertScope, expert_rows, key_rows, restrict_experts
 from moe_lab.nn.experts.moe import MoE
 from moe_lab.nn.model import Transformer, build_model
 from moe_lab.store.checkpoint import (
@@ -154,7 +154,9 @@ def phase_models(cfg: Config, n_domains: int) -> tuple[Config, ModelConfig, Mode
     )
 
 
-def train_ifc(cfg: Config, out_dir: str | Path | None = None) -> dict:
+def train_ifc(
+    cfg: Config, out_dir: str | Path | None = None, only: list[str] | None = None
+) -> dict:
     """Train the public phase, branch, and train one expert per private domain (module docstring).
 
     Finished phases are skipped, so an interrupted call resumes where it stopped. ``cfg.train``'s
@@ -165,9 +167,11 @@ def train_ifc(cfg: Config, out_dir: str | Path | None = None) -> dict:
         cfg: the run template; ``cfg.ifc`` names the domain field, the public domain and the
             private domains.
         out_dir: where the phases and artefacts go (default ``cfg.run.dir``).
+        only: train just these domains' phases (FlexOlmo's owners, each on its own machine with
+            a copy of the public phase); the manifest waits for every domain.
 
     Returns:
-        The manifest (also written to ``out_dir/manifest.json``).
+        The manifest (also written to ``out_dir/manifest.json``), or ``{"pending": [domains]}``.
     """
     cfg = with_domain_field(cfg)
     cfg.validate()
@@ -183,6 +187,8 @@ def train_ifc(cfg: Config, out_dir: str | Path | None = None) -> dict:
     for i, domain in enumerate(domains, start=1):
         expert_dir = out / "domains" / domain
         if not (expert_dir / "expert.json").exists():
+            if only is not None and domain not in only:
+                continue  # another job's
             start = shared
             if cfg.ifc.router_init == "data":  # the domain's router row, from its own data
                 start = domain_init(cfg, shared, domain, i, expert_dir / "init")
@@ -190,6 +196,8 @@ def train_ifc(cfg: Config, out_dir: str | Path | None = None) -> dict:
                            init_from=str(start))  # fmt: skip
             _train_domain(replace(phase, model=domain_model), domain, i, shared)
         experts[domain] = read_json(expert_dir / "expert.json")
+    if pending := [d for d in domains if d not in experts]:
+        return {"pending": pending}
     manifest = _manifest(cfg, domains, experts, out / "public" / "run")
     write_json(out / "manifest.json", manifest)
     if cfg.ifc.router_tuning_share > 0:
@@ -316,16 +324,10 @@ def _domain_rows(run_dir: Path, seed_dir: Path, cfg: Config, index: int) -> dict
     for key, tensor in after.items():
         mask = torch.ones(tensor.shape[0], dtype=torch.bool)
         if key in owned:
-            mask[_row_slice(trained, key, index)] = False
+            mask[key_rows(trained, key, index)] = False
         if not torch.equal(tensor[mask], before[key][mask]):
             raise RuntimeError(f"update isolation violated: {run_dir} changed {key}")
     return rows
-
-
-def _row_slice(model: Transformer, key: str, index: int) -> slice:
-    module_name, _, tensor_name = key.partition(".feed_forward.")
-    moe = model.get_submodule(f"{module_name}.feed_forward")
-    return expert_rows(moe, index)[tensor_name][1]
 
 
 @dataclass
@@ -377,7 +379,7 @@ def load_ifc(
             for entry in granted:
                 path = out / "domains" / entry["domain"] / entry["weights"]
                 for key, rows in _read(path, device).items():
-                    params[key][_row_slice(model, key, entry["index"])] = rows
+                    params[key][key_rows(model, key, entry["index"])] = rows
         router = manifest.get("router")
         if router is not None and set(router["provenance"]) <= set(permitted):
             for key, rows in _read(out / router["weights"], device).items():

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from moe_lab.nn.experts.moe import MoE
 from moe_lab.train.hooks import StepHook
 
-__all__ = ["ExpertScope", "expert_rows", "restrict_experts"]
+__all__ = ["ExpertScope", "expert_rows", "key_rows", "restrict_experts"]
 
 
 def restrict_experts(model: nn.Module, experts: Sequence[int] | None) -> list[MoE]:
@@ -50,6 +50,12 @@ def expert_rows(moe: MoE, expert: int) -> dict[str, tuple[Tensor, slice]]:
         "w2": (moe.w2, rows),
         "router.gate.weight": (moe.router.gate.weight, slice(expert, expert + 1)),
     }
+
+
+def key_rows(model: nn.Module, key: str, expert: int) -> slice:
+    """``expert``'s rows of the per-expert entry ``key`` (``layers.1.feed_forward.w1``)."""
+    module_name, _, tensor_name = key.partition(".feed_forward.")
+    return expert_rows(model.get_submodule(f"{module_name}.feed_forward"), expert)[tensor_name][1]
 
 
 class ExpertScope(StepHook):
