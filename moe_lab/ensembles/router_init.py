@@ -19,7 +19,7 @@ from moe_lab.data.packing import TokenStore, eval_rows
 from moe_lab.nn.experts.moe import MoE
 from moe_lab.nn.model import Transformer
 
-__all__ = ["mean_ffn_inputs", "set_router_rows"]
+__all__ = ["mean_ffn_inputs", "set_router_row", "set_router_rows"]
 
 
 @torch.no_grad()
@@ -63,15 +63,19 @@ def mean_ffn_inputs(
 
 
 @torch.no_grad()
+def set_router_row(model: Transformer, expert: int, means: Sequence[Tensor]) -> None:
+    """Set row ``expert`` of every MoE layer's router to that layer's ``means[layer]``."""
+    for layer, mean in zip(model.layers, means, strict=True):
+        if isinstance(layer.feed_forward, MoE):
+            gate = layer.feed_forward.router.gate.weight
+            gate[expert] = mean.to(gate.dtype)
+
+
 def set_router_rows(model: Transformer, rows: Sequence[Sequence[Tensor]]) -> None:
     """Set row ``e`` of every MoE layer's router to ``rows[e][layer]`` (one list of per-layer
     means per expert, as :func:`mean_ffn_inputs` returns)."""
-    for i, layer in enumerate(model.layers):
-        ffn = layer.feed_forward
-        if not isinstance(ffn, MoE):
-            continue
-        gate = ffn.router.gate.weight
-        if len(rows) != gate.shape[0]:
-            raise ValueError(f"{len(rows)} experts' rows for a router of {gate.shape[0]} experts")
-        for e, per_layer in enumerate(rows):
-            gate[e] = per_layer[i].to(gate.dtype)
+    experts = model.cfg.moe.num_experts
+    if len(rows) != experts:
+        raise ValueError(f"{len(rows)} experts' rows for a router of {experts} experts")
+    for e, means in enumerate(rows):
+        set_router_row(model, e, means)

@@ -22,7 +22,14 @@ from moe_lab.eval.routing import RouterTap, count_routes, routing_report
 from moe_lab.nn.losses import token_nll
 from moe_lab.nn.model import Transformer
 
-__all__ = ["document_nll", "evaluate", "summarize", "validation_store"]
+__all__ = ["document_nll", "evaluate", "summarize", "training_store", "validation_store"]
+
+
+def training_store(cfg, tokenizer) -> TokenStore:
+    """The (cached) token store of ``cfg``'s training documents, without group fields."""
+    train, _, _ = load_splits(cfg)
+    data = cfg.data
+    return build_store(train, tokenizer, data.text_field, [], cache_root(data.cache_dir))
 
 
 def validation_store(cfg, tokenizer) -> TokenStore:

@@ -14,12 +14,12 @@ from pathlib import Path
 from moe_lab import accounting
 from moe_lab.budget import Phase
 from moe_lab.config import Config, ConfigError, EnsembleConfig, MoEConfig, load_config
-from moe_lab.data.documents import load_splits
-from moe_lab.data.packing import TokenStore, build_store, cache_root
+from moe_lab.data.packing import TokenStore
 from moe_lab.data.tokenizer import load_tokenizer
 from moe_lab.ensembles.clustering.run import cluster_documents
 from moe_lab.ensembles.ensemble import evaluate_experts
 from moe_lab.ensembles.merge import btx
+from moe_lab.eval.evaluate import training_store
 from moe_lab.families.base import Family, VariantConfig, result
 from moe_lab.store.checkpoint import load_run, read_json, save_checkpoint
 from moe_lab.train.branch import train_experts
@@ -131,14 +131,8 @@ def _clusters(cfg: Config, v: VariantConfig, clusters: Path) -> Path:
 
 def _training_stores(runs: list[Path]) -> list[TokenStore]:
     """Each expert run's training documents, tokenized by its tokenizer."""
-    stores = []
-    for run in runs:
-        cfg = load_config(run / "config.yaml")
-        docs, _, _ = load_splits(cfg)
-        tokenizer = load_tokenizer(run / "tokenizer")
-        data = cfg.data
-        stores.append(build_store(docs, tokenizer, data.text_field, [], cache_root(data.cache_dir)))
-    return stores
+    return [training_store(load_config(r / "config.yaml"), load_tokenizer(r / "tokenizer"))
+            for r in runs]  # fmt: skip
 
 
 def _train_btx(cfg: Config, v: VariantConfig, budget: float, job: Path, runs: list[Path]):

@@ -39,6 +39,7 @@ from moe_lab.data.policy import AccessPolicy
 from moe_lab.families.base import VariantConfig
 from moe_lab.families.ifc.experiment import IFC, run_ifc_experiment
 from moe_lab.families.ifc.pipeline import discover_domains, load_ifc, with_domain_field
+from moe_lab.families.ifc.scope import key_rows
 from moe_lab.nn.model import Transformer, build_model
 from moe_lab.store.checkpoint import read_json
 from moe_lab.store.weights import load_weights
@@ -87,11 +88,12 @@ def merged_model(
     always = [0] if public_always_selected else []
     small = replace(moe, num_experts=len(keep), always_selected=always)
     model = build_model(replace(restricted.cfg, moe=small), device="meta")
-    F, state = moe.expert_hidden, {}
+    state = {}
     for key, value in restricted.state_dict().items():
-        if key.endswith(("feed_forward.w1", "feed_forward.v1", "feed_forward.w2")):
-            value = torch.cat([value[e * F : (e + 1) * F] for e in keep])
-        elif key.endswith(("router.gate.weight", "router.expert_bias")):
+        if key.endswith(("feed_forward.w1", "feed_forward.v1", "feed_forward.w2",
+                         "router.gate.weight")):  # fmt: skip
+            value = torch.cat([value[key_rows(restricted, key, e)] for e in keep])
+        elif key.endswith("router.expert_bias"):
             value = value[keep]
         state[key] = value
     load_weights(model, state, source=str(out_dir))

@@ -31,6 +31,7 @@ from moe_lab.interop.hf_architectures import (
     architecture_of,
     config_from_hf,
     config_to_hf,
+    target_architecture,
 )
 from moe_lab.nn.model import Transformer, build_model
 from moe_lab.store.checkpoint import read_json
@@ -131,8 +132,8 @@ def to_hf(model: Transformer, architecture: str | None = None):
     """
     transformers = _import_transformers()
     param = next(model.parameters())
-    hf_cfg = config_to_hf(model.cfg, architecture)
-    arch = architecture_of({"model_type": hf_cfg.model_type})
+    arch = target_architecture(model.cfg, architecture)
+    hf_cfg = config_to_hf(model.cfg, arch.name)
     model_class = getattr(transformers, arch.name)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if model.cfg.moe is None:

@@ -33,6 +33,7 @@ __all__ = [
     "config_from_hf",
     "config_to_hf",
     "problems",
+    "target_architecture",
 ]
 
 _ATTENTION = {
@@ -308,6 +309,20 @@ def problems(cfg: ModelConfig, arch: Architecture) -> list[str]:
     return [why for ok, why in checks if not ok]
 
 
+def target_architecture(cfg: ModelConfig, architecture: str | None = None) -> Architecture:
+    """``architecture``, else the one ``cfg`` was imported from, else Llama for a dense model and
+    Mixtral for an MoE.
+
+    Raises:
+        ValueError: an architecture not in :data:`ARCHITECTURES`.
+    """
+    name = architecture or cfg.hf_architecture
+    name = name or ("LlamaForCausalLM" if cfg.moe is None else "MixtralForCausalLM")
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; supported: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
 def config_to_hf(cfg: ModelConfig, architecture: str | None = None):
     """A transformers config of ``architecture`` (default: ``cfg.hf_architecture``, else Llama
     for a dense model and Mixtral for an MoE) with the shape of ``cfg``.
@@ -317,11 +332,8 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None):
     """
     import transformers
 
-    name = architecture or cfg.hf_architecture
-    name = name or ("LlamaForCausalLM" if cfg.moe is None else "MixtralForCausalLM")
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; supported: {', '.join(ARCHITECTURES)}")
-    arch = ARCHITECTURES[name]
+    arch = target_architecture(cfg, architecture)
+    name = arch.name
     why = problems(cfg, arch)
     if why:
         raise ValueError(f"this model cannot be expressed as {name}: " + "; ".join(why))

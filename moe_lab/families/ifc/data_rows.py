@@ -13,12 +13,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from moe_lab.config import Config
-from moe_lab.data.documents import load_splits, narrowed
-from moe_lab.data.packing import TokenStore, build_store, cache_root
+from moe_lab.data.documents import narrowed
+from moe_lab.data.packing import TokenStore
 from moe_lab.data.tokenizer import Tokenizer, load_tokenizer
-from moe_lab.ensembles.router_init import mean_ffn_inputs
+from moe_lab.ensembles.router_init import mean_ffn_inputs, set_router_row
+from moe_lab.eval.evaluate import training_store
 from moe_lab.families.ifc.scope import restrict_experts
-from moe_lab.nn.experts.moe import MoE
 from moe_lab.nn.model import Transformer, build_model
 from moe_lab.store.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -28,8 +28,7 @@ __all__ = ["domain_init", "domain_store", "set_public_rows"]
 def domain_store(cfg: Config, domain: str, tokenizer: Tokenizer) -> TokenStore:
     """The training documents of ``domain`` alone, tokenized."""
     data = narrowed(cfg.data, {cfg.ifc.domain_field: [domain]})
-    docs, _, _ = load_splits(replace(cfg, data=data))
-    return build_store(docs, tokenizer, data.text_field, [], cache_root(data.cache_dir))
+    return training_store(replace(cfg, data=data), tokenizer)
 
 
 def _set_row(model: Transformer, index: int, store: TokenStore, seq_len: int) -> None:
@@ -38,9 +37,7 @@ def _set_row(model: Transformer, index: int, store: TokenStore, seq_len: int) ->
     restrict_experts(model, [0])
     means = mean_ffn_inputs(model, store, seq_len)
     restrict_experts(model, None)
-    for layer, mean in zip(model.layers, means, strict=True):
-        if isinstance(layer.feed_forward, MoE):
-            layer.feed_forward.router.gate.weight.data[index] = mean
+    set_router_row(model, index, means)
 
 
 def set_public_rows(seed: Transformer, cfg: Config, tokenizer: Tokenizer) -> None:
