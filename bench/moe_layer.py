@@ -2,10 +2,11 @@
 
 Layer: forward + backward of 8 experts, top-2, d=256, over 2048 tokens, at expert widths 344 and
 688, next to (a) the dense SwiGLU of equal active FLOPs (width k * F), (b) our autograd expert
-loop, (c) transformers' MixtralSparseMoeBlock with the same weights, in each of its experts
-implementations; and the activation memory each keeps for its backward. Step: a Mixtral-shaped
-MoE model (cpu-small dims) trained one step by moe_lab and by MixtralForCausalLM (balancing loss
-included on both sides). Outputs are checked equal to transformers' before anything is timed.
+loop and our ``grouped`` backend (``torch._grouped_mm``), (c) transformers' MixtralSparseMoeBlock
+with the same weights, in each of its experts implementations; and the activation memory each
+keeps for its backward. Step: a Mixtral-shaped MoE model (cpu-small dims) trained one step by
+moe_lab and by MixtralForCausalLM (balancing loss included on both sides). Outputs are checked
+equal to transformers' before anything is timed.
 
     python bench/moe_layer.py                 # prints tables, writes bench/results/moe_layer.json
     # the cost that does not scale with the tokens, and how much of it the weights' size explains
@@ -27,7 +28,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from moe_lab import ModelConfig, build_model
 from moe_lab.config import MoEConfig
 from moe_lab.interop.hf import to_hf
-from moe_lab.nn.experts import MoE, SwiGLU
+from moe_lab.nn.experts import GroupedMoE, MoE, SwiGLU
 from moe_lab.nn.experts.fused import swiglu_experts
 
 E, K, D = 8, 2, 256
@@ -84,6 +85,8 @@ def layer_variants(width: int, tokens: int, equal_params: bool) -> tuple[dict, d
     loop = MoE(D, cfg, n_layers=1)
     loop.load_state_dict(ours.state_dict())
     loop.fused = False
+    grouped = GroupedMoE(D, cfg, n_layers=1)
+    grouped.load_state_dict(ours.state_dict())
     dense = SwiGLU(D, K * width, n_layers=1)
     dense.reset_parameters()
     block = hf_block(ours)
@@ -91,6 +94,7 @@ def layer_variants(width: int, tokens: int, equal_params: bool) -> tuple[dict, d
     grad = torch.randn(8, tokens // 8, D)
     with torch.no_grad():
         expected = ours(x)[0]
+        torch.testing.assert_close(grouped(x)[0], expected, atol=1e-5, rtol=1e-4)
         for impl in HF_IMPLS:
             block.experts.config._experts_implementation = impl
             torch.testing.assert_close(block(x.clone()), expected, atol=1e-5, rtol=1e-4)
@@ -105,10 +109,11 @@ def layer_variants(width: int, tokens: int, equal_params: bool) -> tuple[dict, d
     forwards = {
         "moe_lab": lambda t: ours(t)[0],
         "moe_lab (expert loop)": lambda t: loop(t)[0],
+        "moe_lab grouped (torch._grouped_mm)": lambda t: grouped(t)[0],
         f"dense SwiGLU, width {K * width}": lambda t: dense(t)[0],
         **{f"transformers {impl}": hf(impl) for impl in HF_IMPLS},
     }
-    modules = [ours, loop, dense, block]
+    modules = [ours, loop, grouped, dense, block]
     if equal_params:
         wide = SwiGLU(D, E * width, n_layers=1)
         wide.reset_parameters()

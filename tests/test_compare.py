@@ -40,6 +40,7 @@ TRAIN = {
     "progress": False,
     "checkpoint_every": 1000,
     "eval_max_batches": 2,
+    "peak_flops": 1e11,  # so that CPU runs report an MFU, as GPU runs do by themselves
 }
 STEPS = 300  # dense steps in the budget: enough whole steps for every run to land within 1%
 
@@ -160,6 +161,9 @@ def test_the_report_holds_every_variant_and_group_value(compared):
     assert report.splitlines()[2].startswith("- moe ")  # the findings first, against dense
     assert "## Against dense" in report and "(1 seed)" in report
     assert "cloze acc | cloze acc_norm" in report
+    assert "| tokens/s | MFU |" in report
+    for r in records:  # over every run of the variant: a C-BTM's seed and experts too
+        assert r["mfu"] == pytest.approx(r["train_flops"] / r["train_s"] / 1e11, rel=1e-9)
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(records))
     assert (out / "loss_vs_flops.png").stat().st_size > 0 and (out / "groups.png").is_file()
     # What the routers did: the MoE's token routers and the ensembles' cluster routers.

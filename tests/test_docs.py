@@ -10,7 +10,7 @@ from scripts.config_reference import OUT, SCHEMAS
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bottom to top: a module may import only from its own layer or the ones before it.
-LAYERS = ["config", "checksums", "accounting", "budget", "nn", "data", "store", "eval",
+LAYERS = ["config", "checksums", "accounting", "hardware", "budget", "nn", "data", "store", "eval",
           "ensembles", "train", "families", "compare", "interop", "cli"]  # fmt: skip
 
 

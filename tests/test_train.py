@@ -18,6 +18,7 @@ from moe_lab.config import ConfigError, ModelConfig, load_config
 from moe_lab.data.documents import DataError
 from moe_lab.data.tokenizer import ByteTokenizer
 from moe_lab.eval.evaluate import evaluate
+from moe_lab.hardware import peak_flops
 from moe_lab.nn.routing.topk import TopKRouter
 from moe_lab.store.checkpoint import (
     latest_checkpoint,
@@ -441,8 +442,10 @@ def test_a_sharded_checkpoint_loads_converts_and_initialises_in_one_process(tmp_
         assert torch.equal(other.state_dict()[k], v) and torch.equal(converted[k], v), k
 
 
-def test_training_time_adds_up_over_a_resume(tmp_path, lang_files):
-    cfg = _cfg(tmp_path, lang_files, "train.max_steps=4", "train.checkpoint_every=2")
+def test_training_time_and_mfu_add_up_over_a_resume(tmp_path, lang_files):
+    peak = 1e11  # train.peak_flops: how a CPU run (or an unlisted GPU) gets an MFU
+    cfg = _cfg(tmp_path, lang_files, "train.max_steps=4", "train.checkpoint_every=2",
+               f"train.peak_flops={peak}")  # fmt: skip
     first = train(cfg)
     resumed = train(
         load_config(tmp_path / "run" / "config.yaml", ["run.resume=true", "train.max_steps=6"])
@@ -458,6 +461,23 @@ def test_training_time_adds_up_over_a_resume(tmp_path, lang_files):
     assert resumed.wall_s == pytest.approx(summed, rel=1e-9) and resumed.wall_s > first.wall_s
     summary = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert summary["wall_s"] == resumed.wall_s
+    per_token = cfg.model.flops_per_token(cfg.train.seq_len)
+    for r in records:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / peak, rel=1e-9)
+    assert summary["mfu"] == pytest.approx(summary["flops"] / summary["wall_s"] / peak, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989.4e12),
+     ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
+     ("NVIDIA L4", 121e12), ("NVIDIA GeForce GTX 1080", None)],
+)  # fmt: skip
+def test_the_bf16_peak_of_a_gpu_is_looked_up_by_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda")) == peak
+    assert peak_flops(torch.device("cuda"), override=5e12) == 5e12
+    assert peak_flops(torch.device("cpu")) is None
 
 
 def test_a_run_whose_every_step_is_skipped_fails(tmp_path, lang_files, monkeypatch):
@@ -479,7 +499,7 @@ def test_a_run_whose_every_step_is_skipped_fails(tmp_path, lang_files, monkeypat
 @pytest.mark.parametrize(
     "override",
     ["train.lr=inf", "train.lr=1e6", "train.eps=inf", "model.rope_theta=inf",
-     "train.weight_decay=nan", "train.grad_clip=inf"],
+     "train.weight_decay=nan", "train.grad_clip=inf", "train.peak_flops=0"],
 )  # fmt: skip
 def test_non_finite_and_absurd_settings_are_refused(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):

@@ -101,12 +101,14 @@ def _table(exp: ExperimentConfig, records: list[dict]) -> list[str]:
     for i, (m, _) in enumerate(metrics):
         sign = 1 if i < n_losses else -1
         best[m] = min(names, key=lambda n: np.nan_to_num(sign * means[n][m][0], nan=np.inf))
+    mfu = any("mfu" in r for r in records)  # GPU runs: the devices' peak is known
     lines = [
         "| variant | family | params (total / active) | train FLOPs (× budget) | tokens | "
         "inference FLOPs/token (measured) | train s | eval s | tokens/s | "
+        + ("MFU | " if mfu else "")
         + " | ".join(m for m, _ in metrics)
         + " |",
-        "|---" * (9 + len(metrics)) + "|",
+        "|---" * (9 + mfu + len(metrics)) + "|",
     ]
     for n in names:
         rs = by_name[n]
@@ -125,6 +127,9 @@ def _table(exp: ExperimentConfig, records: list[dict]) -> list[str]:
             f"{int(np.mean([r['tokens'] for r in rs])):,d} | "
             f"{_inference(rs)} | {np.mean([r['train_s'] for r in rs]):.0f} | "
             f"{np.mean([r.get('eval_s', math.nan) for r in rs]):.0f} | "
-            f"{np.mean([r['tokens_per_s'] for r in rs]):,.0f} | " + " | ".join(cells) + " |"
+            f"{np.mean([r['tokens_per_s'] for r in rs]):,.0f} | "
+            + (f"{np.mean([r.get('mfu', math.nan) for r in rs]):.1%} | " if mfu else "")
+            + " | ".join(cells)
+            + " |"
         )
     return lines

@@ -48,7 +48,7 @@ class RopeScalingConfig:
 
 LBL_FORMS = ("switch", "megablocks", "olmo", "mixtral", "none")  # moe_lab.nn.routing.losses
 LBL_GRANULARITIES = ("micro_batch", "sequence", "global_batch")
-MOE_BACKENDS = ("reference", "megablocks", "auto")
+MOE_BACKENDS = ("reference", "grouped", "megablocks", "auto")
 QK_NORMS = ("none", "projection", "head")  # moe_lab.nn.model.Attention
 ATTENTION_BIASES = ("none", "qkv", "all")
 NORM_POSITIONS = ("pre", "post")
@@ -92,7 +92,9 @@ class MoEConfig:
     shared_expert_hidden: int = 0  # > 0: a dense SwiGLU every token also goes through
     # the shared expert's output scaled by sigmoid(x . g), g a learned [D] row (Qwen2-MoE)
     shared_expert_gate: bool = False
-    backend: str = "reference"  # reference (PyTorch, CPU/GPU) | megablocks (CUDA) | auto
+    # reference (PyTorch, CPU/GPU) | grouped (torch._grouped_mm, CPU/GPU, bf16 on CUDA)
+    # | megablocks (CUDA) | auto (the fastest present: moe_lab.nn.experts.resolve_backend)
+    backend: str = "reference"
 
     def validate(self, prefix: str = "model.moe") -> None:
         p = prefix

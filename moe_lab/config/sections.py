@@ -87,6 +87,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the model
+    # one device's peak FLOP/s for MFU; None: the bf16 peak of a known GPU (moe_lab.hardware),
+    # no MFU on CPU or an unknown GPU
+    peak_flops: float | None = None
     log_every: int = 10
     eval_every: int = 0  # validation loss every N steps; 0 = only at the end
     eval_max_batches: int = 50  # cap on validation batches during training (the final eval is full)
@@ -164,6 +167,10 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             require(0 <= getattr(self, name) < 1, f"{prefix}.{name} must be in [0, 1)")
         choice(self.precision, ("auto", "fp32", "bf16"), f"{prefix}.precision")
+        require(
+            self.peak_flops is None or self.peak_flops > 0,
+            f"{prefix}.peak_flops must be > 0 (FLOP/s of one device), got {self.peak_flops!r}",
+        )
         choice(self.schedule, ("cosine", "wsd", "constant"), f"{prefix}.schedule")
         require(
             0 < self.decay_fraction <= 1,

@@ -10,6 +10,7 @@ losses. ``moe-lab compare`` knows this protocol, not the families (see
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,18 +78,21 @@ def curve(metrics: Path, offset: float) -> list[tuple[float, float]]:
     return [(offset + r["flops"], r["loss"]) for r in read_metrics(metrics) if "loss" in r]
 
 
-def chained(run_dirs: list[Path]) -> tuple[list[tuple[float, float]], float, int, float, float]:
+def chained(run_dirs: list[Path]) -> dict:
     """Training-loss curves of several runs laid end to end, and their total FLOPs, tokens,
-    seconds of training (summed over resumes; 0 for runs written before it was counted) and
-    seconds of final evaluation."""
-    points, flops, tokens, wall, evaluating = [], 0.0, 0, 0.0, 0.0
+    seconds of training (summed over resumes; 0 for runs written before it was counted), seconds
+    of final evaluation, and the FLOPs their devices could have done in that time (``peak``;
+    NaN unless every run knew its devices' peak)."""
+    c = {"curve": [], "flops": 0.0, "tokens": 0, "train_s": 0.0, "eval_s": 0.0, "peak": 0.0}
     for run in run_dirs:
-        points += curve(run / "metrics.jsonl", flops)
+        c["curve"] += curve(run / "metrics.jsonl", c["flops"])
         summary = read_json(run / "eval.json")
-        flops, tokens = flops + summary["flops"], tokens + summary["tokens"]
-        wall += summary.get("wall_s", 0.0)
-        evaluating += summary.get("eval_s", 0.0)
-    return points, flops, tokens, wall, evaluating
+        c["flops"] += summary["flops"]
+        c["tokens"] += summary["tokens"]
+        c["train_s"] += summary.get("wall_s", 0.0)
+        c["eval_s"] += summary.get("eval_s", 0.0)
+        c["peak"] += summary.get("peak_flops", math.nan) * summary.get("wall_s", 0.0)
+    return c
 
 
 def result(
@@ -102,16 +106,18 @@ def result(
     (in training order), ``scorer`` (the arguments of :func:`moe_lab.families.loading.load_scorer`)
     and its validation losses (``evaluate``'s result). ``eval_s``: seconds of evaluation beyond
     the runs' own final ones (an ensemble's)."""
-    points, flops, tokens, wall, evaluating = chained(runs)
+    c = chained(runs)
     return {
         "total_params": cost.total_params,
         "active_params": cost.active_params,
-        "train_flops": flops,
-        "tokens": tokens,
+        "train_flops": c["flops"],
+        "tokens": c["tokens"],
         "inference_flops_per_token": cost.inference_flops_per_token,
-        "train_s": wall,
-        "eval_s": evaluating + eval_s,
-        "curve": points,
+        "train_s": c["train_s"],
+        "eval_s": c["eval_s"] + eval_s,
+        # model FLOPs utilisation over the variant's runs, where the devices' peak is known
+        **({"mfu": c["flops"] / c["peak"]} if c["peak"] > 0 else {}),
+        "curve": c["curve"],
         "scorer": scorer,
         "valid_loss": valid["overall"]["loss"],
         "bits_per_byte": valid["overall"]["bits_per_byte"],

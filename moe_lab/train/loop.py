@@ -186,6 +186,8 @@ def _final_evaluation(st: TrainState, data: TrainData, metrics) -> dict | None:
     )
     summary = {"step": c["step"], "tokens": c["tokens"], "flops": c["flops"], "wall_s": c["wall_s"]}
     summary["eval_s"] = time.perf_counter() - started  # apart from wall_s, training's seconds
+    if st.peak_flops and c["wall_s"]:  # the devices' peak FLOP/s together, and the run's MFU
+        summary |= {"peak_flops": st.peak_flops, "mfu": c["flops"] / c["wall_s"] / st.peak_flops}
     summary["valid"] = result
     write_json(Path(st.cfg.run.dir) / "eval.json", summary)
     final = {"step": c["step"], "valid_loss": result["overall"]["loss"], "final": True}

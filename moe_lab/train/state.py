@@ -13,6 +13,7 @@ from moe_lab.config import Config, ConfigError
 from moe_lab.data.documents import build_tokenizer, load_splits
 from moe_lab.data.packing import TokenStore, TrainBatches, build_store, cache_root
 from moe_lab.data.tokenizer import Tokenizer, load_tokenizer
+from moe_lab.hardware import peak_flops
 from moe_lab.nn.model import build_model
 from moe_lab.store.checkpoint import (
     SHARDED,
@@ -89,6 +90,8 @@ class TrainState:
         self.scope = scope
         self.detector = SpikeDetector(t.spike_window, t.spike_sigma)
         self.flops_per_token = cfg.model.flops_per_token(t.seq_len)
+        peak = peak_flops(torch.device(device), t.peak_flops)  # one device's; None: no MFU
+        self.peak_flops = None if peak is None else peak * dist.world
         self.counters = {
             "step": 0,
             "tokens": 0,

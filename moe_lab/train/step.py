@@ -110,6 +110,8 @@ def train_step(
         "skipped": skipped,
         "spike": spike,
     }
+    if st.peak_flops:  # model FLOPs utilisation of all devices together
+        record["mfu"] = tokens * st.flops_per_token / elapsed / st.peak_flops
     if routing:
         record["routing"] = routing_record(routing, st.cfg)
     return record
