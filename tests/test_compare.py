@@ -119,7 +119,14 @@ def test_every_variant_reaches_the_budget_within_one_percent(compared):
     assert dense["measured_inference_flops_per_token"] == dense["inference_flops_per_token"]
     for r in records:  # evaluation time apart: final evaluations, the ensemble's, few-shot
         assert 0 < r["eval_s"] < r["wall_s"], r["name"]
-    assert cbtm["eval_s"] > dense["eval_s"]  # a seed, two experts and the ensemble
+    assert cbtm["eval_s"] > dense["eval_s"]  # the ensemble: routing, and two experts' passes
+    # ... and only the ensemble: C-BTM's seed and experts are not scored on their own
+    job = Path(exp.dir) / "variants" / "cbtm" / "seed0"
+    for run in (job / "seed", *(job / "experts" / "experts").glob("c*/run")):
+        summary = json.loads((run / "eval.json").read_text())
+        assert summary["valid"] is None and summary["eval_s"] == 0 and summary["flops"] > 0, run
+    manifest = json.loads((job / "experts" / "manifest.json").read_text())
+    assert len(manifest["experts"]) == 2
     # The random-cluster ablation differs from its twin in the clusters only: same costs, and
     # routed the same way (prefix, top-1) through its own clusters' centroids.
     for key in ("total_params", "active_params", "inference_flops_per_token", "train_flops"):

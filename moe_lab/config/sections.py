@@ -92,6 +92,9 @@ class TrainConfig:
     peak_flops: float | None = None
     log_every: int = 10
     eval_every: int = 0  # validation loss every N steps; 0 = only at the end
+    # false: no final validation pass (eval.json still records steps, tokens, FLOPs, seconds):
+    # for runs scored as part of something else, like C-BTM's seed and experts
+    final_eval: bool = True
     eval_max_batches: int = 50  # cap on validation batches during training (the final eval is full)
     # sequences per evaluation batch (no activations are kept there); None = batch_size
     eval_batch_size: int | None = None

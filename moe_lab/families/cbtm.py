@@ -68,6 +68,9 @@ class CBTM(Family):
         return replace(cfg.ensemble, clusters_dir=str(clusters), routing=routing, top_k=v.top_k)
 
     def run(self, cfg: Config, v: VariantConfig, budget: float, job: Path) -> dict:
+        # The variant is scored once, as an ensemble (or merged model): its seed and experts
+        # skip their own final evaluations.
+        cfg = replace(cfg, train=replace(cfg.train, final_eval=False))
         seed_cfg = replace(
             cfg,
             train=replace(cfg.train, max_flops=budget * v.seed_share),
@@ -156,7 +159,12 @@ def _train_btx(cfg: Config, v: VariantConfig, budget: float, job: Path, runs: li
     return train(
         replace(
             merged_cfg,
-            train=replace(cfg.train, max_flops=budget * v.finetune_share, init_from=str(start)),
+            train=replace(
+                cfg.train,
+                max_flops=budget * v.finetune_share,
+                init_from=str(start),
+                final_eval=True,
+            ),  # the merged model is the variant: scored here
             run=replace(cfg.run, dir=str(job / "btx" / "run"), resume=True),
         )
     )

@@ -8,6 +8,7 @@ idempotent and resumable job; :mod:`moe_lab.ensembles.merge` combines the result
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -126,7 +127,8 @@ def train_experts(
             "steps": result.steps,
             "tokens": result.tokens,
             "flops": result.flops,
-            "valid_loss": result.valid_loss,
+            # None: the expert was trained with train.final_eval=false (scored as an ensemble)
+            "valid_loss": None if math.isnan(result.valid_loss) else result.valid_loss,
             "weights": str(weights),
         }
         write_json(expert_dir / "expert.json", entry)  # the marker of a finished job

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -107,7 +108,8 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
         loss = _steps(st, data, total_steps, scope, metrics, trackers)
         result = _final_evaluation(st, data, metrics)
     for tracker in trackers:
-        tracker.log({"valid_loss": result["overall"]["loss"]}, st.counters["step"])
+        if result is not None:
+            tracker.log({"valid_loss": result["overall"]["loss"]}, st.counters["step"])
         tracker.close()
     if main:
         plot_loss_curve(run_dir)
@@ -116,7 +118,7 @@ def _train(cfg: Config, scope, dist: Dist) -> TrainResult:
     result = dist.broadcast(result)
     c = st.counters
     skipped = c["skipped_nonfinite"] + c["skipped_spikes"]
-    valid_loss = result["overall"]["loss"]
+    valid_loss = math.nan if result is None else result["overall"]["loss"]
     return TrainResult(
         run_dir, c["step"], c["tokens"], c["flops"], loss, valid_loss, skipped, c["wall_s"]
     )
@@ -175,19 +177,23 @@ def _steps(st: TrainState, data: TrainData, total_steps: int, scope, metrics, tr
 
 
 def _final_evaluation(st: TrainState, data: TrainData, metrics) -> dict | None:
-    """Rank 0 evaluates the final model on the validation documents and writes ``eval.json``."""
+    """Rank 0 evaluates the final model on the validation documents (unless
+    ``train.final_eval`` is false) and writes ``eval.json``, the record of a finished run."""
     t, c = st.cfg.train, st.counters
-    scored_model = st.evaluation_model()
+    scored_model = st.evaluation_model() if t.final_eval else None
     if not st.dist.is_main:
+        return None
+    summary = {"step": c["step"], "tokens": c["tokens"], "flops": c["flops"], "wall_s": c["wall_s"]}
+    if st.peak_flops and c["wall_s"]:  # the devices' peak FLOP/s together, and the run's MFU
+        summary |= {"peak_flops": st.peak_flops, "mfu": c["flops"] / c["wall_s"] / st.peak_flops}
+    if not t.final_eval:
+        write_json(Path(st.cfg.run.dir) / "eval.json", {**summary, "eval_s": 0.0, "valid": None})
         return None
     started = time.perf_counter()
     result = evaluate(
         scored_model, data.valid, t.seq_len, t.eval_batch, st.device, progress=t.progress
     )
-    summary = {"step": c["step"], "tokens": c["tokens"], "flops": c["flops"], "wall_s": c["wall_s"]}
     summary["eval_s"] = time.perf_counter() - started  # apart from wall_s, training's seconds
-    if st.peak_flops and c["wall_s"]:  # the devices' peak FLOP/s together, and the run's MFU
-        summary |= {"peak_flops": st.peak_flops, "mfu": c["flops"] / c["wall_s"] / st.peak_flops}
     summary["valid"] = result
     write_json(Path(st.cfg.run.dir) / "eval.json", summary)
     final = {"step": c["step"], "valid_loss": result["overall"]["loss"], "final": True}

@@ -42,6 +42,8 @@ RESUMABLE_KEYS = {
     "train.eval_every",
     "train.eval_max_batches",
     "train.eval_batch_size",
+    "train.final_eval",
+    "train.peak_flops",
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.keep_optimizer",
