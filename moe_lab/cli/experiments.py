@@ -15,6 +15,7 @@ from moe_lab.accounting import estimate
 from moe_lab.compare import load_experiment, run_compare
 from moe_lab.compare.plots import plot_scaling
 from moe_lab.compare.scaling import scaling_study
+from moe_lab.compare.scaling_nd import nd_study
 from moe_lab.config import (
     PRESET_DIR,
     Config,
@@ -170,7 +171,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_scaling(args: argparse.Namespace) -> None:
-    """Fit L(C) = E + A C^-gamma per variant over results.json files from several budgets."""
+    """Fit L(C) = E + A C^-gamma per variant over results.json files from several budgets, and
+    L(N, D) per family whose variants come in several sizes."""
     records = [r for path in args.results for r in read_json(Path(path))]
     baseline = records[0]["name"]
     study = scaling_study(records, baseline)
@@ -188,6 +190,13 @@ def cmd_scaling(args: argparse.Namespace) -> None:
         if cross is not None:
             at = "none" if cross["flops"] is None else f"{cross['flops']:.3g} FLOPs"
             print(f"  crosses {baseline}: {at} (up to {cross['searched'][1]:.3g})")
+    for family, s in nd_study(records).items():
+        f, o = s["fit"], s["optimal"]["1x"]
+        print(
+            f"{family}: L(N, D) = {f['E']:.4f} + {f['A']:.4g} N^-{f['alpha']:.3f} + "
+            f"{f['B']:.4g} D^-{f['beta']:.3f} (rmse {f['rmse']:.4f}); compute-optimal at "
+            f"{o['flops']:.3g} FLOPs: N = {o['params']:.3g}, D = {o['tokens']:.3g}"
+        )
     if study:
         out = plot_scaling(records, study, Path(args.results[0]).parent / "scaling.png", baseline)
         print(f"wrote {out}")

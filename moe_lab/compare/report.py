@@ -10,6 +10,7 @@ import numpy as np
 from moe_lab.compare.experiment import ExperimentConfig
 from moe_lab.compare.summary import (
     conclusions,
+    nd_section,
     routing_section,
     scaling_section,
     significance_section,
@@ -28,10 +29,12 @@ def report_markdown(
     records: list[dict],
     study: dict | None = None,
     references: list[dict] = (),
+    nd: dict | None = None,
 ) -> str:
     """The report for people: what was found first, then per budget one row per variant (mean ±
     std over seeds, best in bold), the paired tests against the baseline and the scaling fits;
-    ``references``: under ``budget.schedule=wsd``, cosine runs to set the WSD losses against."""
+    ``references``: under ``budget.schedule=wsd``, cosine runs to set the WSD losses against;
+    ``nd``: the ``L(N, D)`` fits of families whose variants differ in size."""
     study = study or {}
     tolerance = exp.budget.tolerance
     within = all(abs(r["flops_vs_budget"] - 1) <= tolerance for r in records)
@@ -53,6 +56,7 @@ def report_markdown(
         lines += _table(exp, [r for r in records if r["budget_flops"] == budget]) + [""]
     lines += significance_section(exp, records) if len(exp.variants) > 1 else []
     lines += scaling_section(exp, study)
+    lines += nd_section(nd or {})
     lines += routing_section(exp, records)
     lines += wsd_section(exp, records, references)
     lines += [

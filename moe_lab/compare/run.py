@@ -26,6 +26,7 @@ from moe_lab.compare.plan import plan
 from moe_lab.compare.plots import plot_compare
 from moe_lab.compare.report import report_markdown
 from moe_lab.compare.scaling import scaling_study
+from moe_lab.compare.scaling_nd import nd_study
 from moe_lab.config import Config, ConfigError, save_config
 from moe_lab.eval.evaluate import validation_store
 from moe_lab.eval.fewshot import evaluate_task, load_task
@@ -210,6 +211,9 @@ def run_compare(exp: ExperimentConfig) -> list[dict]:
     study = scaling_study(records, exp.baseline_name) if len(exp.budgets) >= 3 else {}
     if study:
         write_json(out / "scaling.json", study)
-    (out / "report.md").write_text(report_markdown(exp, records, study, references))
+    nd = nd_study(records) if len(exp.budgets) >= 2 else {}
+    if nd:
+        write_json(out / "scaling_nd.json", nd)
+    (out / "report.md").write_text(report_markdown(exp, records, study, references, nd))
     plot_compare(records, out, study, exp.baseline_name)
     return records

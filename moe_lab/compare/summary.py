@@ -12,6 +12,7 @@ from moe_lab.compare.stats import LEVEL, significance
 
 __all__ = [
     "conclusions",
+    "nd_section",
     "routing_section",
     "routings",
     "scaling_section",
@@ -116,6 +117,34 @@ def scaling_section(exp: ExperimentConfig, study: dict) -> list[str]:
             lo, hi = cross["interval"]
             cells.append(f"{cross['flops']:.3g} [{lo:.3g}, {hi:.3g}]")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def nd_section(nd: dict) -> list[str]:
+    """Per family with variants of several sizes: the fitted ``L(N, D)`` and the compute-optimal
+    size (:mod:`moe_lab.compare.scaling_nd`)."""
+    if not nd:
+        return []
+    lines = [
+        "## Size and data: L(N, D)",
+        "",
+        "`L(N, D) = E + A·N^-α + B·D^-β` per family over its variants' sizes (N: active "
+        "parameters, D: tokens), every budget and seed; 95% bootstrap intervals. The "
+        "compute-optimal size at C FLOPs minimises the fitted loss under C = 6ND.",
+        "",
+        "| family (variants) | E [CI] | α [CI] | β [CI] | rmse | optimal N at the largest "
+        "budget [CI] | at 100× [CI] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for family, s in nd.items():
+        f, iv = s["fit"], s["intervals"]
+        cells = [f"{f[k]:.3f} [{iv[k][0]:.3f}, {iv[k][1]:.3f}]" for k in ("E", "alpha", "beta")]
+        cells.append(f"{f['rmse']:.4f}")
+        for x in ("1x", "100x"):
+            o = s["optimal"][x]
+            lo, hi = o["params_interval"]
+            cells.append(f"{o['params']:.3g} [{lo:.3g}, {hi:.3g}] at {o['flops']:.3g} FLOPs")
+        lines.append(f"| {family} ({', '.join(s['variants'])}) | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
