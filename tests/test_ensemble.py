@@ -10,7 +10,7 @@ from moe_lab import ModelConfig, build_model
 from moe_lab.config import load_config
 from moe_lab.data.documents import load_splits
 from moe_lab.data.packing import build_store
-from moe_lab.data.tokenizer import ByteTokenizer
+from moe_lab.data.tokenizer import ByteTokenizer, train_bpe
 from moe_lab.ensembles.clustering import Clusterer
 from moe_lab.ensembles.ensemble import ExpertEnsemble, ensemble_document_nll
 from moe_lab.ensembles.merge import average
@@ -82,11 +82,18 @@ def routed():
     return clusterer, store
 
 
-def test_prefix_routing_equals_from_scratch_routing_at_every_position(routed):
+@pytest.mark.parametrize("bpe", [False, True])
+def test_prefix_routing_equals_from_scratch_routing_at_every_position(routed, bpe):
+    """Batched over a document's words, as from each prefix's text alone; with a BPE too, whose
+    tokens end mid-word and whose prefixes can end inside a multi-byte character."""
     clusterer, store = routed
     router = ClusterRouter(clusterer, temperature=0.1, top_k=2)
     tok = ByteTokenizer()
     doc = store.tokens[store.offsets[0] + 1 : store.offsets[1] - 1].tolist()[:200]
+    if bpe:
+        text = tok.decode(store.tokens[store.offsets[0] + 1 : store.offsets[1] - 1].tolist())
+        tok = train_bpe(iter([text, "naïve café — über straße"] * 3), 300)
+        doc = tok.encode("naïve café über " + text)[:200]
     incremental = router.prefix_weights(doc, tok)
     scratch = router.weights(
         [router.routing_text(tok.decode(doc[: t + 1])) for t in range(len(doc))]

@@ -62,6 +62,11 @@ class Tokenizer:
         raise NotImplementedError
 
 
+def _int_list(ids: Iterable[int]) -> list[int]:
+    """Python ints, as the ``tokenizers`` and sentencepiece decoders want (not numpy's)."""
+    return ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+
+
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as ids 0-255, then BOS 256, EOS 257, PAD 258: nothing to train or download."""
 
@@ -113,7 +118,7 @@ class BPETokenizer(Tokenizer):
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode(list(ids))
+        return self._tok.decode(_int_list(ids))
 
     def _write(self, directory: Path) -> None:
         self._tok.save(str(directory / "tokenizer.json"))
@@ -164,7 +169,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode(list(ids))
+        return self._sp.decode(_int_list(ids))
 
     def _write(self, directory: Path) -> None:
         shutil.copyfile(self._path, directory / "tokenizer.model")

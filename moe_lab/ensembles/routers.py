@@ -78,28 +78,29 @@ class ClusterRouter:
             self._rows = (c.idf[:, None] * c.components.T).astype(np.float64)  # [V, d]
         return self._rows
 
-    def _features(self, z: np.ndarray) -> np.ndarray:
-        norm = np.linalg.norm(z)
-        return z / max(norm, 1e-12)
-
     def prefix_weights(self, token_ids: list[int], tokenizer: Tokenizer) -> np.ndarray:
         """``[T, E]``: row t routes the prediction that follows ``token_ids[: t + 1]``.
 
         The context is the decoded prefix up to its last complete word, vectorised incrementally
-        (see the module docstring); equal to :meth:`weights` on that text.
+        (see the module docstring); equal to :meth:`weights` on that text. Batched: the prefixes'
+        new words are counted in one pass and accumulated with one cumulative sum.
         """
         rows = self._word_rows()
-        z = np.zeros(rows.shape[1])
-        done = 0  # characters of the prefix already counted
-        feats = np.empty((len(token_ids), rows.shape[1]))
-        for t in range(len(token_ids)):  # decoding each prefix: O(T^2) characters, fine at T ~ 10^3
-            complete = len(self.routing_text(tokenizer.decode(token_ids[: t + 1])))
-            if complete > done:
-                text = tokenizer.decode(token_ids[: t + 1])
-                counts = self.clusterer.term_counts([text[done:complete]])
-                z += np.asarray(counts @ rows)[0]
-                done = complete
-            feats[t] = self._features(z)
+        # Where each prefix's complete words end, in characters: decoding every prefix (O(T^2)
+        # characters, fine at T ~ 10^3) keeps a tokenizer's own handling of cut characters.
+        ids = np.asarray(token_ids)  # slices of an array, not lists: no copy per prefix
+        ends = [len(self.routing_text(tokenizer.decode(ids[: t + 1]))) for t in range(len(ids))]
+        text = tokenizer.decode(token_ids)  # its prefixes up to complete words are those texts
+        grows = [t for t in range(len(ends)) if ends[t] > (ends[t - 1] if t else 0)]
+        starts = [0] + [ends[t] for t in grows[:-1]]
+        segments = [text[a : ends[t]] for a, t in zip(starts, grows, strict=True)]
+        z = np.zeros((len(ends), rows.shape[1]))
+        if segments:
+            z_S = np.cumsum(np.asarray(self.clusterer.term_counts(segments) @ rows), axis=0)
+            # token t sees the segments completed at or before it
+            seen = np.searchsorted(np.asarray(grows), np.arange(len(ends)), side="right")
+            z[seen > 0] = z_S[seen[seen > 0] - 1]
+        feats = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
         diff = feats[:, None, :] - self._centroids[None]  # [T, E, d]
         return self.weights_from_distances((diff**2).sum(-1))
 
