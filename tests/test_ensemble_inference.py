@@ -203,3 +203,34 @@ def test_posterior_routing_evaluates_the_naive_bayes_mixture(expert_dir):
                        "ensemble.top_k=1")  # fmt: skip
     assert cached["valid"]["inference"]["expert_passes_per_token"] == 1.0
     assert sum(cached["prior"]) == pytest.approx(1.0)
+
+
+def test_every_routing_mode_from_one_scoring_pass_equals_its_own_evaluation(expert_dir):
+    from moe_lab.ensembles.modes import MODES, evaluate_routing_modes
+    from tests.tiny import tiny_cfg
+
+    root, data = expert_dir
+    shared = tiny_cfg(*data, "ensemble.top_k=2", "train.seq_len=8")  # spans cut the documents
+    reports = evaluate_routing_modes(root / "exp", shared, list(MODES))
+    for mode in MODES:
+        routing, prior = (mode.split("-") + ["cached"])[:2] if "posterior" in mode else (mode, "-")
+        overrides = [f"ensemble.routing={routing}", "ensemble.top_k=2", "train.seq_len=8"]
+        overrides += [f"ensemble.prior={prior}"] if routing == "posterior" else []
+        alone, together = _evaluate(expert_dir, *overrides)["valid"], reports[mode]
+        assert together["overall"]["loss"] == pytest.approx(alone["overall"]["loss"], rel=1e-5)
+        for value, m in alone["groups"]["domain"].items():
+            assert together["groups"]["domain"][value]["loss"] == pytest.approx(m["loss"], 1e-5)
+        assert together["inference"] == pytest.approx(alone["inference"]), mode
+        assert together["routing"]["layers"] == pytest.approx(alone["routing"]["layers"]), mode
+    # The CLI: two of the modes, each expert scoring once, into eval-modes.json.
+    from moe_lab.cli import main
+
+    overrides = [*data, "ensemble.top_k=2", "train.seq_len=8"]
+    assert (
+        main(["eval", str(root / "exp"), *overrides, "--routing-modes", "prefix", "uniform"]) == 0
+    )
+    written = json.loads((root / "exp" / "eval-modes.json").read_text())["modes"]
+    assert list(written) == ["prefix", "uniform"]
+    assert written["prefix"]["overall"]["loss"] == pytest.approx(
+        reports["prefix"]["overall"]["loss"]
+    )

@@ -1,5 +1,6 @@
 """The pure text helpers of scripts/build_gpu_corpus.py, on small inline samples (no network)."""
 
+import xml.etree.ElementTree as ET
 import zipfile
 
 import pytest
@@ -9,6 +10,7 @@ from scripts.build_gpu_corpus import (
     SphinxText,
     bible_chapter,
     cap_chars,
+    help_docs,
     lang_code,
     mallard_blocks,
     man_text,
@@ -121,7 +123,7 @@ def test_mallard_blocks_reads_text_but_not_metadata():
   <code>make
   install</code>
 </page>"""
-    assert mallard_blocks(page) == [
+    assert mallard_blocks(ET.fromstring(page)) == [
         "Dokumente drucken",
         "Wählen Sie Datei ▸ Drucken oder drücken Sie Strg+P.",
         "make\n  install",
@@ -142,3 +144,22 @@ def test_sphinx_text_keeps_the_main_body_only():
         "This module provides os.",
         ">>> import os\n    x = 1",
     ]
+
+
+def help_page(*paragraphs: str) -> str:
+    body = "".join(f"<p>{p}</p>" for p in paragraphs)
+    return f'<page xmlns="http://projectmallard.org/1.0/" id="x"><title>T</title>{body}</page>'
+
+
+def test_help_docs_drops_english_left_untranslated_in_a_translation(tmp_path):
+    english = ["Open the menu and choose a file to print." * 3, "Untranslated paragraph. " * 10]
+    pages = {"C": help_page(*english), "de": help_page("Öffnen Sie das Menü. " * 12, english[1])}
+    pages["en_GB"] = pages["C"]  # a near-copy locale: left out
+    for locale, page in pages.items():
+        folder = tmp_path / "gedit-common/usr/share/help" / locale / "gedit"
+        folder.mkdir(parents=True)
+        (folder / "print.page").write_text(page, encoding="utf-8")
+    docs = help_docs(tmp_path)
+    assert [d[:2] for d in docs] == [("help", "en"), ("help", "de")]
+    assert "Untranslated" in docs[0][3] and "Untranslated" not in docs[1][3]
+    assert docs[1][3].startswith("Öffnen Sie das Menü.")

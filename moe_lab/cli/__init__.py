@@ -69,6 +69,13 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="score only the first N items of each task")
     p.add_argument("--lang", help="X-ELM runs: score the tasks with this language's expert")
     p.add_argument("--knn", action="store_true", help="also the kNN-LM of RUN_DIR/knn")
+    p.add_argument(
+        "--routing-modes",
+        nargs="+",
+        metavar="MODE",
+        help="experts: these routing modes from one scoring pass (prefix document uniform oracle "
+        "posterior posterior-updating), into eval-modes.json; after any key=value overrides",
+    )
 
 
 def _harness_args(p: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ from moe_lab.ensembles.directory import load_experts
 from moe_lab.ensembles.ensemble import ExpertEnsemble, evaluate_experts
 from moe_lab.ensembles.generation import generate_ensemble
 from moe_lab.ensembles.merge import average
+from moe_lab.ensembles.modes import evaluate_routing_modes
 from moe_lab.ensembles.scoring import FixedRouting
 from moe_lab.eval.evaluate import evaluate, validation_store
 from moe_lab.eval.fewshot import evaluate_task, load_task
@@ -55,6 +56,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
         result = {"principal": args.principal, "permitted": ifc.permitted, "valid": report}
         write_json(out, result | fewshot)
         _print_report(report, out)
+        return
+    if args.routing_modes and (single or ifc is not None):
+        raise ConfigError("--routing-modes takes a directory of experts (C-BTM, BTM, X-ELM)")
+    if args.routing_modes:  # each expert scores once; every mode mixes the same scores
+        cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
+        reports = evaluate_routing_modes(args.run_dir, cfg, args.routing_modes, device)
+        out = out.with_name("eval-modes.json")
+        write_json(out, {"modes": reports})
+        print(f"{'routing':20s} {'loss':>8s} {'bpb':>7s} {'expert passes/token':>20s}")
+        for mode, r in reports.items():
+            passes = r["inference"]["expert_passes_per_token"]
+            print(f"{mode:20s} {r['overall']['loss']:8.4f} {r['overall']['bits_per_byte']:7.4f} "
+                  f"{passes:20.3f}")  # fmt: skip
+        print(f"wrote {out}: per mode, the losses per group, routing and inference cost")
         return
     if not single:  # a directory of experts: an ensemble
         cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)

@@ -237,29 +237,14 @@ def evaluate_experts(experts_dir, cfg, device="cpu") -> dict:
         }
     router = cluster_router(ens, E) if ens.routing in ("prefix", "document", "oracle") else None
     fixed = None
-    if ens.routing == "uniform":
-        fixed = np.full(E, 1.0 / E)
-    elif ens.routing == "posterior":  # a cached prior: the same experts for every document
-        docs = [_doc(store, d) for d in range(min(ens.prior_docs, store.n_docs))]
+    if ens.routing == "posterior":  # a cached prior: the same experts for every document
+        docs = [doc_tokens(store, d) for d in range(min(ens.prior_docs, store.n_docs))]
         prior = cached_prior(
             [expert_log_likelihoods(experts, doc, seq_len, device) for doc in docs]
         )
         fixed = top_k_weights(prior[None], ens.top_k)[0]
         out["prior"] = prior.tolist()
-
-    def doc_weights(d: int) -> np.ndarray:
-        doc = _doc(store, d)
-        n_inputs = len(doc) - 1
-        if fixed is not None:
-            return np.tile(fixed, (n_inputs, 1))
-        if ens.routing == "oracle":
-            label = router.clusterer.predict([tokenizer.decode(doc[1:-1])])[0]
-            return np.eye(E)[np.full(n_inputs, label)]
-        if ens.routing == "document":
-            w = router.weights([tokenizer.decode(doc[1 : 1 + ens.route_tokens])])[0]
-            return np.tile(w, (n_inputs, 1))
-        return router.document_weights(doc, tokenizer)
-
+    doc_weights = routing_weights(ens, E, store, tokenizer, router, fixed)
     # Prefix routing adds each new word's projection and measures E distances at every token.
     d = router.clusterer.n_components if router is not None else 0
     router_flops = 2.0 * d * (E + 1) if ens.routing == "prefix" else 0.0
@@ -273,8 +258,34 @@ def evaluate_experts(experts_dir, cfg, device="cpu") -> dict:
     }
 
 
-def _doc(store: TokenStore, d: int) -> list[int]:
+def doc_tokens(store: TokenStore, d: int) -> list[int]:
+    """Document ``d`` of ``store``, ``[BOS, x_1, ..., EOS]``."""
     return store.tokens[store.offsets[d] : store.offsets[d + 1]].tolist()
+
+
+def routing_weights(
+    ens, E: int, store: TokenStore, tokenizer, router: ClusterRouter | None, fixed=None
+) -> Callable[[int], np.ndarray]:
+    """Document index -> ``[n_inputs, E]`` weights under ``ens.routing`` (any but ``average``
+    and the updating posterior, which need the experts' scores); ``fixed``: the ``[E]``
+    weights of a cached posterior (uniform's are built here)."""
+    if ens.routing == "uniform":
+        fixed = np.full(E, 1.0 / E)
+
+    def doc_weights(d: int) -> np.ndarray:
+        doc = doc_tokens(store, d)
+        n_inputs = len(doc) - 1
+        if fixed is not None:
+            return np.tile(fixed, (n_inputs, 1))
+        if ens.routing == "oracle":
+            label = router.clusterer.predict([tokenizer.decode(doc[1:-1])])[0]
+            return np.eye(E)[np.full(n_inputs, label)]
+        if ens.routing == "document":
+            w = router.weights([tokenizer.decode(doc[1 : 1 + ens.route_tokens])])[0]
+            return np.tile(w, (n_inputs, 1))
+        return router.document_weights(doc, tokenizer)
+
+    return doc_weights
 
 
 def _posterior_document_nll(
@@ -287,7 +298,7 @@ def _posterior_document_nll(
     count = np.zeros(store.n_docs, dtype=np.int64)
     served = np.zeros((store.n_docs, 1, E))
     for d in range(store.n_docs):
-        loglik_EN = expert_log_likelihoods(ensemble.experts, _doc(store, d), seq_len, device)
+        loglik_EN = expert_log_likelihoods(ensemble.experts, doc_tokens(store, d), seq_len, device)
         w_NE = posterior_weights(loglik_EN, None, top_k)
         with np.errstate(divide="ignore"):  # log 0 = -inf drops an expert outside the top k
             mixed = np.logaddexp.reduce(np.log(w_NE.T) + loglik_EN, axis=0)
