@@ -315,8 +315,8 @@ def ui_docs(cache: Path) -> list[Doc]:
 
 
 # ---------------------------------------------------------------- split, write, report
-def split_valid(docs: list[Doc]) -> tuple[list[dict], list[dict]]:
-    """Hold out ~10% of groups per (domain, lang), at least 3, picked by a hash of the group id."""
+def split_valid(docs: list[Doc], fraction: float = VALID_FRACTION) -> tuple[list[dict], list[dict]]:
+    """Hold out ``fraction`` of groups per (domain, lang), at least 3, picked by hash of the id."""
     groups: dict[tuple[str, str], dict[str, None]] = {}
     for domain, lang, group, _ in docs:
         groups.setdefault((domain, lang), {})[group] = None
@@ -325,7 +325,7 @@ def split_valid(docs: list[Doc]) -> tuple[list[dict], list[dict]]:
         ranked = sorted(
             (hashlib.sha256(f"{domain}/{lang}/{g}".encode()).hexdigest(), g) for g in ids
         )
-        count = max(MIN_VALID, round(VALID_FRACTION * len(ids)))
+        count = max(MIN_VALID, round(fraction * len(ids)))
         held_out.update((domain, lang, g) for _, g in ranked[:count])
     train, valid = [], []
     # Stable sort: by domain, then lang, then source order.
