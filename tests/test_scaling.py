@@ -12,7 +12,7 @@ from moe_lab.compare.experiment import BudgetConfig, load_experiment
 from moe_lab.compare.scaling import crossover, fit_scaling, law, scaling_study
 from moe_lab.compare.scaling_nd import fit_nd, law_nd, nd_study, optimal_size
 from moe_lab.compare.stats import paired_difference, significance
-from moe_lab.compare.summary import nd_section
+from moe_lab.compare.summary import group_columns, nd_section
 from moe_lab.config import ConfigError, load_config
 
 
@@ -128,6 +128,8 @@ def test_a_mistyped_experiment_key_gets_a_suggestion(tmp_path):
     path.write_text("budget: {train_flops: 1.0e12}\nvariants: [{name: dense}]\n")
     with pytest.raises(ConfigError, match="'budget.train_flop'. Did you mean 'budget.train_flops'"):
         load_experiment(path, ["budget.train_flop=1e12"])
+    with pytest.raises(ConfigError, match="does not fit the experiment's structure"):
+        load_experiment(path, ["variants.0.overrides=[model.dim=64]"])
 
 
 TRUE_ND = {"E": 1.69, "A": 406.4, "alpha": 0.34, "B": 410.7, "beta": 0.28}  # Hoffmann et al.
@@ -186,3 +188,16 @@ def test_the_report_section_gives_each_sized_family_its_fit_and_optimal_size():
     n_opt = study["dense"]["optimal"]["1x"]["params"]
     assert f"{study['dense']['fit']['alpha']:.3f}" in row and f"{n_opt:.3g}" in row
     assert nd_section({}) == []
+
+
+def test_a_field_with_many_values_shows_those_with_the_most_validation_tokens():
+    langs = [f"l{i:02d}" for i in range(20)]
+    record = {"groups": {"domain": {"code": 2.0, "legal": 3.0}, "lang": dict.fromkeys(langs, 1.0)},
+              "group_tokens": {"domain": {"code": 5, "legal": 9},
+                               "lang": {g: 100 - i for i, g in enumerate(langs)}}}  # fmt: skip
+    shown, hidden = group_columns([record])
+    assert shown == [("domain", "code"), ("domain", "legal"), *(("lang", g) for g in langs[:16])]
+    assert hidden == {"lang": 4}
+    record["group_tokens"]["lang"]["l19"] = 1000  # the largest is shown, the 16th largest goes
+    assert ("lang", "l19") in group_columns([record])[0]
+    assert ("lang", "l15") not in group_columns([record])[0]

@@ -164,6 +164,11 @@ def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> Exper
     except OmegaConfBaseException as e:
         key = f"{e.full_key}: " if getattr(e, "full_key", None) else ""
         raise ConfigError(f"{key}{str(e.msg).splitlines()[0]}") from None
+    except TypeError as e:  # OmegaConf's merge of a dict into a list: "variants.1.x=..."
+        raise ConfigError(
+            f"an override does not fit the experiment's structure ({e}); a variant's settings "
+            "are changed in the experiment file, not with variants.<i>.<key>=..."
+        ) from None
     if not exp.variants:
         raise ConfigError("the experiment lists no variants")
     if not exp.seeds:

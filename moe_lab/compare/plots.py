@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_lab.compare.scaling import budget_of
-from moe_lab.compare.summary import routings
+from moe_lab.compare.summary import group_columns, routings
 
 __all__ = ["plot_compare", "plot_scaling"]
 
@@ -76,7 +76,7 @@ def _groups(records: list[dict], baseline: str, out: Path) -> None:
     plt = _pyplot()
     top = max(budget_of(r) for r in records)
     at = [r for r in records if budget_of(r) == top]
-    keys = sorted({(f, g) for r in at for f, values in r["groups"].items() for g in values})
+    keys = group_columns(at)[0]
     names = [n for n in dict.fromkeys(r["name"] for r in at) if n != baseline] or [baseline]
 
     def mean(name, f, g):
@@ -107,7 +107,8 @@ def _routing(records: list[dict], out: Path) -> None:
         return
     plt = _pyplot()
     routed = {name: routing["groups"] for name, routing in routed.items()}
-    rows = {n: [(f, v) for f in g for v in sorted(g[f])] for n, g in routed.items()}
+    shown = group_columns(records)[0]
+    rows = {n: [(f, v) for f, v in shown if v in g.get(f, {})] for n, g in routed.items()}
     height = 1.2 + 0.3 * max(map(len, rows.values()))
     fig, axes = plt.subplots(1, len(routed), squeeze=False, figsize=(4.2 * len(routed), height))
     for ax, (name, groups) in zip(axes[0], routed.items(), strict=True):

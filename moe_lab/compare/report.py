@@ -10,6 +10,7 @@ import numpy as np
 from moe_lab.compare.experiment import ExperimentConfig
 from moe_lab.compare.summary import (
     conclusions,
+    group_columns,
     nd_section,
     routing_section,
     scaling_section,
@@ -78,7 +79,7 @@ def _inference(rs: list[dict]) -> str:
 def _table(exp: ExperimentConfig, records: list[dict]) -> list[str]:
     names = [v.name for v in exp.variants]
     by_name = {n: [r for r in records if r["name"] == n] for n in names}
-    groups = sorted({(f, g) for r in records for f, values in r["groups"].items() for g in values})
+    groups, hidden = group_columns(records)
     metrics = [
         ("valid loss", lambda r: r["valid_loss"]),
         ("bits/byte", lambda r: r["bits_per_byte"]),
@@ -136,4 +137,8 @@ def _table(exp: ExperimentConfig, records: list[dict]) -> list[str]:
             + " | ".join(cells)
             + " |"
         )
+    if hidden:
+        more = ", ".join(f"{n} more of {f}" for f, n in hidden.items())
+        lines += ["", f"Columns: the group values with the most validation tokens; {more} in "
+                  "results.json."]  # fmt: skip
     return lines

@@ -12,6 +12,7 @@ from moe_lab.compare.stats import LEVEL, significance
 
 __all__ = [
     "conclusions",
+    "group_columns",
     "nd_section",
     "routing_section",
     "routings",
@@ -19,6 +20,26 @@ __all__ = [
     "significance_section",
     "wsd_section",
 ]
+
+
+MAX_GROUP_VALUES = 16  # per group field in the tables and heatmap; results.json keeps them all
+
+
+def group_columns(records: list[dict]) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    """The (field, value) pairs the report and heatmap show: every value of a field with up to
+    16, else the 16 with the most validation tokens (records from before ``group_tokens`` was
+    kept: the first 16 in order); and per field how many values were left out."""
+    shown, hidden = [], {}
+    fields = dict.fromkeys(f for r in records for f in r["groups"])
+    for f in fields:
+        values = sorted({g for r in records for g in r["groups"].get(f, {})})
+        tokens = {g: max(r.get("group_tokens", {}).get(f, {}).get(g, 0) for r in records)
+                  for g in values}  # fmt: skip
+        kept = sorted(values, key=lambda g: -tokens[g])[:MAX_GROUP_VALUES]
+        shown += [(f, g) for g in values if g in kept]
+        if len(values) > len(kept):
+            hidden[f] = len(values) - len(kept)
+    return shown, hidden
 
 
 def _ci(d: dict) -> str:
@@ -177,6 +198,7 @@ def routing_section(exp: ExperimentConfig, records: list[dict]) -> list[str]:
         "| variant | dead experts per layer | usage entropy per layer | busiest expert per group |",
         "|---|---|---|---|",
     ]
+    shown = group_columns(records)[0]
     for name, routing in routed.items():
         dead = ", ".join(str(len(layer["dead"])) for layer in routing["layers"])
         entropy = ", ".join(
@@ -184,9 +206,9 @@ def routing_section(exp: ExperimentConfig, records: list[dict]) -> list[str]:
             for layer in routing["layers"]
         )
         busiest = []
-        for field, values in routing["groups"].items():
-            for value, shares in sorted(values.items()):
-                last = shares[-1]
+        for field, value in shown:
+            if value in routing["groups"].get(field, {}):
+                last = routing["groups"][field][value][-1]
                 e = max(range(len(last)), key=last.__getitem__)
                 busiest.append(f"{field}={value}: {e} ({last[e]:.0%})")
         lines.append(f"| {name} | {dead} | {entropy} | {'; '.join(busiest)} |")

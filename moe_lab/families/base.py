@@ -124,6 +124,9 @@ def result(
         "groups": {
             f: {g: m["loss"] for g, m in values.items()} for f, values in valid["groups"].items()
         },
+        "group_tokens": {
+            f: {g: m["tokens"] for g, m in values.items()} for f, values in valid["groups"].items()
+        },
         # an MoE's or an ensemble's routing: each expert's share, per layer and group value
         **({"routing": valid["routing"]} if "routing" in valid else {}),
         # an ensemble's inference FLOPs per token as spent in its evaluation: experts that a
