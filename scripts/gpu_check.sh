@@ -2,7 +2,8 @@
 # Everything moe_lab measures on a GPU, as one prepared script: run it on a CUDA machine from the
 # repository root, after building here what it carries there:
 #   bash scripts/gpu_wheels.sh             # .whl/: packages the GPU image may lack
-#   python scripts/build_gpu_corpus.py     # data/gpu-corpus/: the preset's corpus and tokenizer
+#   python scripts/build_gpu_corpus.py     # data/gpu-corpus/: the preset's corpus (~4 min)
+#   python scripts/build_gpu_tokenizer.py  # data/gpu-corpus/tokenizer.json (~1 min)
 #   bash scripts/gpu_check.sh [STAGE ...]  # stages: tests bench preset (default: all three)
 # tests:  the `gpu` tests (grouped and MegaBlocks backends against the reference, compile)
 # bench:  bench/moe_gpu.py: dense vs reference vs grouped vs MegaBlocks, layer and step, MFU
