@@ -101,6 +101,10 @@ def test_prefix_routing_equals_from_scratch_routing_at_every_position(routed, bp
     np.testing.assert_allclose(incremental, scratch, atol=1e-5)
     assert ((incremental > 0).sum(1) == 2).all()
     np.testing.assert_allclose(incremental.sum(1), 1.0)
+    for text in ("日本語のテキストです", "word"):  # no word ever completes: the empty context
+        ids = tok.encode(text)
+        expected = router.weights([""] * len(ids))
+        np.testing.assert_allclose(router.prefix_weights(ids, tok), expected, atol=1e-12)
 
 
 def test_router_weight_forms():

@@ -92,7 +92,7 @@ class ClusterRouter:
         ends = [len(self.routing_text(tokenizer.decode(ids[: t + 1]))) for t in range(len(ids))]
         text = tokenizer.decode(token_ids)  # its prefixes up to complete words are those texts
         grows = [t for t in range(len(ends)) if ends[t] > (ends[t - 1] if t else 0)]
-        starts = [0] + [ends[t] for t in grows[:-1]]
+        starts = ([0] + [ends[t] for t in grows])[:-1]  # none where no word completes
         segments = [text[a : ends[t]] for a, t in zip(starts, grows, strict=True)]
         z = np.zeros((len(ends), rows.shape[1]))
         if segments:
