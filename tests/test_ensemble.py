@@ -170,3 +170,13 @@ def test_ensemble_generation_with_one_hot_routing_equals_the_expert_alone():
     ids = generate_ensemble(ExpertEnsemble(experts), prompt, 12, route)
     alone = generate(experts[1], torch.tensor([prompt]), 12)[0].tolist()
     assert ids == alone
+
+
+def test_a_byte_level_bpe_decodes_every_prefix_as_its_decoder_does():
+    """decode_prefixes (token bytes, one C decode per prefix) equals decode of each prefix, also
+    for random ids that cut multi-byte characters and for special tokens."""
+    tok = train_bpe(iter(["naïve café — über straße 日本語のテキスト", "plain words"] * 5), 320)
+    rng = np.random.default_rng(0)
+    for ids in [np.asarray(tok.encode("naïve café 日本語")), rng.integers(0, tok.vocab_size, 200)]:
+        expected = [tok.decode(ids[: t + 1]) for t in range(len(ids))]
+        assert list(tok.decode_prefixes(ids)) == expected

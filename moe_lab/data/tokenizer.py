@@ -7,6 +7,7 @@ a run directory (``tokenizer/``) so evaluation and generation decode exactly wha
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -46,6 +47,11 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def decode_prefixes(self, ids: np.ndarray) -> Iterator[str]:
+        """``decode(ids[: t + 1])`` for every t: what prefix routing reads, token by token."""
+        for t in range(len(ids)):
+            yield self.decode(ids[: t + 1])
+
     def save(self, directory: Path) -> None:
         """Write the tokenizer into ``directory`` (what :func:`load_tokenizer` reads back), with
         the checksums of its files."""
@@ -60,6 +66,20 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """A hash that changes whenever the mapping from text to ids would."""
         raise NotImplementedError
+
+
+def _gpt2_byte_chars() -> dict[int, str]:
+    """GPT-2's map from each byte to the printable character byte-level BPE writes it as."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in kept:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 def _int_list(ids: Iterable[int]) -> list[int]:
@@ -119,6 +139,34 @@ class BPETokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(_int_list(ids))
+
+    def decode_prefixes(self, ids: np.ndarray) -> Iterator[str]:
+        """A byte-level BPE's prefixes from its tokens' bytes, one join for the document and a
+        C decode per prefix, as its decoder does (lossy UTF-8, special tokens skipped)."""
+        table = self._token_bytes()
+        if table is None:  # another decoder: the general (slower) way
+            yield from super().decode_prefixes(ids)
+            return
+        pieces = [table[i] for i in _int_list(ids)]
+        data, end = b"".join(pieces), 0
+        for piece in pieces:
+            end += len(piece)
+            yield data[:end].decode("utf-8", errors="replace")
+
+    @functools.cache  # noqa: B019 -- one table per tokenizer, which lives as long as its users
+    def _token_bytes(self) -> list[bytes] | None:
+        from tokenizers import decoders
+
+        if not isinstance(self._tok.decoder, decoders.ByteLevel):
+            return None
+        to_byte = {c: b for b, c in _gpt2_byte_chars().items()}
+        special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        table = []
+        for i in range(self.vocab_size):
+            token = self._tok.id_to_token(i)
+            skip = token is None or token in special
+            table.append(b"" if skip else bytes(to_byte[c] for c in token))
+        return table
 
     def _write(self, directory: Path) -> None:
         self._tok.save(str(directory / "tokenizer.json"))
