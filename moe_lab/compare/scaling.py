@@ -14,6 +14,7 @@ __all__ = [
     "budget_of",
     "crossover",
     "fit_scaling",
+    "interval95",
     "law",
     "scaling_study",
 ]
@@ -89,7 +90,8 @@ def budget_of(record: dict) -> float:
     return record.get("budget_flops", record["train_flops"])
 
 
-def _interval(values: list[float]) -> tuple[float, float]:
+def interval95(values: list[float]) -> tuple[float, float]:
+    """The 2.5th and 97.5th percentiles of bootstrap values (NaN, NaN without any)."""
     if not values:
         return math.nan, math.nan
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
@@ -115,14 +117,14 @@ def scaling_study(records: list[dict], baseline: str, n: int = BOOTSTRAP) -> dic
     for name, fit in fits.items():
         entry = {"fit": fit, "intervals": {}, "predicted": {}}
         for key in ("E", "A", "gamma"):
-            entry["intervals"][key] = _interval([b[key] for b in boots[name]])
+            entry["intervals"][key] = interval95([b[key] for b in boots[name]])
         for x in EXTRAPOLATE:
             c = x * largest
             samples = [float(law(c, b["E"], b["A"], b["gamma"])) for b in boots[name]]
             entry["predicted"][f"{x}x"] = {
                 "flops": c,
                 "loss": float(law(c, fit["E"], fit["A"], fit["gamma"])),
-                "interval": _interval(samples),
+                "interval": interval95(samples),
             }
         grid = np.geomspace(smallest, max(EXTRAPOLATE) * largest, 60)
         curves = np.array([law(grid, b["E"], b["A"], b["gamma"]) for b in boots[name]])
@@ -148,7 +150,7 @@ def _crossing(fit, base, boots, base_boots, low, high) -> dict:
     n = min(len(boots), len(base_boots))
     return {
         "flops": at,
-        "interval": _interval(crossings),
+        "interval": interval95(crossings),
         "share": len(crossings) / n if n else math.nan,
         "searched": (low, high),
     }

@@ -20,7 +20,7 @@ import math
 import numpy as np
 from scipy.optimize import curve_fit
 
-from moe_lab.compare.scaling import BOOTSTRAP, EXTRAPOLATE, budget_of
+from moe_lab.compare.scaling import BOOTSTRAP, EXTRAPOLATE, budget_of, interval95
 
 __all__ = ["fit_nd", "law_nd", "nd_study", "optimal_size"]
 
@@ -89,12 +89,6 @@ def optimal_size(fit: dict, flops: float) -> tuple[float, float]:
     return n, flops / (6 * n)
 
 
-def _interval(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
-
-
 def nd_study(records: list[dict], n: int = BOOTSTRAP, seed: int = 0) -> dict[str, dict]:
     """Per family whose variants come in 2+ sizes: its ``L(N, D)`` fit, 95% bootstrap intervals
     (each (variant, budget)'s seeds drawn with replacement) and the compute-optimal size and
@@ -120,7 +114,7 @@ def nd_study(records: list[dict], n: int = BOOTSTRAP, seed: int = 0) -> dict[str
             except (RuntimeError, ValueError):
                 continue
         keys = ("E", "A", "alpha", "B", "beta")
-        entry = {"fit": fit, "intervals": {k: _interval([b[k] for b in boots]) for k in keys}}
+        entry = {"fit": fit, "intervals": {k: interval95([b[k] for b in boots]) for k in keys}}
         entry["variants"] = sorted({r["name"] for r in mine})
         entry["optimal"] = {}
         for x in (1, *EXTRAPOLATE):
@@ -128,6 +122,6 @@ def nd_study(records: list[dict], n: int = BOOTSTRAP, seed: int = 0) -> dict[str
             n_opt, d_opt = optimal_size(fit, c)
             sizes = [optimal_size(b, c)[0] for b in boots]
             entry["optimal"][f"{x}x"] = {"flops": c, "params": n_opt, "tokens": d_opt,
-                                         "params_interval": _interval(sizes)}  # fmt: skip
+                                         "params_interval": interval95(sizes)}  # fmt: skip
         study[family] = entry
     return study
