@@ -234,3 +234,6 @@ def test_every_routing_mode_from_one_scoring_pass_equals_its_own_evaluation(expe
     assert written["prefix"]["overall"]["loss"] == pytest.approx(
         reports["prefix"]["overall"]["loss"]
     )
+    # ... and a single model's run is refused in one line (exit code 2), not silently evaluated
+    single = root / "exp" / "experts" / "e0" / "run"
+    assert main(["eval", str(single), *data, "--routing-modes", "prefix"]) == 2

@@ -429,6 +429,8 @@ def test_moe_lab_eval_and_generate_serve_one_principal(trained, tmp_path, capsys
     alice = load_ifc(out, AccessPolicy.load(policy), "alice")
     expected = evaluate_task(TransformerScorer(alice.model, alice.tokenizer), records)
     assert report["fewshot"]["who"] == {"file": str(task), **expected}
+    # --routing-modes is for expert directories: refused here, not ignored
+    assert main(["eval", str(out), *who, "--routing-modes", "prefix"]) == 2
     capsys.readouterr()
     prompt = ["--prompt", "The law", "--max-new-tokens", "12", "--temperature", "0"]
     assert main(["generate", str(out), *who, *prompt]) == 0

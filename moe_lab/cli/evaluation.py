@@ -49,6 +49,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise ConfigError(f"{args.run_dir} is a single model: --lang applies to X-ELM directories")
     fewshot = {} if single else _fewshot(args, tasks, device)  # {} without --tasks
     ifc = _load_ifc(args, device)
+    if args.routing_modes and (single or ifc is not None):
+        raise ConfigError("--routing-modes takes a directory of experts (C-BTM, BTM, X-ELM)")
     if ifc is not None:  # what one principal may run, evaluated per group
         cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
         report = evaluate_ifc(ifc, cfg, device)
@@ -57,8 +59,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
         write_json(out, result | fewshot)
         _print_report(report, out)
         return
-    if args.routing_modes and (single or ifc is not None):
-        raise ConfigError("--routing-modes takes a directory of experts (C-BTM, BTM, X-ELM)")
     if args.routing_modes:  # each expert scores once; every mode mixes the same scores
         cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
         reports = evaluate_routing_modes(args.run_dir, cfg, args.routing_modes, device)
