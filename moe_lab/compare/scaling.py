@@ -4,6 +4,7 @@ where two variants' curves cross, and what each predicts beyond the largest budg
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable
 
 import numpy as np
 from scipy.optimize import brentq, curve_fit
@@ -51,18 +52,25 @@ def fit_scaling(records: list[dict]) -> dict:
     return {"E": float(e), "A": float(a * scale**gamma), "gamma": float(gamma), "rmse": rmse}
 
 
-def bootstrap_fits(records: list[dict], n: int = BOOTSTRAP, seed: int = 0) -> list[dict]:
-    """Fits to ``n`` resamples: at every budget, its records (seeds) drawn with replacement.
-    Resamples whose fit fails are left out."""
+def bootstrap_fits(
+    records: list[dict],
+    n: int = BOOTSTRAP,
+    seed: int = 0,
+    fit: Callable[[list[dict]], dict] | None = None,
+    cell: Callable[[dict], Hashable] | None = None,
+) -> list[dict]:
+    """``fit`` (default :func:`fit_scaling`) of ``n`` resamples: in every ``cell`` (default: a
+    budget) its records (seeds) drawn with replacement. Resamples whose fit fails are left out."""
+    fit, cell = fit or fit_scaling, cell or budget_of
     rng = np.random.default_rng(seed)
-    by_budget: dict[float, list[dict]] = {}
+    cells: dict[Hashable, list[dict]] = {}
     for r in records:
-        by_budget.setdefault(budget_of(r), []).append(r)
+        cells.setdefault(cell(r), []).append(r)
     fits = []
     for _ in range(n):
-        sample = [rs[i] for rs in by_budget.values() for i in rng.integers(0, len(rs), len(rs))]
+        sample = [rs[i] for rs in cells.values() for i in rng.integers(0, len(rs), len(rs))]
         try:
-            fits.append(fit_scaling(sample))
+            fits.append(fit(sample))
         except (RuntimeError, ValueError):  # curve_fit found no optimum for this resample
             continue
     return fits

@@ -20,7 +20,13 @@ import math
 import numpy as np
 from scipy.optimize import curve_fit
 
-from moe_lab.compare.scaling import BOOTSTRAP, EXTRAPOLATE, budget_of, interval95
+from moe_lab.compare.scaling import (
+    BOOTSTRAP,
+    EXTRAPOLATE,
+    bootstrap_fits,
+    budget_of,
+    interval95,
+)
 
 __all__ = ["fit_nd", "law_nd", "nd_study", "optimal_size"]
 
@@ -57,13 +63,14 @@ def fit_nd(records: list[dict]) -> dict:
     def model(x, e, a, alpha, b, beta):
         return law_nd(x[0], x[1], e, a, alpha, b, beta)
 
+    x = np.stack([n / n0, d / d0])
     best = None
     spread = loss.max() - loss.min() + 1e-3
     for alpha0, beta0 in STARTS:
         try:
             p, _ = curve_fit(
                 model,
-                np.stack([n / n0, d / d0]),
+                x,
                 loss,
                 p0=(loss.min() * 0.9, spread, alpha0, spread, beta0),
                 bounds=([0, 0, 0, 0, 0], [np.inf, np.inf, 3, np.inf, 3]),
@@ -71,7 +78,7 @@ def fit_nd(records: list[dict]) -> dict:
             )
         except RuntimeError:
             continue
-        rmse = math.sqrt(float(np.mean((model(np.stack([n / n0, d / d0]), *p) - loss) ** 2)))
+        rmse = math.sqrt(float(np.mean((model(x, *p) - loss) ** 2)))
         if best is None or rmse < best[1]:
             best = (p, rmse)
     if best is None:
@@ -93,7 +100,6 @@ def nd_study(records: list[dict], n: int = BOOTSTRAP, seed: int = 0) -> dict[str
     """Per family whose variants come in 2+ sizes: its ``L(N, D)`` fit, 95% bootstrap intervals
     (each (variant, budget)'s seeds drawn with replacement) and the compute-optimal size and
     tokens, with intervals, at the largest budget and 10x and 100x it."""
-    rng = np.random.default_rng(seed)
     largest = max(budget_of(r) for r in records)
     study = {}
     sized = [r for r in records if {"family", "active_params", "tokens"} <= r.keys()]
@@ -103,16 +109,7 @@ def nd_study(records: list[dict], n: int = BOOTSTRAP, seed: int = 0) -> dict[str
             fit = fit_nd(mine)
         except (RuntimeError, ValueError):
             continue
-        cells: dict[tuple, list[dict]] = {}
-        for r in mine:
-            cells.setdefault((r["name"], budget_of(r)), []).append(r)
-        boots = []
-        for _ in range(n):
-            sample = [rs[i] for rs in cells.values() for i in rng.integers(0, len(rs), len(rs))]
-            try:
-                boots.append(fit_nd(sample))
-            except (RuntimeError, ValueError):
-                continue
+        boots = bootstrap_fits(mine, n, seed, fit_nd, lambda r: (r["name"], budget_of(r)))
         keys = ("E", "A", "alpha", "B", "beta")
         entry = {"fit": fit, "intervals": {k: interval95([b[k] for b in boots]) for k in keys}}
         entry["variants"] = sorted({r["name"] for r in mine})
