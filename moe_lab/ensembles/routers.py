@@ -89,8 +89,9 @@ class ClusterRouter:
         # Where each prefix's complete words end, in characters: decoding every prefix (O(T^2)
         # characters, fine at T ~ 10^3) keeps a tokenizer's own handling of cut characters.
         ids = np.asarray(token_ids)  # slices of an array, not lists: no copy per prefix
-        ends = [len(self.routing_text(text)) for text in tokenizer.decode_prefixes(ids)]
-        text = tokenizer.decode(token_ids)  # its prefixes up to complete words are those texts
+        ends, text = [], ""  # text ends as the last prefix: the whole document, of which every
+        for text in tokenizer.decode_prefixes(ids):  # prefix up to its complete words is a prefix
+            ends.append(len(self.routing_text(text)))
         grows = [t for t in range(len(ends)) if ends[t] > (ends[t - 1] if t else 0)]
         starts = ([0] + [ends[t] for t in grows])[:-1]  # none where no word completes
         segments = [text[a : ends[t]] for a, t in zip(starts, grows, strict=True)]
