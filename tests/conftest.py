@@ -22,6 +22,22 @@ def to_bf16_grid(module: torch.nn.Module) -> None:
             p.copy_(p.to(torch.bfloat16).float())
 
 
+def backend_pair(layer, backend: str, dim: int, **moe):
+    """A reference MoE layer and a ``layer`` (the class of ``backend``) holding the same
+    weights; ``moe``: MoEConfig fields over 8 experts, top-2."""
+    from dataclasses import replace
+
+    from moe_lab.config import MoEConfig
+    from moe_lab.nn.experts import MoE
+
+    cfg = MoEConfig(**{"num_experts": 8, "top_k": 2, **moe})
+    ref = MoE(dim, cfg, n_layers=2, init_std=0.1)
+    ref.reset_parameters()
+    other = layer(dim, replace(cfg, backend=backend), n_layers=2, init_std=0.1)
+    other.load_state_dict(ref.state_dict())
+    return ref, other
+
+
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """``|a - b| / |b|`` in Frobenius norm, computed in fp32."""
     return ((a.float() - b.float()).norm() / b.float().norm()).item()

@@ -10,18 +10,13 @@ from moe_lab import build_model
 from moe_lab.config import MoEConfig, load_config
 from moe_lab.nn.experts import GroupedMoE, MoE, resolve_backend
 from moe_lab.nn.experts.grouped import grouped_swiglu
-from tests.conftest import rel_error, to_bf16_grid
+from tests.conftest import backend_pair, rel_error, to_bf16_grid
 
 D = 32
 
 
 def _pair(**kw) -> tuple[MoE, GroupedMoE]:
-    cfg = MoEConfig(**{"num_experts": 8, "top_k": 2, "expert_hidden": 48, **kw})
-    ref = MoE(D, cfg, n_layers=2, init_std=0.1)
-    ref.reset_parameters()
-    grouped = GroupedMoE(D, replace(cfg, backend="grouped"), n_layers=2, init_std=0.1)
-    grouped.load_state_dict(ref.state_dict())
-    return ref, grouped
+    return backend_pair(GroupedMoE, "grouped", D, **{"expert_hidden": 48, **kw})
 
 
 def _run(layer, x, grad):

@@ -6,22 +6,17 @@ import pytest
 import torch
 
 from moe_lab import build_model
-from moe_lab.config import ConfigError, MoEConfig, load_config
+from moe_lab.config import ConfigError, load_config
 from moe_lab.nn.experts import MegaBlocksMoE, MoE, resolve_backend
 from moe_lab.nn.experts.megablocks import import_megablocks
-from tests.conftest import rel_error, to_bf16_grid
+from tests.conftest import backend_pair, rel_error, to_bf16_grid
 
 D = 64
 
 
 def _pair(**kw) -> tuple[MoE, MegaBlocksMoE]:
     """A reference layer and a MegaBlocks layer holding the same weights."""
-    cfg = MoEConfig(**{"num_experts": 8, "top_k": 2, "expert_hidden": 128, **kw})
-    ref = MoE(D, cfg, n_layers=2, init_std=0.1)
-    ref.reset_parameters()
-    mb = MegaBlocksMoE(D, replace(cfg, backend="megablocks"), n_layers=2, init_std=0.1)
-    mb.load_state_dict(ref.state_dict())
-    return ref, mb
+    return backend_pair(MegaBlocksMoE, "megablocks", D, **{"expert_hidden": 128, **kw})
 
 
 def test_megablocks_layer_has_the_reference_state_dict_key_for_key():
