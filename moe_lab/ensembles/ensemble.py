@@ -195,6 +195,14 @@ def measured_cost(
     }
 
 
+def router_flops_per_token(routing: str, router: ClusterRouter | None) -> float:
+    """Prefix routing adds each new word's projection and measures E distances at every token;
+    the other modes route once per document (or not at all)."""
+    if routing != "prefix" or router is None:
+        return 0.0
+    return 2.0 * router.clusterer.n_components * (router.n_experts + 1)
+
+
 def cluster_router(ens, n_experts: int):
     """The :class:`~moe_lab.ensembles.routers.ClusterRouter` of ``ensemble.clusters_dir``, checked
     to have one cluster per expert."""
@@ -245,11 +253,14 @@ def evaluate_experts(experts_dir, cfg, device="cpu") -> dict:
         fixed = top_k_weights(prior[None], ens.top_k)[0]
         out["prior"] = prior.tolist()
     doc_weights = routing_weights(ens, E, store, tokenizer, router, fixed)
-    # Prefix routing adds each new word's projection and measures E distances at every token.
-    d = router.clusterer.n_components if router is not None else 0
-    router_flops = 2.0 * d * (E + 1) if ens.routing == "prefix" else 0.0
     report = ensemble_document_nll(
-        ensemble, store, doc_weights, seq_len, cfg.train.eval_batch, device, router_flops
+        ensemble,
+        store,
+        doc_weights,
+        seq_len,
+        cfg.train.eval_batch,
+        device,
+        router_flops_per_token(ens.routing, router),
     )
     return {
         **out,
@@ -293,17 +304,40 @@ def _posterior_document_nll(
 ) -> dict:
     """Evaluation with BTM's updating posterior: every expert scores each document (the
     likelihoods the posterior needs), and the mixture is formed from those same scores."""
+    logliks = [
+        expert_log_likelihoods(ensemble.experts, doc_tokens(store, d), seq_len, device)
+        for d in range(store.n_docs)
+    ]
+    weights = [posterior_weights(loglik, None, top_k) for loglik in logliks]
+    return mixed_report(ensemble, logliks, weights, store, seq_len, every_expert_runs=True)
+
+
+def mixed_report(
+    ensemble: ExpertEnsemble,
+    logliks: Sequence[np.ndarray],
+    weights: Sequence[np.ndarray],
+    store: TokenStore,
+    seq_len: int,
+    every_expert_runs: bool = False,
+    router_flops: float = 0.0,
+) -> dict:
+    """The report of a probability mixture formed from the experts' own scores: per document
+    ``[E, N]`` log-probs and ``[N, E]`` weights. The cost is counted as evaluation spends it: an
+    expert runs on a span of ``seq_len`` inputs once any position there gives it weight (every
+    span, where ``every_expert_runs``: the updating posterior needs all the scores)."""
     E = len(ensemble.experts)
-    nll = np.zeros(store.n_docs)
-    count = np.zeros(store.n_docs, dtype=np.int64)
-    served = np.zeros((store.n_docs, 1, E))
-    for d in range(store.n_docs):
-        loglik_EN = expert_log_likelihoods(ensemble.experts, doc_tokens(store, d), seq_len, device)
-        w_NE = posterior_weights(loglik_EN, None, top_k)
+    nll, count = np.zeros(store.n_docs), np.zeros(store.n_docs, dtype=np.int64)
+    served, ran = np.zeros((store.n_docs, 1, E)), np.zeros(E, dtype=np.int64)
+    for d, (loglik_EN, w_NE) in enumerate(zip(logliks, weights, strict=True)):
         with np.errstate(divide="ignore"):  # log 0 = -inf drops an expert outside the top k
             mixed = np.logaddexp.reduce(np.log(w_NE.T) + loglik_EN, axis=0)
-        nll[d], count[d], served[d, 0] = -mixed.sum(), loglik_EN.shape[1], w_NE.sum(axis=0)
+        nll[d], count[d], served[d, 0] = -mixed.sum(), len(mixed), w_NE.sum(axis=0)
+        for start in range(0, len(mixed), seq_len):  # evaluation's spans of seq_len inputs
+            span = w_NE[start : start + seq_len]
+            ran += (np.ones(E, dtype=bool) if every_expert_runs else span.max(0) > 0) * len(span)
     report = summarize(nll, count, store)
     report["routing"] = routing_report(served, store)
-    report["inference"] = measured_cost(ensemble, [int(count.sum())] * E, int(count.sum()), seq_len)
+    report["inference"] = measured_cost(
+        ensemble, ran.tolist(), int(count.sum()), seq_len, router_flops
+    )
     return report

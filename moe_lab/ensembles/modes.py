@@ -18,8 +18,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from moe_lab.config import Config, ConfigError
 from moe_lab.data.tokenizer import load_tokenizer
 from moe_lab.ensembles.directory import load_experts
@@ -27,7 +25,8 @@ from moe_lab.ensembles.ensemble import (
     ExpertEnsemble,
     cluster_router,
     doc_tokens,
-    measured_cost,
+    mixed_report,
+    router_flops_per_token,
     routing_weights,
 )
 from moe_lab.ensembles.posterior import (
@@ -36,8 +35,7 @@ from moe_lab.ensembles.posterior import (
     posterior_weights,
     top_k_weights,
 )
-from moe_lab.eval.evaluate import summarize, validation_store
-from moe_lab.eval.routing import routing_report
+from moe_lab.eval.evaluate import validation_store
 
 __all__ = ["MODES", "evaluate_routing_modes"]
 
@@ -79,26 +77,7 @@ def evaluate_routing_modes(
                 fixed = top_k_weights(prior[None], ens.top_k)[0]
             weigh = routing_weights(ens, E, store, tokenizer, router, fixed)
             weights = [weigh(d) for d in range(store.n_docs)]
-        reports[mode] = _mixed_report(logliks, weights, store, seq_len, ensemble, mode, router)
+        every = mode == "posterior-updating"
+        flops = router_flops_per_token(mode, router)
+        reports[mode] = mixed_report(ensemble, logliks, weights, store, seq_len, every, flops)
     return reports
-
-
-def _mixed_report(logliks, weights, store, seq_len, ensemble, mode, router) -> dict:
-    E = len(ensemble.experts)
-    nll, count = np.zeros(store.n_docs), np.zeros(store.n_docs, dtype=np.int64)
-    served, ran = np.zeros((store.n_docs, 1, E)), np.zeros(E, dtype=np.int64)
-    for d, (loglik_EN, w_NE) in enumerate(zip(logliks, weights, strict=True)):
-        with np.errstate(divide="ignore"):  # log 0 = -inf drops an expert the mode left out
-            mixed = np.logaddexp.reduce(np.log(w_NE.T) + loglik_EN, axis=0)
-        nll[d], count[d], served[d, 0] = -mixed.sum(), len(mixed), w_NE.sum(axis=0)
-        for start in range(0, len(mixed), seq_len):  # evaluation's spans of seq_len inputs
-            span = w_NE[start : start + seq_len]
-            active = np.ones(E, dtype=bool) if mode == "posterior-updating" else span.max(0) > 0
-            ran += active * len(span)
-    report = summarize(nll, count, store)
-    report["routing"] = routing_report(served, store)
-    d = router.clusterer.n_components if router is not None else 0
-    router_flops = 2.0 * d * (E + 1) if mode == "prefix" else 0.0
-    report["inference"] = measured_cost(ensemble, ran.tolist(), int(count.sum()), seq_len,
-                                        router_flops)  # fmt: skip
-    return report
