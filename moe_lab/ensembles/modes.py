@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from moe_lab.config import Config, ConfigError
 from moe_lab.data.tokenizer import load_tokenizer
 from moe_lab.ensembles.directory import load_experts
@@ -58,10 +60,8 @@ def evaluate_routing_modes(
     tokenizer = load_tokenizer(Path(experts_dir) / "experts" / names[0] / "run" / "tokenizer")
     store = validation_store(cfg, tokenizer)
     E, seq_len = len(experts), cfg.train.seq_len
-    logliks = [
-        expert_log_likelihoods(experts, doc_tokens(store, d), seq_len, device)
-        for d in range(store.n_docs)
-    ]
+    docs = tqdm(range(store.n_docs), desc="scoring", unit="doc", disable=None, leave=False)
+    logliks = [expert_log_likelihoods(experts, doc_tokens(store, d), seq_len, device) for d in docs]
     needs_router = {"prefix", "document", "oracle"} & set(modes)
     router = cluster_router(cfg.ensemble, E) if needs_router else None
     ensemble = ExpertEnsemble(experts)  # for its members' costs only: nothing runs here
