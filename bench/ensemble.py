@@ -1,5 +1,6 @@
 """Top-k expert-ensemble throughput vs one expert (C-BTM inference cost): evaluation, and
-generation with each expert's KV cache.
+generation with each expert's KV cache (the active experts stacked into one batch, and one at a
+time).
 
 E identical-shape experts; every sequence is routed to k of them (weights given, so only model
 cost is measured). An ensemble with k active experts does k times one expert's work, so the ideal
@@ -22,6 +23,7 @@ from timing import interleaved, write_json
 from moe_lab import ModelConfig, build_model
 from moe_lab.ensembles.ensemble import ExpertEnsemble
 from moe_lab.ensembles.generation import generate_ensemble
+from moe_lab.ensembles.stacked import StackedExperts
 from moe_lab.eval.generation import generate
 
 CFG = ModelConfig(
@@ -34,7 +36,9 @@ GEN_CFG = ModelConfig(
 
 def generation(E: int, lengths: list[int], rounds: int) -> dict:
     """Tokens/s of greedy generation: one expert (moe_lab.eval.generation.generate, cached)
-    against top-k ensembles, cached and (up to 256 tokens) uncached."""
+    against top-k ensembles, cached with the active experts stacked (the default), cached one
+    expert at a time, and (up to 256 tokens) uncached. "one expert, stacked" is one expert through
+    the stacked path (k=1), the like-for-like base of the stacked ensembles' cost in k."""
     torch.manual_seed(0)
     experts = [build_model(GEN_CFG).eval() for _ in range(E)]
     prompt = [1, *torch.randint(3, 8192, (15,)).tolist()]
@@ -44,21 +48,30 @@ def generation(E: int, lengths: list[int], rounds: int) -> dict:
         w[:k] = 1.0 / k
         return lambda ids: w
 
+    def one_stacked(n):
+        stacked = StackedExperts(experts[:1])
+        cache, ids = stacked.new_cache(len(prompt) + n), torch.tensor([prompt])
+        for _ in range(n):
+            ids = stacked.last_logits(ids, cache).argmax(-1, keepdim=True)
+
+    def ensemble(k, n, **options):
+        ens = ExpertEnsemble(experts)
+        return lambda: generate_ensemble(ens, prompt, n, fixed(k), **options)
+
     rows: dict[str, dict] = {}
     print(f"\ngeneration, {E} experts, prompt {len(prompt)} tokens, greedy")
     print(f"{'variant':28s} {'new tokens':>10s} {'tok/s':>8s} {'x one':>7s} {'target':>7s}")
     for n in lengths:
-        variants = {"one expert": lambda n=n: generate(experts[0], torch.tensor([prompt]), n)}
+        variants = {
+            "one expert": lambda n=n: generate(experts[0], torch.tensor([prompt]), n),
+            "one expert, stacked": lambda n=n: one_stacked(n),
+        }
         for k in (1, 2, 4):
-            ens = ExpertEnsemble(experts)
-            variants[f"ensemble top-{k}"] = lambda ens=ens, k=k, n=n: generate_ensemble(
-                ens, prompt, n, fixed(k)
-            )
+            variants[f"ensemble top-{k}"] = ensemble(k, n)
+        for k in (2, 4):
+            variants[f"ensemble top-{k} unstacked"] = ensemble(k, n, stack=False)
         if n <= 256:
-            ens = ExpertEnsemble(experts)
-            variants["ensemble top-1 uncached"] = lambda ens=ens, n=n: generate_ensemble(
-                ens, prompt, n, fixed(1), use_cache=False
-            )
+            variants["ensemble top-1 uncached"] = ensemble(1, n, use_cache=False)
         with torch.no_grad():
             medians, _ = interleaved(variants, rounds, 1)
         base = medians["one expert"]

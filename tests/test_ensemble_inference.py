@@ -16,6 +16,7 @@ from moe_lab.ensembles.posterior import (
     posterior_weights,
     top_k_weights,
 )
+from moe_lab.ensembles.stacked import StackedExperts
 
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_hidden=48,
                   init_std=0.3, max_seq_len=96)  # fmt: skip
@@ -104,6 +105,37 @@ def test_cached_generation_feeds_each_expert_each_token_once():
     uncached = ExpertEnsemble(ens.experts)
     generate_ensemble(uncached, prompt, 30, route, use_cache=False)
     assert sum(uncached.tokens_run) > 4 * sum(ens.tokens_run)  # quadratic against linear
+
+
+@pytest.mark.parametrize("mix", ["prob", "logit"])
+def test_stacked_experts_generate_what_each_expert_alone_generates(mix, monkeypatch):
+    """Sets of two experts hold for three tokens, so they form a batch, leave it and form new
+    ones (each expert's cache moving between batches); the tokens and each expert's count are
+    those of every expert running alone."""
+    from moe_lab.ensembles import generation
+    from moe_lab.ensembles.ensemble import ExpertEnsemble
+
+    formed = []
+
+    def spy(experts):
+        formed.append(len(experts))
+        return StackedExperts(experts)
+
+    monkeypatch.setattr(generation, "StackedExperts", spy)
+    experts = _experts(4, seed=1)
+    route, _ = _shifting_route(4)
+    for temperature in (0.0, 1.0):
+        runs, counts = [], []
+        for stack in (True, False):
+            ens = ExpertEnsemble(experts, mix=mix)
+            gen = torch.Generator().manual_seed(3)
+            ids = generation.generate_ensemble(
+                ens, [1, 5, 9, 11], 40, route, temperature, generator=gen, stack=stack
+            )
+            runs.append(ids)
+            counts.append(ens.tokens_run)
+        assert runs[0] == runs[1] and counts[0] == counts[1]
+    assert len(formed) >= 4 and set(formed) == {2}
 
 
 def test_measured_flops_count_every_expert_a_shifting_route_ran(tmp_path):

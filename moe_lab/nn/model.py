@@ -7,6 +7,7 @@ rotate-half layout of transformers, so Hugging Face weights load without permuti
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -65,6 +66,13 @@ class KVCache:
         self.v[layer_id][:, :, self.length : end] = v
         return self.k[layer_id][:, :, :end], self.v[layer_id][:, :, :end]
 
+    def row(self, i: int) -> KVCache:
+        """Sequence ``i`` alone, as a one-sequence cache over the same memory (a write through
+        either shows in both); its length starts as this cache's."""
+        view = copy.copy(self)
+        view.k, view.v = [k[i : i + 1] for k in self.k], [v[i : i + 1] for v in self.v]
+        return view
+
 
 class Attention(nn.Module):
     """Grouped-query attention (Ainslie et al. 2023): causal through
@@ -108,21 +116,36 @@ class Attention(nn.Module):
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None
     ) -> Tensor:
-        B, T, _ = x.shape
         # One GEMM for q, k and v over the concatenated weights (a 1.5 MB copy at d=512): ~10%
         # faster than three on CPU, while the state dict keeps Llama's separate wq, wk, wv.
         w_qkv = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))
         b_qkv = None
         if self.wq.bias is not None:
             b_qkv = torch.cat((self.wq.bias, self.wk.bias, self.wv.bias))
+        return self.wo(self.attend(F.linear(x, w_qkv, b_qkv), cos, sin, mask, cache))
+
+    def attend(
+        self,
+        qkv: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: KVCache | None,
+        norms: tuple[nn.Module, nn.Module] | None = None,
+    ) -> Tensor:
+        """Attention of the projected ``qkv [B, T, (H + 2 Hkv) hd]``: ``[B, T, H hd]``, before
+        ``wo``. ``norms`` stands in for ``(q_norm, k_norm)``: the stacked experts of
+        :mod:`moe_lab.ensembles.stacked` pass theirs, one weight per row of the batch."""
+        q_norm, k_norm = norms if norms is not None else (self.q_norm, self.k_norm)
+        B, T, _ = qkv.shape
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = F.linear(x, w_qkv, b_qkv).split((q_dim, kv_dim, kv_dim), dim=-1)
-        if self.q_norm is not None and not self.per_head_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = qkv.split((q_dim, kv_dim, kv_dim), dim=-1)
+        if q_norm is not None and not self.per_head_norm:
+            q, k = q_norm(q), k_norm(k)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         if self.per_head_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = q_norm(q), k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd], [B, Hkv, T, hd]
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -133,7 +156,7 @@ class Attention(nn.Module):
         else:  # enable_gqa: each group of query heads reads its kv head without copying it
             gqa = self.n_kv_heads != self.n_heads
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return y.transpose(1, 2).reshape(B, T, -1)
 
 
 class TransformerBlock(nn.Module):
