@@ -12,10 +12,6 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from moe_lab.accounting import estimate
-from moe_lab.compare import load_experiment, run_compare
-from moe_lab.compare.plots import plot_scaling
-from moe_lab.compare.scaling import scaling_study
-from moe_lab.compare.scaling_nd import nd_study
 from moe_lab.config import (
     PRESET_DIR,
     Config,
@@ -162,6 +158,11 @@ def cmd_xelm(args: argparse.Namespace) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     """Train every variant of an experiment to one FLOP budget; write results.json and report.md."""
+    from moe_lab.compare import (  # imported here: scipy, ~0.6 s at every start
+        load_experiment,
+        run_compare,
+    )
+
     path = args.config or PRESET_DIR.parent / "experiments" / "default.yaml"
     exp = load_experiment(path, args.overrides)
     run_compare(exp)
@@ -173,6 +174,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_scaling(args: argparse.Namespace) -> None:
     """Fit L(C) = E + A C^-gamma per variant over results.json files from several budgets, and
     L(N, D) per family whose variants come in several sizes."""
+    from moe_lab.compare.plots import plot_scaling
+    from moe_lab.compare.scaling import scaling_study
+    from moe_lab.compare.scaling_nd import nd_study
+
     records = [r for path in args.results for r in read_json(Path(path))]
     baseline = records[0]["name"]
     study = scaling_study(records, baseline)

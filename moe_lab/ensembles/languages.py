@@ -7,8 +7,6 @@ clustering of that table or from balanced k-means on its rows.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.cluster import AgglomerativeClustering
-from sklearn.feature_extraction.text import TfidfVectorizer
 
 from moe_lab.config import ConfigError
 from moe_lab.ensembles.clustering.kmeans import BalancedKMeans
@@ -24,6 +22,9 @@ def language_similarity(
     Each language's profile is the tf-idf vector (sublinear tf) of the character 1-3-grams of its
     first ``max_chars`` characters of text, so that large languages do not dominate.
     """
+    # scikit-learn is imported where it is used: it takes ~1 s, which every command paid at start-up
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
     langs = sorted(texts)
     corpus = []
     for lang in langs:
@@ -45,6 +46,8 @@ def group_languages(
     if n_groups == 1:  # nothing to cluster (and sklearn refuses to cluster one language)
         labels = [0] * len(langs)
     elif method == "similarity":
+        from sklearn.cluster import AgglomerativeClustering  # see language_similarity
+
         distance = np.clip(1.0 - similarity, 0.0, None)
         labels = AgglomerativeClustering(
             n_clusters=n_groups, metric="precomputed", linkage="average"

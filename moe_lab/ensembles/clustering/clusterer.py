@@ -17,13 +17,6 @@ from pathlib import Path
 
 import numpy as np
 from scipy import sparse
-from sklearn.decomposition import TruncatedSVD
-from sklearn.feature_extraction.text import (
-    ENGLISH_STOP_WORDS,
-    HashingVectorizer,
-    TfidfTransformer,
-    TfidfVectorizer,
-)
 
 from moe_lab import checksums
 from moe_lab.ensembles.clustering.kmeans import BalancedKMeans, nearest_centroid
@@ -31,30 +24,15 @@ from moe_lab.store.checkpoint import read_json
 
 __all__ = ["Clusterer"]
 
-NUMBER = "#NUMBER"
-STOP_WORDS = frozenset(ENGLISH_STOP_WORDS | {NUMBER})
 _BATCH = 10_000
 
 
-def _numbers_normalised(tokenize):
-    """Normalise numbers, then drop stop words: here, not in sklearn, whose stop-word check
-    would tokenize "#NUMBER" to "number" and let it through."""
+def _sklearn():
+    """The tf-idf and SVD pieces, imported on first use: scikit-learn takes ~1 s to import, which
+    every ``moe-lab`` command paid at start-up though few of them cluster."""
+    from moe_lab.ensembles.clustering import vectorizers
 
-    def tokens(text: str) -> list[str]:
-        normalised = (NUMBER if t[0].isdigit() else t for t in tokenize(text))
-        return [t for t in normalised if t not in STOP_WORDS]
-
-    return tokens
-
-
-class _NumberNormalizingTfidf(TfidfVectorizer):
-    def build_tokenizer(self):
-        return _numbers_normalised(super().build_tokenizer())
-
-
-class _NumberNormalizingHashing(HashingVectorizer):
-    def build_tokenizer(self):
-        return _numbers_normalised(super().build_tokenizer())
+    return vectorizers
 
 
 class Clusterer:
@@ -87,16 +65,16 @@ class Clusterer:
     def _make_vectorizer(self, vocabulary: dict[str, int] | None = None):
         common = dict(lowercase=True, dtype=np.float32)
         if self.hashing:
-            return _NumberNormalizingHashing(
+            return _sklearn().NumberNormalizingHashing(
                 n_features=2**self.hash_bits, alternate_sign=False, norm=None, **common
             )
-        return _NumberNormalizingTfidf(vocabulary=vocabulary, **common)
+        return _sklearn().NumberNormalizingTfidf(vocabulary=vocabulary, **common)
 
     def _tfidf(self, texts: list[str]):
         """Sparse tf-idf ``[N, V]`` with the fitted vocabulary / hashing and idf."""
         if self.hashing:
             counts = self.vectorizer.transform(texts)
-            transformer = TfidfTransformer()
+            transformer = _sklearn().TfidfTransformer()
             transformer.idf_ = self.idf
             return transformer.transform(counts)
         return self.vectorizer.transform(texts)
@@ -120,7 +98,7 @@ class Clusterer:
             raise ValueError(f"need at least k = {self.k} documents to cluster, got {len(texts)}")
         self.vectorizer = self._make_vectorizer()
         if self.hashing:
-            transformer = TfidfTransformer().fit(self.vectorizer.transform(texts))
+            transformer = _sklearn().TfidfTransformer().fit(self.vectorizer.transform(texts))
             self.idf = transformer.idf_.astype(np.float32)
         else:
             try:
@@ -130,7 +108,8 @@ class Clusterer:
             self.idf = self.vectorizer.idf_.astype(np.float32)
         tfidf = self._tfidf(texts)
         n_components = max(1, min(self.n_components, tfidf.shape[1] - 1, len(texts) - 1))
-        svd = TruncatedSVD(n_components=n_components, random_state=self.seed).fit(tfidf)
+        svd = _sklearn().TruncatedSVD(n_components=n_components, random_state=self.seed)
+        svd.fit(tfidf)
         self.components = svd.components_.astype(np.float32)
         labels = self.kmeans.fit(self.features(texts))
         self.sizes = np.bincount(labels, minlength=self.k).tolist()
