@@ -53,3 +53,5 @@ def test_only_dense_experts_of_one_configuration_stack():
     for experts, said in (([*dense, moe], "MoE"), ([*dense, wider], "2 configuration")):
         with pytest.raises(ValueError, match=said):
             StackedExperts(experts)
+    with pytest.raises(ValueError, match=r"shape \[2, T\], one row per expert"):
+        StackedExperts(dense).last_logits(torch.zeros(3, 4, dtype=torch.long))

@@ -72,6 +72,10 @@ class StackedExperts:
     @torch.no_grad()
     def last_logits(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
         """``[k, V]`` logits after the last of ``ids [k, T]``, row i through expert i."""
+        if ids.ndim != 2 or ids.shape[0] != self.k:
+            raise ValueError(
+                f"need ids of shape [{self.k}, T], one row per expert, got {tuple(ids.shape)}"
+            )
         h, _, _ = self.model.hidden_states(ids, cache=cache)
         return torch.bmm(h[:, -1:], self.head)[:, 0]
 
