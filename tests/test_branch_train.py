@@ -1,6 +1,7 @@
 """Branch-train-merge end to end: seed -> clusters -> independent experts -> routed ensemble."""
 
 import json
+import re
 import shutil
 from dataclasses import replace
 
@@ -157,7 +158,15 @@ def test_moe_lab_generate_from_a_directory_of_experts(pipeline, capsys):
             f"ensemble.clusters_dir={root / 'clusters'}",
         ]
     )
-    assert rc == 0 and capsys.readouterr().out.startswith("And God said")
+    out = capsys.readouterr()
+    assert rc == 0 and out.out.startswith("And God said")
+    # the cost line: each expert's count, adding up to the total, every position run at least once
+    cost = re.search(r"(\d+) new tokens; the experts processed (\d+) tokens, prompt included "
+                     r"\((.*)\)", out.err)  # fmt: skip
+    new, total = int(cost[1]), int(cost[2])
+    counts = [int(c.split(": ")[1]) for c in cost[3].split(", ")]
+    positions = len("And God said") + new  # BOS and the prompt's bytes, then all but the last
+    assert 1 <= new <= 8 and sum(counts) == total and positions <= total <= 2 * positions
 
 
 def test_moe_lab_generate_with_averaged_experts_is_the_average_model(pipeline, capsys):

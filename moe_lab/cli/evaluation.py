@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from moe_lab.config import (
@@ -275,8 +276,9 @@ def _generate_ensemble(args: argparse.Namespace, experts=None, tokenizer=None) -
     room = min(e.cfg.max_seq_len for e in experts) - len(prompt)
     if room <= 0:
         raise ConfigError(f"the prompt ({len(prompt)} tokens) fills model.max_seq_len")
+    ensemble = ExpertEnsemble(experts, ens.mix)
     ids = generate_ensemble(
-        ExpertEnsemble(experts, ens.mix),
+        ensemble,
         prompt,
         min(args.max_new_tokens, room),
         routing.last,
@@ -286,6 +288,14 @@ def _generate_ensemble(args: argparse.Namespace, experts=None, tokenizer=None) -
         torch.Generator().manual_seed(args.seed),
     )
     print(args.prompt + tokenizer.decode(ids[len(prompt) :]))
+    # what the generation cost, on stderr so the text alone can be piped
+    ran = sum(ensemble.tokens_run)
+    per_expert = ", ".join(f"expert {j}: {n}" for j, n in enumerate(ensemble.tokens_run) if n)
+    print(
+        f"{len(ids) - len(prompt)} new tokens; the experts processed {ran} tokens, prompt "
+        f"included ({per_expert})",
+        file=sys.stderr,
+    )
 
 
 def cmd_routing(args: argparse.Namespace) -> None:
