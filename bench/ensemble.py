@@ -60,7 +60,10 @@ def generation(E: int, lengths: list[int], rounds: int) -> dict:
 
     rows: dict[str, dict] = {}
     print(f"\ngeneration, {E} experts, prompt {len(prompt)} tokens, greedy")
-    print(f"{'variant':28s} {'new tokens':>10s} {'tok/s':>8s} {'x one':>7s} {'target':>7s}")
+    print(
+        f"{'variant':28s} {'new tokens':>10s} {'tok/s':>8s} {'x one':>7s} {'target':>7s} "
+        f"{'x one stacked':>13s}"
+    )
     for n in lengths:
         variants = {
             "one expert": lambda n=n: generate(experts[0], torch.tensor([prompt]), n),
@@ -74,13 +77,15 @@ def generation(E: int, lengths: list[int], rounds: int) -> dict:
             variants["ensemble top-1 uncached"] = ensemble(1, n, use_cache=False)
         with torch.no_grad():
             medians, _ = interleaved(variants, rounds, 1)
-        base = medians["one expert"]
+        base, stacked = medians["one expert"], medians["one expert, stacked"]
         for key, sec in medians.items():
             k = int(key.split("-")[1].split()[0]) if "top-" in key else 1
             rel = base / sec
             row = {"new_tokens": n, "tokens_per_s": n / sec, "relative_to_one_expert": rel}
+            row["relative_to_one_expert_stacked"] = stacked / sec  # the like-for-like base
             rows[f"{key}, {n} tokens"] = {**row, "target": 0.9 / k}
-            print(f"{key:28s} {n:10d} {n / sec:8.0f} {rel:7.3f} {0.9 / k:7.3f}")
+            line = f"{key:28s} {n:10d} {n / sec:8.0f} {rel:7.3f} {0.9 / k:7.3f}"
+            print(f"{line} {stacked / sec:13.3f}")
     return rows
 
 
