@@ -138,6 +138,41 @@ def test_stacked_experts_generate_what_each_expert_alone_generates(mix, monkeypa
     assert len(formed) >= 4 and set(formed) == {2}
 
 
+def test_without_room_for_the_stacked_copy_the_experts_run_one_at_a_time(monkeypatch):
+    from moe_lab.ensembles import generation
+    from moe_lab.ensembles.ensemble import ExpertEnsemble
+
+    experts = _experts(4, seed=1)
+    route, _ = _shifting_route(4)
+    unstacked = ExpertEnsemble(experts)
+    ids = generation.generate_ensemble(unstacked, [1, 5], 30, route, stack=False)
+    asked = []
+    monkeypatch.setattr(
+        generation, "_room_to_stack", lambda group: asked.append(tuple(map(id, group))) or False
+    )
+    monkeypatch.setattr(generation, "_Group", None)  # forming a group would fail
+    ens = ExpertEnsemble(experts)
+    assert generation.generate_ensemble(ens, [1, 5], 30, route) == ids
+    assert ens.tokens_run == unstacked.tokens_run
+    assert len(asked) == len(set(asked)) >= 2  # each set asked once: a refusal is remembered
+
+
+@pytest.mark.gpu
+def test_experts_whose_stacked_copy_would_not_fit_the_gpu_run_one_at_a_time(monkeypatch):
+    from moe_lab.ensembles import generation
+    from moe_lab.ensembles.ensemble import ExpertEnsemble
+
+    experts = [e.cuda() for e in _experts(4, seed=1)]
+    route, _ = _shifting_route(4)
+    unstacked = generation.generate_ensemble(
+        ExpertEnsemble(experts), [1, 5], 20, route, stack=False
+    )
+    need = sum(p.numel() * p.element_size() for p in experts[0].parameters()) * 2
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * need - 1, 10 * need))
+    monkeypatch.setattr(generation, "_Group", None)  # forming a group would fail
+    assert generation.generate_ensemble(ExpertEnsemble(experts), [1, 5], 20, route) == unstacked
+
+
 def test_measured_flops_count_every_expert_a_shifting_route_ran(tmp_path):
     """Top-1 at every position, but document 0 switches expert half way: both run on it."""
     from moe_lab.accounting import estimate

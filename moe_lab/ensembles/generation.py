@@ -10,8 +10,9 @@ quadratic.
 When routing keeps the same k > 1 dense experts for a second step, they decode as one batch
 (:class:`~moe_lab.ensembles.stacked.StackedExperts`): their caches move into one k-row cache (a copy
 of what they hold) and their weights are stacked (a copy of the k experts' weights, kept while the
-set lasts). Each expert still processes the same tokens, so the counts do not change; only the
-wall-clock does (``bench/ensemble.py``).
+set lasts; on a GPU only while that copy takes under half the free memory). Each expert still
+processes the same tokens, so the counts do not change; only the wall-clock does
+(``bench/ensemble.py``).
 """
 
 from __future__ import annotations
@@ -62,15 +63,20 @@ def generate_ensemble(
     caches: list[KVCache | None] = [None] * len(experts)
     stack = stack and use_cache and stackable(experts)
     group: _Group | None = None
+    no_room: set[tuple[int, ...]] = set()  # sets whose stacked copy would not fit
     ids, previous = list(prompt), None
     for _ in range(max_new_tokens):
         w = np.asarray(route(ids), dtype=np.float64)
         active = tuple(int(j) for j in np.flatnonzero(w > 0))
         logits: dict[int, torch.Tensor] = {}
-        if stack and len(active) > 1 and active == previous:
+        if stack and len(active) > 1 and active == previous and active not in no_room:
             if group is None or group.members != active:
-                group = _Group(experts, active, caches, total)
-            logits = group.step(ids, caches, ensemble.tokens_run)
+                room = _room_to_stack([experts[j] for j in active])
+                group = _Group(experts, active, caches, total) if room else None
+            if group is None:
+                no_room.add(active)
+            else:
+                logits = group.step(ids, caches, ensemble.tokens_run)
         for j in active:
             if j in logits:
                 continue
@@ -100,6 +106,17 @@ def generate_ensemble(
         if token == eos_id or (stop is not None and stop(ids[len(prompt) :])):
             break
     return ids
+
+
+def _room_to_stack(experts: list) -> bool:
+    """Stacking copies the experts' weights: on a GPU, only while the copy takes under half the
+    free memory (an optimisation must not be what runs out of memory); on CPU, always."""
+    param = next(experts[0].parameters())
+    if param.device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(param.device)
+    need = sum(p.numel() * p.element_size() for e in experts for p in e.parameters())
+    return need < free / 2
 
 
 class _Group:
