@@ -128,12 +128,11 @@ class _Group:
         self.members = members
         self.stacked = StackedExperts([experts[j] for j in members])
         self.cache = self.stacked.new_cache(total)
-        for i, j in enumerate(members):
+        for i, j in enumerate(members):  # every member ran at the previous step: it has a cache
             row = self.cache.row(i)
-            row.length = 0 if caches[j] is None else caches[j].length
-            if caches[j] is not None:
-                for mine, theirs in zip(row.k + row.v, caches[j].k + caches[j].v, strict=True):
-                    mine[:, :, : row.length] = theirs[:, :, : row.length]
+            row.length = caches[j].length
+            for mine, theirs in zip(row.k + row.v, caches[j].k + caches[j].v, strict=True):
+                mine[:, :, : row.length] = theirs[:, :, : row.length]
             caches[j] = row
 
     def step(self, ids: list[int], caches: list, tokens_run: list[int]) -> dict[int, torch.Tensor]:

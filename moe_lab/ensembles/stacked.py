@@ -50,7 +50,6 @@ class StackedExperts:
                 f"{len({repr(e.cfg) for e in experts})} configuration(s)"
             )
         self.cfg = cfg = experts[0].cfg
-        weight = experts[0].head_weight
         model = build_model(cfg, device="meta")
         model.tok_embeddings = _Embedding([e.tok_embeddings.weight for e in experts])
         model.norm = _norm([e.norm for e in experts])
@@ -63,11 +62,15 @@ class StackedExperts:
             block.feed_forward = _SwiGLU([layer.feed_forward for layer in layers])
         self.model = model
         self.head = _matrices([e.head_weight for e in experts])  # [k, D, V]
-        self.k, self.device, self.dtype = len(experts), weight.device, weight.dtype
+        self.k = len(experts)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.device
 
     def new_cache(self, max_len: int) -> KVCache:
         """An empty KV cache for the k rows."""
-        return KVCache(self.cfg, self.k, max_len, self.device, self.dtype)
+        return KVCache(self.cfg, self.k, max_len, self.head.device, self.head.dtype)
 
     @torch.no_grad()
     def last_logits(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
