@@ -43,6 +43,36 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def run_layer(layer, x: torch.Tensor, grad: torch.Tensor):
+    """An MoE layer's forward and backward (output gradient ``grad``, plus a loss on the router's
+    stats so its gradient path runs too): ``(y, stats, dx, {name: weight gradient})``."""
+    x = x.clone().requires_grad_()
+    y, stats = layer(x)
+    aux = stats.probs_E.square().sum() + stats.lse_sq
+    (y * grad).sum().add(aux).backward()
+    return y, stats, x.grad, {n: p.grad for n, p in layer.named_parameters()}
+
+
+def assert_bf16_parity_on_cuda(ref, other, dim: int, autocast: bool = False) -> None:
+    """``other`` (a bf16 backend given ``ref``'s weights rounded to bf16) against the reference
+    on CUDA: outputs, input and weight gradients to bf16 precision, the router stats exactly (one
+    router: the same decisions). ``autocast``: both run under bf16 autocast."""
+    to_bf16_grid(ref)
+    other.load_state_dict(ref.state_dict())
+    ref, other = ref.cuda(), other.cuda()
+    x = torch.randn(4, 256, dim, device="cuda").to(torch.bfloat16).float()
+    grad = torch.randn_like(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        y_r, s_r, dx_r, g_r = run_layer(ref, x, grad)
+        y_o, s_o, dx_o, g_o = run_layer(other, x, grad)
+    assert rel_error(y_o, y_r) < 1e-2
+    assert rel_error(dx_o, dx_r) < 2e-2
+    for name in g_r:
+        assert rel_error(g_o[name], g_r[name]) < 2e-2, name
+    for a, b in zip(s_o, s_r, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

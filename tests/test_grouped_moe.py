@@ -10,21 +10,13 @@ from moe_lab import build_model
 from moe_lab.config import MoEConfig, load_config
 from moe_lab.nn.experts import GroupedMoE, MoE, resolve_backend
 from moe_lab.nn.experts.grouped import grouped_swiglu
-from tests.conftest import backend_pair, rel_error, to_bf16_grid
+from tests.conftest import assert_bf16_parity_on_cuda, backend_pair, rel_error, run_layer
 
 D = 32
 
 
 def _pair(**kw) -> tuple[MoE, GroupedMoE]:
     return backend_pair(GroupedMoE, "grouped", D, **{"expert_hidden": 48, **kw})
-
-
-def _run(layer, x, grad):
-    x = x.clone().requires_grad_()
-    y, stats = layer(x)
-    aux = stats.probs_E.square().sum() + stats.lse_sq  # reaches the router's gradient too
-    (y * grad).sum().add(aux).backward()
-    return y, stats, x.grad, {n: p.grad for n, p in layer.named_parameters()}
 
 
 def test_grouped_swiglu_equals_a_loop_over_experts_with_an_empty_one():
@@ -59,7 +51,8 @@ def test_grouped_equals_the_reference_outputs_gradients_and_stats_in_fp32(kw):
     torch.manual_seed(0)
     ref, grouped = _pair(**kw)
     x, grad = torch.randn(2, 24, D), torch.randn(2, 24, D)
-    (y_r, s_r, dx_r, g_r), (y_g, s_g, dx_g, g_g) = _run(ref, x, grad), _run(grouped, x, grad)
+    y_r, s_r, dx_r, g_r = run_layer(ref, x, grad)
+    y_g, s_g, dx_g, g_g = run_layer(grouped, x, grad)
     if "capacity_factor" in kw:
         assert s_r.dropped > 0.1  # the case exercises dropping
     torch.testing.assert_close(y_g, y_r, rtol=1e-5, atol=1e-6)
@@ -105,20 +98,7 @@ def test_auto_is_the_reference_on_cpu_and_grouped_runs_where_asked():
 @pytest.mark.gpu
 @pytest.mark.parametrize("kw", [{}, {"top_k": 1}, {"shared_expert_hidden": 64}])
 def test_grouped_equals_the_reference_in_bf16_on_cuda(kw):
-    ref, grouped = _pair(**kw)
-    to_bf16_grid(ref)
-    grouped.load_state_dict(ref.state_dict())
-    ref, grouped = ref.cuda(), grouped.cuda()
-    x = torch.randn(4, 256, D, device="cuda").to(torch.bfloat16).float()
-    grad = torch.randn_like(x)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        (y_r, s_r, dx_r, g_r), (y_g, s_g, dx_g, g_g) = _run(ref, x, grad), _run(grouped, x, grad)
-    assert rel_error(y_g, y_r) < 1e-2
-    assert rel_error(dx_g, dx_r) < 2e-2
-    for name in g_r:
-        assert rel_error(g_g[name], g_r[name]) < 2e-2, name
-    for a, b in zip(s_g, s_r, strict=True):  # one router: the same decisions and stats
-        torch.testing.assert_close(a, b)
+    assert_bf16_parity_on_cuda(*_pair(**kw), D, autocast=True)
     assert resolve_backend(MoEConfig(backend="auto")) == "grouped"
 
 

@@ -9,7 +9,7 @@ from moe_lab import build_model
 from moe_lab.config import ConfigError, load_config
 from moe_lab.nn.experts import MegaBlocksMoE, MoE, resolve_backend
 from moe_lab.nn.experts.megablocks import import_megablocks
-from tests.conftest import backend_pair, rel_error, to_bf16_grid
+from tests.conftest import assert_bf16_parity_on_cuda, backend_pair
 
 D = 64
 
@@ -81,26 +81,7 @@ def test_megablocks_equals_the_reference_outputs_gradients_and_losses(kw):
     """Same weights, same routing (one router), the experts on either side: MegaBlocks computes
     in bf16, so outputs and gradients agree to bf16 precision, the router stats exactly."""
     pytest.importorskip("megablocks")
-    ref, mb = _pair(**kw)
-    to_bf16_grid(ref)
-    mb.load_state_dict(ref.state_dict())
-    ref, mb = ref.cuda(), mb.cuda()
-    x = torch.randn(4, 256, D, device="cuda").to(torch.bfloat16).float()
-    grad = torch.randn_like(x)
-    outs = {}
-    for name, layer in (("ref", ref), ("mb", mb)):
-        xi = x.clone().requires_grad_()
-        y, stats = layer(xi)
-        aux = stats.probs_E.square().sum() + stats.lse_sq  # touches the router's gradient path
-        (y * grad).sum().add(aux).backward()
-        outs[name] = (y, stats, xi.grad, {n: p.grad for n, p in layer.named_parameters()})
-    (y_r, s_r, dx_r, g_r), (y_m, s_m, dx_m, g_m) = outs["ref"], outs["mb"]
-    assert rel_error(y_m, y_r) < 1e-2
-    assert rel_error(dx_m, dx_r) < 2e-2
-    for name in g_r:
-        assert rel_error(g_m[name], g_r[name]) < 2e-2, name
-    for a, b in zip(s_m, s_r, strict=True):
-        torch.testing.assert_close(a, b)
+    assert_bf16_parity_on_cuda(*_pair(**kw), D)
 
 
 @pytest.mark.gpu
